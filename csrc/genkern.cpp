@@ -1,0 +1,40 @@
+// Every genkern op schema, declared once. Kernels register per device in
+// their own files (csrc/<stem>.cpp for the CPU, genkern/triton/<stem>.py for
+// CUDA); autograd and fake (meta) kernels are registered from Python in
+// genkern/ops/<stem>.py.
+//
+// Each hot path has one op pair per kernel family:
+//   <stem>_cpp_fwd / <stem>_cpp_bwd        C++ kernels, CPU tensors
+//   <stem>_triton_fwd / <stem>_triton_bwd  Triton kernels, CUDA tensors (and CPU
+//                                          tensors under TRITON_INTERPRET=1)
+// so that an explicitly requested impl is exactly what runs.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+// reparam_kl: z = mu + exp(logvar / 2) * eps and
+// kl = sum_D KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))).
+// Exactly one of `eps` and `seed` is given; with `seed` (int64 scalar tensor)
+// the noise is drawn inside the kernel (see genkern/reference/reparam_kl.py
+// for the counter-based scheme). `prior_mu`/`prior_logvar` are both given
+// (already broadcast to mu's shape) or both None (standard normal prior).
+// The backward returns (grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar);
+// the last two are empty (shape (0,)) when there is no prior.
+#define GENKERN_REPARAM_KL_FWD_ARGS \
+  "(Tensor mu, Tensor logvar, Tensor? eps, Tensor? prior_mu, Tensor? prior_logvar, Tensor? seed) -> (Tensor, Tensor)"
+#define GENKERN_REPARAM_KL_BWD_ARGS                                                                       \
+  "(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? eps, Tensor? prior_mu, Tensor? prior_logvar, " \
+  "Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)"
+
+TORCH_LIBRARY(genkern, m) {
+  m.def("reparam_kl_cpp_fwd" GENKERN_REPARAM_KL_FWD_ARGS);
+  m.def("reparam_kl_cpp_bwd" GENKERN_REPARAM_KL_BWD_ARGS);
+  m.def("reparam_kl_triton_fwd" GENKERN_REPARAM_KL_FWD_ARGS);
+  m.def("reparam_kl_triton_bwd" GENKERN_REPARAM_KL_BWD_ARGS);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "genkern C++ CPU kernels (ops are reached through torch.ops.genkern)";
+  m.def("build_info", &genkern::build_info, "Compiler, vector ISA and OpenMP state of this build");
+}

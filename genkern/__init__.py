@@ -1,0 +1,11 @@
+"""genkern: fast kernels for training and sampling generative models.
+
+Every op takes impl="auto" | "torch" | "cpp" | "triton"; see genkern.info().
+"""
+from genkern._dispatch import ImplUnavailableError
+from genkern._info import info
+from genkern.ops import reparameterize_kl
+from genkern import nn
+
+__version__ = "0.1.0"
+__all__ = ["ImplUnavailableError", "info", "nn", "reparameterize_kl", "__version__"]

@@ -1,0 +1,94 @@
+"""Impl selection: "auto" | "torch" | "cpp" | "triton".
+
+"auto" picks Triton for CUDA tensors and C++ for CPU tensors, and falls back to
+plain PyTorch (the reference) with a one-time warning saying why. An explicitly
+requested impl that cannot run raises ImplUnavailableError; nothing else is run
+in its place. GENKERN_IMPL sets the default for every op.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+from genkern import _ext
+
+IMPLS = ("auto", "torch", "cpp", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class ImplUnavailableError(RuntimeError):
+    """The requested impl cannot run here (not built, no device, unsupported input)."""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _triton_reason() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not _ext.available():
+        return "the genkern op schemas live in genkern._C, which is unavailable: " + _ext.reason()
+    if not (torch.cuda.is_available() or triton_interpret()):
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
+    return ""
+
+
+def impl_state() -> dict:
+    """{impl: reason it is off, or "" when it can run}."""
+    return {"torch": "", "cpp": _ext.reason(), "triton": _triton_reason()}
+
+
+def default_impl() -> str:
+    impl = os.environ.get("GENKERN_IMPL", "auto") or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"GENKERN_IMPL={impl!r} is not one of {', '.join(IMPLS)}")
+    return impl
+
+
+_warned: set = set()
+
+
+def _unsupported(impl: str, device: torch.device, dtype: torch.dtype, dtypes) -> str:
+    state = impl_state()[impl]
+    if state:
+        return state
+    if impl == "cpp" and device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors, got {device.type} tensors"
+    if impl == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+            return f"the Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
+        dtypes = TRITON_DTYPES if dtypes is None else dtypes
+    if dtypes is not None and dtype not in dtypes:
+        return f"{impl} does not support dtype {dtype}"
+    return ""
+
+
+def resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dtypes=None) -> str:
+    """Returns the impl that runs `op` on tensors of `device` and `dtype`."""
+    if impl is None or impl == "auto":
+        impl = default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "torch":
+        return impl
+    if impl != "auto":
+        why = _unsupported(impl, device, dtype, triton_dtypes if impl == "triton" else None)
+        if why:
+            raise ImplUnavailableError(f"{op}: impl={impl!r} is unavailable: {why}")
+        return impl
+    want = "triton" if device.type == "cuda" else "cpp"
+    why = _unsupported(want, device, dtype, triton_dtypes if want == "triton" else None)
+    if not why:
+        return want
+    key = (op, want, why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"genkern.{op}: using the plain-PyTorch impl because {want} is unavailable: {why}",
+                      RuntimeWarning, stacklevel=3)
+    return "torch"

@@ -1,0 +1,4 @@
+"""Drop-in modules over genkern's ops."""
+from genkern.nn.latent import GaussianLatent
+
+__all__ = ["GaussianLatent"]

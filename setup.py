@@ -1,0 +1,65 @@
+"""Builds genkern and its C++ extension genkern._C from csrc/*.cpp.
+
+The extension is optional: if there is no compiler or the build fails, the
+package still installs, the reason is written to genkern/_build_error.txt and
+`genkern info` reports it; the plain-PyTorch impl keeps working.
+"""
+import glob
+import os
+import platform
+import traceback
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ERROR_FILE = os.path.join(HERE, "genkern", "_build_error.txt")
+
+
+def _cxx_flags():
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-unused-parameter"]
+    # Vectorise for the machine that builds (and runs) the package; GENKERN_MARCH
+    # overrides it, e.g. GENKERN_MARCH=x86-64-v3 for a portable AVX2 build.
+    march = os.environ.get("GENKERN_MARCH", "native")
+    if march and platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append(f"-march={march}" if platform.machine() in ("x86_64", "AMD64") else f"-mcpu={march}")
+    return flags
+
+
+def _extensions_and_cmdclass():
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as exc:  # torch missing: nothing to build against
+        _write_error(f"torch is not importable at build time: {exc}")
+        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """Records a failed build instead of failing the install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:
+                _write_error(f"building genkern._C failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+                return
+            if os.path.exists(ERROR_FILE):
+                os.remove(ERROR_FILE)
+
+    ext = CppExtension(
+        "genkern._C",
+        sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": _cxx_flags()},
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+def _write_error(message):
+    tmp = ERROR_FILE + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(message)
+    os.replace(tmp, ERROR_FILE)
+
+
+ext_modules, cmdclass = _extensions_and_cmdclass()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
