@@ -87,7 +87,8 @@ def resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dtyp
     if not why:
         return want
     key = (op, want, why)
-    if key not in _warned:
+    # Warn once, from eager code: a warning cannot be traced by torch.compile.
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(f"genkern.{op}: using the plain-PyTorch impl because {want} is unavailable: {why}",
                       RuntimeWarning, stacklevel=3)

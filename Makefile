@@ -1,0 +1,45 @@
+# Two commands set everything up on a fresh machine (Python >= 3.10, a C++
+# compiler): `make bench` runs the benchmarks on the present device and
+# `make test` runs the tests. Each creates .venv if missing, installs the
+# pinned dependencies and builds genkern (with its C++ extension) in place.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: all setup build test bench info clean
+
+all: test
+
+$(VENV)/bin/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "genkern needs Python >= 3.10"'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.build: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation -e .
+	@if [ -f genkern/_build_error.txt ]; then echo "warning: the C++ extension did not build:"; head -3 genkern/_build_error.txt; fi
+	touch $@
+
+setup: $(VENV)/.build
+
+build:
+	rm -f $(VENV)/.build
+	$(MAKE) setup
+
+test: setup
+	$(PY) -m pytest tests/ -q $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/genkern bench $(BENCH_ARGS)
+
+info: setup
+	$(VENV)/bin/genkern info
+
+clean:
+	rm -rf build genkern/_C*.so genkern/_build_error.txt $(VENV)/.build
