@@ -7,6 +7,9 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# SYSTEM_DEPS=1: use the torch/triton already installed on the machine (e.g. a
+# GPU machine without network) instead of installing the pinned versions.
+SYSTEM_DEPS ?= 0
 
 .PHONY: all setup build test bench info clean
 
@@ -14,15 +17,18 @@ all: test
 
 $(VENV)/bin/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "genkern needs Python >= 3.10"'
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(if $(filter 1,$(SYSTEM_DEPS)),--system-site-packages) $(VENV)
 
 $(VENV)/.deps: requirements.txt | $(VENV)/bin/python
-	$(PY) -m pip install -q --upgrade pip
+ifeq ($(SYSTEM_DEPS),1)
+	$(PY) -c 'import torch, pytest, setuptools'
+else
 	$(PY) -m pip install -q -r requirements.txt
+endif
 	touch $@
 
 $(VENV)/.build: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation -e .
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@if [ -f genkern/_build_error.txt ]; then echo "warning: the C++ extension did not build:"; head -3 genkern/_build_error.txt; fi
 	touch $@
 
