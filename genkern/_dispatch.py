@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from functools import lru_cache
 
 import torch
 
@@ -28,8 +27,17 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+_TRITON_REASON = None  # computed once per process
+
+
 def _triton_reason() -> str:
+    global _TRITON_REASON
+    if _TRITON_REASON is None:
+        _TRITON_REASON = _find_triton_reason()
+    return _TRITON_REASON
+
+
+def _find_triton_reason() -> str:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if not _ext.available():

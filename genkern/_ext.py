@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
-
 _BUILD_ERROR = os.path.join(os.path.dirname(__file__), "_build_error.txt")
 
 
-@lru_cache(maxsize=None)
+_STATE = None  # (module or None, reason), set once: a failed build is not retried per call
+
+
 def load():
     """Returns (module or None, reason it is unavailable or "")."""
+    global _STATE
+    if _STATE is None:
+        _STATE = _load()
+    return _STATE
+
+
+def _load():
     if os.environ.get("GENKERN_DISABLE_CPP", "") not in ("", "0"):
         return None, "disabled by GENKERN_DISABLE_CPP"
     try:

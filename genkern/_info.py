@@ -16,6 +16,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _default_impl() -> str:
+    try:
+        return _dispatch.default_impl()
+    except ValueError as exc:  # info() is for diagnosis: report it, do not fail
+        return f"invalid: {exc}"
+
+
 def info() -> dict:
     """Returns versions, devices and, per impl, whether it can run and why not."""
     cpp, _ = _ext.load()
@@ -37,6 +44,6 @@ def info() -> dict:
         "triton": _version("triton"),
         "cuda": torch.version.cuda,
         "devices": devices,
-        "default_impl": _dispatch.default_impl(),
+        "default_impl": _default_impl(),
         "impls": impls,
     }

@@ -38,12 +38,19 @@ def test_info_says_why_cpp_is_off():
     assert "off" in line and "GENKERN_DISABLE_CPP" in line
 
 
-def test_error_is_one_line_and_nonzero_exit():
+def test_info_reports_an_invalid_default_impl():
     out = _run("info", env={"GENKERN_IMPL": "bogus"})
+    assert out.returncode == 0, out.stderr
+    assert "default impl: invalid" in out.stdout and "GENKERN_IMPL='bogus'" in out.stdout
+
+
+@pytest.mark.parametrize("args", [["bench", "--device", "tpu"], ["bench", "--sizes", "huge"]])
+def test_error_is_one_line_and_nonzero_exit(args):
+    out = _run(*args)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "GENKERN_IMPL" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("genkern bench:"), out.stderr
 
 
 @pytest.mark.parametrize("args", [[], ["frobnicate"]])

@@ -107,7 +107,10 @@ def _make_backward(bwd_op):
         mu, logvar, eps, prior_mu, prior_logvar, seed = ctx.saved_tensors
         g_mu, g_logvar, g_pm, g_plv = bwd_op(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, seed)
         # eps is rarely a leaf that wants a gradient; d z / d eps = exp(logvar / 2).
-        g_eps = grad_z * torch.exp(0.5 * logvar) if ctx.needs_input_grad[2] else None
+        g_eps = None
+        if ctx.needs_input_grad[2]:  # computed in float32 for half inputs, like the kernels
+            ct = reference.compute_dtype(logvar.dtype)
+            g_eps = (grad_z.to(ct) * torch.exp(0.5 * logvar.to(ct))).to(grad_z.dtype)
         has_prior = prior_mu is not None
         return g_mu, g_logvar, g_eps, g_pm if has_prior else None, g_plv if has_prior else None, None
     return backward

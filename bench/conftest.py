@@ -1,0 +1,63 @@
+"""pytest-benchmark setup: the device, the fast impl, and one helper that times a case.
+
+GENKERN_BENCH_DEVICE (default: cuda if available, else cpu) and
+GENKERN_BENCH_IMPL (default auto: cpp on CPU, triton on CUDA) choose what runs.
+The cases and their setup come from genkern.bench (shared with `genkern bench`).
+"""
+import os
+
+import pytest
+import torch
+
+from genkern.bench import COMPILE, FAST, runner
+
+SLOW_CALL_S = 0.05  # calls slower than this get 3 fixed rounds instead of calibration
+
+
+@pytest.fixture(scope="session")
+def bench_device():
+    return torch.device(os.environ.get("GENKERN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.fixture(scope="session")
+def bench_impl(bench_device):
+    return runner.fast_impl(bench_device, os.environ.get("GENKERN_BENCH_IMPL", "auto"))
+
+
+def _synced(call, device):
+    if device.type != "cuda":
+        return call
+
+    def timed():
+        call()
+        torch.cuda.synchronize(device)
+    return timed
+
+
+@pytest.fixture
+def bench_case(benchmark, bench_device, bench_impl):
+    """bench_case(case, impl, direction): impl is "torch", FAST or COMPILE.
+
+    Skips (with the reason) an impl that is unavailable, or a torch.compile
+    that fails; any other failure of a genkern impl fails the test.
+    """
+    def run(case, impl, direction):
+        name = bench_impl if impl == FAST else impl
+        if impl == FAST and name == "torch":
+            pytest.skip("the fast impl is torch here (GENKERN_BENCH_IMPL=torch)")
+        try:
+            call = runner.prepare(case, name, direction, bench_device)
+        except runner.ImplError as exc:
+            if exc.status == "unavailable" or name == COMPILE:
+                pytest.skip(f"{name} {exc.status}: {exc}")
+            raise
+        timed = _synced(call, bench_device)
+        first = min(runner.time_once(call, bench_device) for _ in range(2))  # warm-up, and the cost per call
+        benchmark.group = f"{case.op} {case.key(direction)}"
+        benchmark.extra_info.update(op=case.op, case=case.name, impl=name, direction=direction,
+                                    bytes=case.bytes_moved(direction), device=str(bench_device))
+        if first > SLOW_CALL_S:
+            benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
+        else:
+            benchmark(timed)
+    return run
