@@ -16,12 +16,19 @@ ERROR_FILE = os.path.join(HERE, "genkern", "_build_error.txt")
 
 
 def _cxx_flags():
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-unused-parameter"]
+    # -fno-trapping-math: no kernel reads FP exception flags, and without it GCC will not
+    # if-convert float selects (x < lo ? lo : x) on AVX2, leaving exp/log loops scalar.
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-parameter"]
     # Vectorise for the machine that builds (and runs) the package; GENKERN_MARCH
     # overrides it, e.g. GENKERN_MARCH=x86-64-v3 for a portable AVX2 build.
     march = os.environ.get("GENKERN_MARCH", "native")
     if march and platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         flags.append(f"-march={march}" if platform.machine() in ("x86_64", "AMD64") else f"-mcpu={march}")
+    if platform.machine() in ("x86_64", "AMD64"):
+        # Let GCC use full 512-bit vectors where the ISA has them (it defaults to 256):
+        # the math-heavy loops (exp, log, sin/cos, Philox) run ~1.3x faster. A no-op
+        # on machines without AVX-512.
+        flags.append("-mprefer-vector-width=512")
     return flags
 
 
