@@ -27,11 +27,26 @@
   "(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? eps, Tensor? prior_mu, Tensor? prior_logvar, " \
   "Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)"
 
+// gan_loss: discriminator (generator=false) or generator loss of one kind, with
+// kind = 0 nonsaturating, 1 minimax, 2 hinge, 3 wasserstein, 4 least_squares,
+// 5 relativistic and reduction = 0 mean, 1 sum, 2 none (genkern/reference/gan_loss.py).
+// `real_logits` is None only for a non-relativistic generator loss.
+// <family>_fwd returns (loss, grad_real, grad_fake): the loss and its gradient
+// with respect to each logits tensor (grad_real empty (0,) without real logits),
+// all in one pass. <family> is the differentiable op: its autograd kernel (C++)
+// keeps those gradients and its backward only scales them by the incoming one.
+#define GENKERN_GAN_LOSS_ARGS \
+  "(Tensor? real_logits, Tensor fake_logits, int kind, int reduction, float real_label, bool generator)"
+
 TORCH_LIBRARY(genkern, m) {
   m.def("reparam_kl_cpp_fwd" GENKERN_REPARAM_KL_FWD_ARGS);
   m.def("reparam_kl_cpp_bwd" GENKERN_REPARAM_KL_BWD_ARGS);
   m.def("reparam_kl_triton_fwd" GENKERN_REPARAM_KL_FWD_ARGS);
   m.def("reparam_kl_triton_bwd" GENKERN_REPARAM_KL_BWD_ARGS);
+  m.def("gan_loss_cpp_fwd" GENKERN_GAN_LOSS_ARGS " -> (Tensor, Tensor, Tensor)");
+  m.def("gan_loss_cpp" GENKERN_GAN_LOSS_ARGS " -> Tensor");
+  m.def("gan_loss_triton_fwd" GENKERN_GAN_LOSS_ARGS " -> (Tensor, Tensor, Tensor)");
+  m.def("gan_loss_triton" GENKERN_GAN_LOSS_ARGS " -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,4 +1,5 @@
 """Public ops: one file per hot path (function, autograd, fake kernel, registration)."""
+from genkern.ops.gan_loss import discriminator_loss, generator_loss
 from genkern.ops.reparam_kl import reparameterize_kl
 
-__all__ = ["reparameterize_kl"]
+__all__ = ["discriminator_loss", "generator_loss", "reparameterize_kl"]

@@ -27,3 +27,7 @@ def _bind(op: str, module: str, launcher: str):
 def register_reparam_kl():
     _bind("reparam_kl_triton_fwd", "reparam_kl", "reparam_kl_forward")
     _bind("reparam_kl_triton_bwd", "reparam_kl", "reparam_kl_backward")
+
+
+def register_gan_loss():
+    _bind("gan_loss_triton_fwd", "gan_loss", "gan_loss_forward")
