@@ -18,7 +18,7 @@ ERROR_FILE = os.path.join(HERE, "genkern", "_build_error.txt")
 def _cxx_flags():
     # -fno-trapping-math: no kernel reads FP exception flags, and without it GCC will not
     # if-convert float selects (x < lo ? lo : x) on AVX2, leaving exp/log loops scalar.
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-parameter"]
+    flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-parameter"]
     # Vectorise for the machine that builds (and runs) the package; GENKERN_MARCH
     # overrides it, e.g. GENKERN_MARCH=x86-64-v3 for a portable AVX2 build.
     march = os.environ.get("GENKERN_MARCH", "native")

@@ -43,6 +43,8 @@ TORCH_LIBRARY(genkern, m) {
   m.def("reparam_kl_cpp_bwd" GENKERN_REPARAM_KL_BWD_ARGS);
   m.def("reparam_kl_triton_fwd" GENKERN_REPARAM_KL_FWD_ARGS);
   m.def("reparam_kl_triton_bwd" GENKERN_REPARAM_KL_BWD_ARGS);
+  m.def("reparam_kl_cpp" GENKERN_REPARAM_KL_FWD_ARGS);  // differentiable: csrc/reparam_kl_autograd.cpp
+  m.def("reparam_kl_triton" GENKERN_REPARAM_KL_FWD_ARGS);
   m.def("gan_loss_cpp_fwd" GENKERN_GAN_LOSS_ARGS " -> (Tensor, Tensor, Tensor)");
   m.def("gan_loss_cpp" GENKERN_GAN_LOSS_ARGS " -> Tensor");
   m.def("gan_loss_triton_fwd" GENKERN_GAN_LOSS_ARGS " -> (Tensor, Tensor, Tensor)");

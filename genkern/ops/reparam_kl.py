@@ -40,7 +40,7 @@ def reparameterize_kl(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
                                            generator=generator)
     pm, plv = _broadcast_prior(mu, prior_mu, prior_logvar)
     seed = None if eps is not None else _draw_seed(generator, mu.device)
-    return _OPS[backend][0](mu, logvar, eps, pm, plv, seed)
+    return _OPS[backend](mu, logvar, eps, pm, plv, seed)
 
 
 def _check_args(mu, logvar, eps, prior_mu, prior_logvar):
@@ -85,7 +85,7 @@ def _draw_seed(generator, device):
     return seed if seed.device == device else seed.to(device, non_blocking=True)
 
 
-# --- op registration: fake kernels and autograd, once per kernel family -------------
+# --- op registration: fake kernels, once per kernel family ---------------------------
 
 def _fake_fwd(mu, logvar, eps, prior_mu, prior_logvar, seed):
     return torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(mu.shape[:-1])
@@ -97,38 +97,18 @@ def _fake_bwd(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, seed):
     return like(), like(), like() if has_prior else mu.new_empty(0), like() if has_prior else mu.new_empty(0)
 
 
-def _setup_context(ctx, inputs, output):
-    mu, logvar, eps, prior_mu, prior_logvar, seed = inputs
-    ctx.save_for_backward(mu, logvar, eps, prior_mu, prior_logvar, seed)
-
-
-def _make_backward(bwd_op):
-    def backward(ctx, grad_z, grad_kl):
-        mu, logvar, eps, prior_mu, prior_logvar, seed = ctx.saved_tensors
-        g_mu, g_logvar, g_pm, g_plv = bwd_op(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, seed)
-        # eps is rarely a leaf that wants a gradient; d z / d eps = exp(logvar / 2).
-        g_eps = None
-        if ctx.needs_input_grad[2]:  # computed in float32 for half inputs, like the kernels
-            ct = reference.compute_dtype(logvar.dtype)
-            g_eps = (grad_z.to(ct) * torch.exp(0.5 * logvar.to(ct))).to(grad_z.dtype)
-        has_prior = prior_mu is not None
-        return g_mu, g_logvar, g_eps, g_pm if has_prior else None, g_plv if has_prior else None, None
-    return backward
-
-
 _OPS = {}
 
 
 def _register():
+    # Autograd is registered in C++ (csrc/reparam_kl_autograd.cpp) on the differentiable
+    # ops reparam_kl_<family>; here only the fake kernels of the kernels they call.
     if not _ext.available():
         return
     for family in ("cpp", "triton"):
-        fwd = getattr(torch.ops.genkern, f"reparam_kl_{family}_fwd").default
-        bwd = getattr(torch.ops.genkern, f"reparam_kl_{family}_bwd").default
-        torch.library.register_fake(fwd, _fake_fwd)
-        torch.library.register_fake(bwd, _fake_bwd)
-        torch.library.register_autograd(fwd, _make_backward(bwd), setup_context=_setup_context)
-        _OPS[family] = (fwd, bwd)
+        torch.library.register_fake(getattr(torch.ops.genkern, f"reparam_kl_{family}_fwd").default, _fake_fwd)
+        torch.library.register_fake(getattr(torch.ops.genkern, f"reparam_kl_{family}_bwd").default, _fake_bwd)
+        _OPS[family] = getattr(torch.ops.genkern, f"reparam_kl_{family}").default
     from genkern.triton import register_reparam_kl
     register_reparam_kl()
 
