@@ -60,6 +60,11 @@ class ReparamKL : public torch::autograd::Function<ReparamKL<Family>> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    // The returned gradients carry no graph of their own, so a second derivative
+    // through them would be silently zero: refuse it instead.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "reparameterize_kl: the fused kernels do not support double backward (create_graph=True); "
+                "use impl=\"torch\" for higher-order gradients");
     auto saved = ctx->get_saved_variables();
     const Tensor &mu = saved[0], &logvar = saved[1], &eps = saved[2], &pm = saved[3];
     // An output that did not reach the loss has an undefined gradient: it contributes zero.

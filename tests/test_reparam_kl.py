@@ -575,3 +575,16 @@ def test_gpu_opcheck(dtype):
         torch.library.opcheck(torch.ops.genkern.reparam_kl_triton_fwd.default, args)
     for args in bwd_samples:
         torch.library.opcheck(torch.ops.genkern.reparam_kl_triton_bwd.default, args)
+
+
+@pytest.mark.parametrize("impl", utils.KERNEL_IMPLS)
+def test_double_backward_is_refused(impl):
+    # The fused backward's outputs carry no graph: a second derivative would be silently
+    # wrong, so create_graph=True must raise. First-order gradients stay available.
+    device = impl_device(impl)
+    mu, logvar = (t.requires_grad_() for t in utils.make_inputs((3, 5), torch.float32, device))
+    z, kl = genkern.reparameterize_kl(mu, logvar, torch.randn(3, 5, device=device), impl=impl)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(kl.sum(), mu, create_graph=True)
+    (g_mu,) = torch.autograd.grad(kl.sum(), mu)
+    assert torch.allclose(g_mu, mu.detach(), atol=1e-6)  # d/dmu of the standard-prior KL is mu

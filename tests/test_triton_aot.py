@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["genkern.triton.reparam_kl"]
+MODULES = ["genkern.triton.reparam_kl", "genkern.triton.gan_loss"]
 MAX_STACK = 16  # bytes per thread
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # opt-in shared memory per block
 
@@ -28,6 +28,34 @@ def _kernels(module):
     import triton
     return {name for name, obj in vars(module).items() if isinstance(obj, triton.runtime.KernelInterface)
             and name.endswith("_kernel")}
+
+
+def _reparam_kl_coverage(module, rows):
+    for kernel in _kernels(module):
+        seen = {(r["config"]["BLOCK_D"], r["config"]["ROWS"], r["config"]["num_warps"])
+                for r in rows if r["kernel"] == kernel}
+        assert seen == {(b, rows_, w) for b, (rows_, w) in module.CONFIGS.items()}, kernel
+
+
+def _gan_loss_coverage(module, rows):
+    # Every launchable specialisation: kind x reduction x (D, G) (the relativistic generator
+    # loss runs as the discriminator one, roles swapped), on the one-program kernel at every
+    # BLOCK it can pick and on the grid kernel; both statistics stages.
+    specs = {(k, r, g) for k in range(6) for r in range(3) for g in (False, True)
+             if not (k == module.RELATIVISTIC and g)}
+
+    def seen(kernel, *keys):
+        return {tuple(r["config"][k] for k in keys) for r in rows if r["kernel"] == kernel}
+
+    for kernel in ("_gan_loss_small_kernel", "_gan_loss_fwd_kernel"):
+        assert seen(kernel, "KIND", "REDUCTION", "GENERATOR") == specs, kernel
+    assert seen("_gan_loss_small_kernel", "BLOCK", "num_warps") == set(module.SMALL_CONFIGS.items())
+    assert seen("_gan_loss_fwd_kernel", "BLOCK", "num_warps") == {(module.LARGE_BLOCK, module.LARGE_WARPS)}
+    assert seen("_gan_loss_stats_kernel", "STAGE") == {(0,), (1,)}
+
+
+# What each module's cases must cover, beyond "every kernel".
+COVERAGE = {"genkern.triton.reparam_kl": _reparam_kl_coverage, "genkern.triton.gan_loss": _gan_loss_coverage}
 
 
 @pytest.mark.slow
@@ -48,11 +76,7 @@ def test_every_kernel_and_config_compiles(module_name, tmp_path, record_property
 
     module = importlib.import_module(module_name)  # interpreted here: only names and configs are read
     assert {r["kernel"] for r in rows} == _kernels(module), "aot_cases() must list every kernel"
-    if hasattr(module, "CONFIGS"):
-        for kernel in _kernels(module):
-            seen = {(r["config"]["BLOCK_D"], r["config"]["ROWS"], r["config"]["num_warps"])
-                    for r in rows if r["kernel"] == kernel}
-            assert seen == {(b, rows_, w) for b, (rows_, w) in module.CONFIGS.items()}, kernel
+    COVERAGE[module_name](module, rows)
     assert {(r["arch"], r["dtype"]) for r in rows} == {(a, d) for a in ("sm_80", "sm_90")
                                                       for d in ("fp32", "fp16", "bf16")}
     for r in rows:

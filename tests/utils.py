@@ -222,3 +222,16 @@ def run_python(code: str, env_overrides: dict, timeout: int = 120) -> subprocess
 
 def resolve(impl, device, dtype):
     return _dispatch.resolve(impl, torch.device(device), dtype, "reparameterize_kl")
+
+
+# --- generic random inputs ----------------------------------------------------------------
+
+def randn(shape, dtype=torch.float32, device="cpu", *, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """Seeded N(0, scale^2) values of `shape` (drawn in float64, rounded to `dtype`)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def interpreted(impl: str) -> bool:
+    """True when `impl` runs under the (slow) Triton interpreter: keep its inputs small."""
+    return impl == "triton" and not HAS_CUDA

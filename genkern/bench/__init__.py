@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-CASE_MODULES = ("genkern.bench.reparam_kl",)
+CASE_MODULES = ("genkern.bench.reparam_kl", "genkern.bench.gan_loss")
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 FAST = "fast"  # stands for the op's fast impl on the device: cpp on CPU, triton on CUDA
 COMPILE = "torch.compile"  # torch.compile of the reference function

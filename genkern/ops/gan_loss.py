@@ -34,6 +34,8 @@ def discriminator_loss(real_logits, fake_logits, kind="nonsaturating", *, reduct
     kind_code, red_code = _check_common(fake_logits, "fake_logits", kind, reduction)
     check_float_tensor(real_logits, "real_logits", like=fake_logits, like_name="fake_logits")
     _check_pair(real_logits, fake_logits, reduction)
+    if isinstance(real_label, bool) or not isinstance(real_label, (int, float)):
+        raise TypeError(f"real_label must be a number, got {type(real_label).__name__}")
     real_label = float(real_label)
     if real_label != 1.0 and kind not in LABEL_KINDS:
         raise ValueError(f"real_label only applies to the {' and '.join(LABEL_KINDS)} kinds, got kind={kind!r}")

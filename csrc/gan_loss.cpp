@@ -1,0 +1,500 @@
+// CPU kernels of gan_loss (the loss and its gradient w.r.t. the logits in one pass) and
+// the C++ autograd of the differentiable ops gan_loss_cpp / gan_loss_triton.
+//
+// Every per-element term of genkern/reference/gan_loss.py is one of four shapes,
+// evaluated with its derivative by `eval` below (x a logit; sp softplus, sg sigmoid):
+//
+//   kSoftplus  scale * sp(sign (x - shift)) + c1 x   d = scale sign sg(sign (x - shift)) + c1
+//   kRelu      relu(shift + sign x)                  d = sign where shift + sign x > 0, else 0
+//   kLinear    sign x                                d = sign
+//   kSquare    (x - shift)^2 / 2                     d = x - shift
+//
+// (c1 = 1 - real_label gives the label-smoothed real term: l sp(-x) + (1 - l) sp(x) =
+// sp(-x) + (1 - l) x.) A loss is one or two "sides" (tensor + term); "mean" scales each
+// side's gradient by 1/N of its own tensor.
+//
+// Relativistic average: with x the tensor of the sp(-(x - mean(y))) term (real for D,
+// fake for G) and y the other, a_i = sg(my - x_i), b_j = sg(y_j - mx), A = sum a,
+// B = sum b, the mean loss has
+//   dL/dx_k = -a_k / Nx - B / (Nx Ny),   dL/dy_k = b_k / Ny + A / (Nx Ny)
+// and the sum loss dL/dx_k = -a_k - B / Nx, dL/dy_k = b_k + A / Ny: a first pass finds
+// the means, a second the sums A and B (and the loss), a third writes the gradients.
+// With "none" the kernel returns the per-element partials (-a_k, b_k) and the autograd
+// backward adds the terms through the means: with incoming gradient g,
+//   grad_x = g gx - mean(g gy),   grad_y = g gy - mean(g gx).
+//
+// Layout: tensors are flattened; fixed blocks of kBlock elements are spread over threads
+// and each block's sums are kept apart and added in block order, so results do not depend
+// on the thread count. Inside a block, tiles of kTile elements are summed in acc_t by a
+// vectorised loop and the tile sums added in double (1M-element means stay accurate).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/SmallVector.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/graph_task.h>
+
+#include <tuple>
+#include <utility>
+#include <type_traits>
+
+#include "common.h"
+
+namespace genkern {
+namespace {
+
+enum Kind : int64_t { kNonsaturating, kMinimax, kHinge, kWasserstein, kLeastSquares, kRelativistic, kNumKinds };
+enum Reduction : int64_t { kMean, kSum, kNone, kNumReductions };
+enum Shape { kSoftplus, kRelu, kLinear, kSquare };
+
+constexpr int64_t kTile = 512;         // one vectorised loop; the staging buffers stay in L1
+constexpr int64_t kBlock = 16 * 1024;  // unit of the thread split (fixed: deterministic sums)
+
+// --- element math -------------------------------------------------------------------
+// softplus and sigmoid of z from e = exp(-|z|) (never overflows): sp = max(z, 0) +
+// log1p(e), sg = 1/(1+e) or e/(1+e). log1p(e) = log(u) + (e - (u - 1)) / u with u = 1 + e
+// corrects the rounding of u, so sp(z) keeps its relative accuracy as z -> -inf.
+// max is written `z < 0 ? 0 : z` so that NaN passes through.
+GENKERN_INLINE void softplus_sigmoid(float z, float& sp, float& sg) {
+  float e = exp_f32(-std::fabs(z));
+  float u = 1.0f + e;
+  float inv = 1.0f / u;
+  sp = (z < 0.0f ? 0.0f : z) + (log_f32(u) + (e - (u - 1.0f)) * inv);
+  sg = z >= 0.0f ? inv : e * inv;
+}
+GENKERN_INLINE void softplus_sigmoid(double z, double& sp, double& sg) {
+  double e = std::exp(-std::fabs(z));
+  double inv = 1.0 / (1.0 + e);
+  sp = (z < 0.0 ? 0.0 : z) + std::log1p(e);
+  sg = z >= 0.0 ? inv : e * inv;
+}
+
+template <typename T>
+struct Term {
+  T sign = 1, shift = 0, scale = 1, c1 = 0;
+};
+
+// Term is taken by value: a loop-invariant copy keeps its fields in registers (by
+// reference, GCC if-converts the c1 select into a gather).
+template <int kShape, typename T>
+GENKERN_INLINE void eval(T x, const Term<T> p, T& term, T& deriv) {
+  if constexpr (kShape == kSoftplus) {
+    T sp, sg;
+    softplus_sigmoid(p.sign * (x - p.shift), sp, sg);
+    T cx = p.c1 * x;
+    term = p.scale * sp + (p.c1 != T(0) ? cx : T(0));  // no 0 * inf when unsmoothed
+    deriv = (p.scale * p.sign) * sg + p.c1;
+  } else if constexpr (kShape == kRelu) {
+    T t = p.shift + p.sign * x;
+    term = t < T(0) ? T(0) : t;              // relu(NaN) = NaN
+    deriv = t <= T(0) ? T(0) : p.sign;       // torch's relu backward: 0 at t = 0
+  } else if constexpr (kShape == kLinear) {
+    term = p.sign * x;
+    deriv = p.sign;
+  } else {
+    T d = x - p.shift;
+    term = T(0.5) * d * d;
+    deriv = d;
+  }
+}
+
+// --- staging: a tile of a scalar_t tensor as acc_t, copied only when widening --------
+template <typename acc_t, typename scalar_t>
+GENKERN_INLINE const acc_t* load_tile(const scalar_t* src, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+    return buf;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+GENKERN_INLINE acc_t* out_tile(scalar_t* dst, acc_t* buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) return dst;
+  else return buf;
+}
+
+template <typename acc_t, typename scalar_t>
+GENKERN_INLINE void store_tile(scalar_t* dst, int64_t n, const acc_t* buf) {
+  if constexpr (!std::is_same_v<acc_t, scalar_t>)
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
+}
+
+struct Sums {
+  double term = 0, deriv = 0;
+};
+
+// Calls f(first, n, sums) for the tiles of [0, numel), block by block across threads,
+// and returns the sums over all tiles, added in block order.
+template <typename F>
+Sums for_each_tile(int64_t numel, F&& f) {
+  int64_t nblocks = (numel + kBlock - 1) / kBlock;
+  c10::SmallVector<Sums, 64> part(nblocks);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t end = std::min(numel, (b + 1) * kBlock);
+      for (int64_t first = b * kBlock; first < end; first += kTile) f(first, std::min(kTile, end - first), part[b]);
+    }
+  });
+  Sums s;
+  for (const Sums& p : part) {
+    s.term += p.term;
+    s.deriv += p.deriv;
+  }
+  return s;
+}
+
+// One side of a mean/sum loss: sums of the term and of its derivative over x; with
+// `grad`, also writes grad_k = deriv_k * gscale + gshift.
+template <int kShape, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+Sums side_pass(const scalar_t* x, int64_t numel, Term<acc_t> p, acc_t gscale, acc_t gshift, scalar_t* grad) {
+  return for_each_tile(numel, [&](int64_t first, int64_t n, Sums& s) {
+    alignas(64) acc_t xb[kTile], gb[kTile];
+    const Term<acc_t> q = p;
+    const acc_t gs = gscale, gt = gshift;
+    const acc_t* xs = load_tile(x + first, n, xb);
+    acc_t st = 0, sd = 0;
+    if (grad) {
+      acc_t* g = out_tile(grad + first, gb);
+#pragma omp simd reduction(+ : st, sd)
+      for (int64_t j = 0; j < n; ++j) {
+        acc_t t, d;
+        eval<kShape>(xs[j], q, t, d);
+        st += t;
+        sd += d;
+        g[j] = d * gs + gt;
+      }
+      store_tile(grad + first, n, g);
+    } else {
+#pragma omp simd reduction(+ : st, sd)
+      for (int64_t j = 0; j < n; ++j) {
+        acc_t t, d;
+        eval<kShape>(xs[j], q, t, d);
+        st += t;
+        sd += d;
+      }
+    }
+    s.term += st;
+    s.deriv += sd;
+  });
+}
+
+// "none": loss_k = term_x(x_k) + term_y(y_k) (y optional), grads the per-element derivatives.
+template <int kShape, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void none_pass(int64_t numel, const scalar_t* x, Term<acc_t> px, scalar_t* gx, const scalar_t* y, Term<acc_t> py,
+               scalar_t* gy, scalar_t* loss) {
+  for_each_tile(numel, [&](int64_t first, int64_t n, Sums&) {
+    alignas(64) acc_t xb[kTile], yb[kTile], lb[kTile], gxb[kTile], gyb[kTile];
+    const Term<acc_t> qx = px, qy = py;
+    const acc_t* xs = load_tile(x + first, n, xb);
+    acc_t *l = out_tile(loss + first, lb), *dx = out_tile(gx + first, gxb);
+    if (y) {
+      const acc_t* ys = load_tile(y + first, n, yb);
+      acc_t* dy = out_tile(gy + first, gyb);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        acc_t tx, ty;
+        eval<kShape>(xs[j], qx, tx, dx[j]);
+        eval<kShape>(ys[j], qy, ty, dy[j]);
+        l[j] = tx + ty;
+      }
+      store_tile(gy + first, n, dy);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) eval<kShape>(xs[j], qx, l[j], dx[j]);
+    }
+    store_tile(loss + first, n, l);
+    store_tile(gx + first, n, dx);
+  });
+}
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+double mean_of(const scalar_t* x, int64_t numel) {
+  Sums s = for_each_tile(numel, [&](int64_t first, int64_t n, Sums& s) {
+    alignas(64) acc_t xb[kTile];
+    const acc_t* xs = load_tile(x + first, n, xb);
+    acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) acc += xs[j];
+    s.term += acc;
+  });
+  return s.term / static_cast<double>(numel);
+}
+
+// --- the loss as sides ----------------------------------------------------------------
+// x is the first side (real for D, fake for G), y the second (fake for D, real for the
+// relativistic G; absent for the other G kinds).
+template <typename scalar_t>
+struct Side {
+  const scalar_t* x = nullptr;
+  scalar_t* grad = nullptr;
+  int64_t n = 0;
+  Term<at::opmath_type<scalar_t>> term;
+};
+
+template <int kShape, typename scalar_t>
+double run_shape(Side<scalar_t> s0, Side<scalar_t> s1, int64_t reduction, bool relativistic, scalar_t* loss) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (reduction == kNone) {
+    none_pass<kShape>(s0.n, s0.x, s0.term, s0.grad, s1.x, s1.term, s1.grad, loss);
+    return 0;
+  }
+  bool mean = reduction == kMean;
+  if (relativistic) {
+    // The cross terms need A and B (sums of the derivatives) before any gradient is written.
+    double n0 = static_cast<double>(s0.n), n1 = static_cast<double>(s1.n);
+    Sums a = side_pass<kShape>(s0.x, s0.n, s0.term, acc_t(0), acc_t(0), static_cast<scalar_t*>(nullptr));
+    Sums b = side_pass<kShape>(s1.x, s1.n, s1.term, acc_t(0), acc_t(0), static_cast<scalar_t*>(nullptr));
+    double A = -a.deriv, B = b.deriv;  // the derivatives of side 0 are -a_i
+    side_pass<kShape>(s0.x, s0.n, s0.term, acc_t(mean ? 1 / n0 : 1), acc_t(mean ? -B / (n0 * n1) : -B / n0), s0.grad);
+    side_pass<kShape>(s1.x, s1.n, s1.term, acc_t(mean ? 1 / n1 : 1), acc_t(mean ? A / (n0 * n1) : A / n1), s1.grad);
+    return mean ? a.term / n0 + b.term / n1 : a.term + b.term;
+  }
+  double total = 0;
+  for (const Side<scalar_t>* s : {&s0, &s1}) {
+    if (!s->x) continue;
+    double inv = mean ? 1.0 / static_cast<double>(s->n) : 1.0;
+    total += side_pass<kShape>(s->x, s->n, s->term, acc_t(inv), acc_t(0), s->grad).term * inv;
+  }
+  return total;
+}
+
+template <typename scalar_t>
+void run(const at::Tensor& r, const at::Tensor& f, at::Tensor& gr, at::Tensor& gf, at::Tensor& loss, int64_t kind,
+         int64_t reduction, double real_label, bool generator) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using T = Term<acc_t>;
+  auto side = [](const at::Tensor& t, at::Tensor& g, T term) {
+    return Side<scalar_t>{t.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), t.numel(), term};
+  };
+  Side<scalar_t> s0, s1;
+  int shape = kSoftplus;
+  if (kind == kRelativistic) {  // x_side: sp(-(x - my)), y side: sp(y - mx)
+    const at::Tensor &x = generator ? f : r, &y = generator ? r : f;
+    at::Tensor &gx = generator ? gf : gr, &gy = generator ? gr : gf;
+    acc_t mx = static_cast<acc_t>(mean_of(x.data_ptr<scalar_t>(), x.numel()));
+    acc_t my = static_cast<acc_t>(mean_of(y.data_ptr<scalar_t>(), y.numel()));
+    s0 = side(x, gx, T{-1, my, 1, 0});
+    s1 = side(y, gy, T{1, mx, 1, 0});
+  } else if (generator) {
+    shape = kind == kHinge || kind == kWasserstein ? kLinear : kind == kLeastSquares ? kSquare : kSoftplus;
+    s0 = side(f, gf, kind == kNonsaturating ? T{-1, 0, 1, 0} : kind == kMinimax ? T{1, 0, -1, 0}
+                     : kind == kLeastSquares ? T{1, 1, 1, 0} : T{-1, 0, 1, 0});
+  } else {
+    shape = kind == kHinge ? kRelu : kind == kWasserstein ? kLinear : kind == kLeastSquares ? kSquare : kSoftplus;
+    acc_t c1 = static_cast<acc_t>(1.0 - real_label);
+    bool sq = kind == kLeastSquares, hinge = kind == kHinge;
+    s0 = side(r, gr, T{-1, acc_t(sq || hinge ? 1 : 0), 1, shape == kSoftplus ? c1 : acc_t(0)});
+    s1 = side(f, gf, T{1, acc_t(hinge ? 1 : 0), 1, 0});
+  }
+  scalar_t* lp = loss.data_ptr<scalar_t>();
+  double v = 0;
+  switch (shape) {
+    case kSoftplus: v = run_shape<kSoftplus>(s0, s1, reduction, kind == kRelativistic, lp); break;
+    case kRelu: v = run_shape<kRelu>(s0, s1, reduction, false, lp); break;
+    case kLinear: v = run_shape<kLinear>(s0, s1, reduction, false, lp); break;
+    default: v = run_shape<kSquare>(s0, s1, reduction, false, lp); break;
+  }
+  if (reduction != kNone) *lp = static_cast<scalar_t>(static_cast<acc_t>(v));
+}
+
+void check_args(const c10::optional<at::Tensor>& real, const at::Tensor& fake, int64_t kind, int64_t reduction,
+                double real_label, bool generator) {
+  GENKERN_CHECK_VALUE(kind >= 0 && kind < kNumKinds, "kind must be a code in [0, ", int64_t(kNumKinds),
+                      ") (nonsaturating, minimax, hinge, wasserstein, least_squares, relativistic), got ", kind);
+  GENKERN_CHECK_VALUE(reduction >= 0 && reduction < kNumReductions,
+                      "reduction must be a code in [0, 3) (mean, sum, none), got ", reduction);
+  check_float(fake, "fake_logits");
+  check_cpu(fake, "fake_logits");
+  GENKERN_CHECK_VALUE(fake.numel() > 0, "fake_logits is empty; a GAN loss needs at least one logit");
+  bool uses_real = !generator || kind == kRelativistic;
+  GENKERN_CHECK_VALUE(!uses_real || real.has_value(), "real_logits is required by the ",
+                      generator ? "relativistic generator" : "discriminator", " loss, got None");
+  GENKERN_CHECK_VALUE(generator || real_label == 1.0 || kind == kNonsaturating || kind == kMinimax,
+                      "real_label only applies to the nonsaturating and minimax kinds, got real_label=", real_label,
+                      " for kind code ", kind);
+  if (!real.has_value()) return;
+  GENKERN_CHECK_TYPE(real->scalar_type() == fake.scalar_type(), "real_logits has dtype ", real->scalar_type(),
+                     " but fake_logits has ", fake.scalar_type());
+  GENKERN_CHECK_VALUE(real->device() == fake.device(), "real_logits is on ", real->device(),
+                      " but fake_logits is on ", fake.device());
+  GENKERN_CHECK_VALUE(real->numel() > 0, "real_logits is empty; a GAN loss needs at least one logit");
+  GENKERN_CHECK_VALUE(!uses_real || reduction != kNone || real->sizes() == fake.sizes(),
+                      "reduction none needs real_logits and fake_logits of one shape, got ", real->sizes(), " and ",
+                      fake.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_loss_fwd(const c10::optional<at::Tensor>& real,
+                                                            const at::Tensor& fake, int64_t kind, int64_t reduction,
+                                                            double real_label, bool generator) {
+  check_args(real, fake, kind, reduction, real_label, generator);
+  bool uses_real = !generator || kind == kRelativistic;
+  auto opts = fake.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor f = fake.contiguous(), r = uses_real ? real->contiguous() : at::Tensor();
+  at::Tensor loss = reduction == kNone ? at::empty(fake.sizes(), opts) : at::empty({}, opts);
+  at::Tensor gf = at::empty(fake.sizes(), opts);
+  // An unused real tensor (non-relativistic generator) gets a zero gradient of its shape.
+  at::Tensor gr = !real.has_value() ? at::empty({0}, opts)
+                  : uses_real       ? at::empty(real->sizes(), opts)
+                                    : at::zeros(real->sizes(), opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fake.scalar_type(), "gan_loss_cpp_fwd", [&] {
+    run<scalar_t>(r, f, gr, gf, loss, kind, reduction, real_label, generator);
+  });
+  return {loss, gr, gf};
+}
+
+// --- the differentiable ops: C++ autograd over either family's fused forward ------------
+using FwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const c10::optional<at::Tensor>&, const at::Tensor&,
+                                                             int64_t, int64_t, double, bool);
+
+struct CppFamily {
+  static constexpr const char* kFwd = "genkern::gan_loss_cpp_fwd";
+};
+struct TritonFamily {
+  static constexpr const char* kFwd = "genkern::gan_loss_triton_fwd";
+};
+
+template <class Family>
+const c10::TypedOperatorHandle<FwdFn>& fwd_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Family::kFwd, "").template typed<FwdFn>();
+  return op;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// True when g is a plain CPU scalar equal to 1 (loss.backward() of a mean/sum loss) and
+// nothing records the backward (no fake/functional tensor, no dispatch mode, no
+// create_graph): the gradients are then the saved ones, returned without a copy. A CPU
+// scalar is read without synchronisation; CUDA gradients always take the multiply.
+bool is_plain_unit(const at::Tensor& g, bool create_graph) {
+  if (create_graph || g.dim() != 0 || !g.device().is_cpu()) return false;
+  constexpr auto kTraced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                                c10::DispatchKey::Functionalize});
+  if (g.key_set().has_any(kTraced) || c10::impl::tls_local_dispatch_key_set().included_.has_any(kTraced) ||
+      c10::impl::TorchDispatchModeTLS::stack_len() > 0 || !g.has_storage())
+    return false;
+  const void* p = g.const_data_ptr();
+  switch (g.scalar_type()) {
+    case at::kFloat: return *static_cast<const float*>(p) == 1.0f;
+    case at::kDouble: return *static_cast<const double*>(p) == 1.0;
+    case at::kHalf: return static_cast<float>(*static_cast<const at::Half*>(p)) == 1.0f;
+    case at::kBFloat16: return static_cast<float>(*static_cast<const at::BFloat16*>(p)) == 1.0f;
+    default: return false;
+  }
+}
+
+// The backward only scales saved gradients, so it is right to first order only. Under
+// create_graph its outputs hang off an error node whose edges lead to the logits (and the
+// incoming gradient): differentiating them again raises instead of silently dropping the
+// loss's second derivative (a path around the logits' history would otherwise be pruned).
+void refuse_double_backward(AutogradContext* ctx, const at::Tensor& g, at::Tensor& dr, at::Tensor& df) {
+  variable_list saved = ctx->get_saved_variables();  // (real or undefined, fake)
+  if (!torch::autograd::compute_requires_grad(saved[0], saved[1], g)) return;
+  auto err = c10::make_intrusive<torch::autograd::Error>(
+      "genkern gan_loss (impl cpp/triton): double backward is not supported (the backward only scales the "
+      "gradient saved by the fused forward); use impl=\"torch\" for higher-order gradients",
+      torch::autograd::collect_next_edges(saved[0], saved[1], g));
+  torch::autograd::set_history(dr, err);
+  torch::autograd::set_history(df, err);
+}
+
+template <class Family>
+struct GanLossFunction : torch::autograd::Function<GanLossFunction<Family>> {
+  // widen: float16/bfloat16 "mean" logits go to the kernel as float32, so the saved gradients
+  // d/N (below float16's normal range for N >~ 2^14) keep their bits until the backward has
+  // applied the upstream gradient (AMP's loss scale) and rounds once, as torch does.
+  static at::Tensor forward(AutogradContext* ctx, const c10::optional<at::Tensor>& real, const at::Tensor& fake,
+                            int64_t kind, int64_t reduction, double real_label, bool generator, bool widen) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto wide = [&](const at::Tensor& t) { return widen ? t.to(at::kFloat) : t; };
+    c10::optional<at::Tensor> r = real.has_value() ? c10::optional<at::Tensor>(wide(*real)) : c10::nullopt;
+    auto [loss, gr, gf] = fwd_op<Family>().call(r, wide(fake), kind, reduction, real_label, generator);
+    if (widen) loss = loss.to(fake.scalar_type());
+    ctx->saved_data["dtype"] = widen ? static_cast<int64_t>(fake.scalar_type()) : int64_t(-1);
+    ctx->save_for_backward({real.has_value() ? *real : at::Tensor(), fake});  // only read under create_graph
+    ctx->saved_data["gr"] = std::move(gr);
+    ctx->saved_data["gf"] = std::move(gf);
+    ctx->saved_data["real"] = real.has_value();
+    ctx->saved_data["mix"] = kind == kRelativistic && reduction == kNone;  // the cross terms go in backward
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto& saved = ctx->saved_data;
+    TORCH_CHECK(saved["gf"].isTensor(), "Trying to backward through the graph a second time (or directly access "
+                "saved tensors after they have already been freed); specify retain_graph=True the first time.");
+    // Without retain_graph the saved gradients are moved out: returned as they are, the
+    // AccumulateGrad of a leaf with no .grad adopts them without a copy.
+    bool keep = torch::autograd::get_current_graph_task_keep_graph();
+    auto take = [&](const char* key) {
+      return keep ? saved[key].toTensor() : std::exchange(saved[key], c10::IValue()).toTensor();
+    };
+    at::Tensor gr = take("gr"), gf = take("gf");
+    const at::Tensor& g = grads[0];
+    bool has_real = saved["real"].toBool();  // (not gr.numel(): sizes may be symbolic)
+    // needs_input_grad counts tensor inputs only: fake is edge 0 when real is None.
+    bool want_r = has_real && ctx->needs_input_grad(0), want_f = ctx->needs_input_grad(has_real ? 1 : 0);
+    bool create_graph = at::GradMode::is_enabled();
+    at::Tensor dr, df;
+    {
+      at::NoGradGuard no_grad;  // a create_graph backward gets its history below
+      if (saved["mix"].toBool()) {  // relativistic "none": x and y enter each other's terms via the means
+        at::Tensor tr = g * gr, tf = g * gf;
+        if (want_r) dr = tr - tf.mean();
+        if (want_f) df = tf - tr.mean();
+      } else if (is_plain_unit(g, create_graph)) {
+        if (want_r) dr = std::move(gr);
+        if (want_f) df = std::move(gf);
+      } else {
+        if (want_r) dr = g * gr;  // (float32 when widened: one rounding, below)
+        if (want_f) df = g * gf;
+      }
+      int64_t dtype = saved["dtype"].toInt();
+      if (dtype >= 0) {
+        auto st = static_cast<at::ScalarType>(dtype);
+        if (dr.defined()) dr = dr.to(st);
+        if (df.defined()) df = df.to(st);
+      }
+    }
+    if (create_graph) refuse_double_backward(ctx, g, dr, df);
+    return {dr, df, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+template <class Family>
+at::Tensor gan_loss_autograd(const c10::optional<at::Tensor>& real, const at::Tensor& fake, int64_t kind,
+                             int64_t reduction, double real_label, bool generator) {
+  auto st = fake.scalar_type();
+  bool widen = reduction == kMean && (st == at::kHalf || st == at::kBFloat16) && at::GradMode::is_enabled() &&
+               (fake.requires_grad() || (real.has_value() && real->requires_grad()));
+  return GanLossFunction<Family>::apply(real, fake, kind, reduction, real_label, generator, widen);
+}
+
+// Below autograd (inference mode, no grad, fake tensors, compiled graphs): the loss alone.
+template <class Family>
+at::Tensor gan_loss_plain(const c10::optional<at::Tensor>& real, const at::Tensor& fake, int64_t kind,
+                          int64_t reduction, double real_label, bool generator) {
+  return std::get<0>(fwd_op<Family>().call(real, fake, kind, reduction, real_label, generator));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genkern, CPU, m) { m.impl("gan_loss_cpp_fwd", &gan_loss_fwd); }
+
+TORCH_LIBRARY_IMPL(genkern, Autograd, m) {
+  m.impl("gan_loss_cpp", &gan_loss_autograd<CppFamily>);
+  m.impl("gan_loss_triton", &gan_loss_autograd<TritonFamily>);
+}
+
+TORCH_LIBRARY_IMPL(genkern, CompositeExplicitAutograd, m) {
+  m.impl("gan_loss_cpp", &gan_loss_plain<CppFamily>);
+  m.impl("gan_loss_triton", &gan_loss_plain<TritonFamily>);
+}
+
+}  // namespace genkern
