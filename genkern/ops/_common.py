@@ -21,3 +21,15 @@ def check_float_tensor(t, name, *, like=None, like_name=None):
 def check_same_device(t, name, like, like_name):
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}; pass one device")
+
+
+def call_kernel_op(ops: dict, eager, backend: str, *args):
+    """Runs the differentiable op of kernel family `backend` ("cpp" or "triton").
+
+    Under torch.compile: torch.ops.genkern.<op>_<family>, which dynamo traces. In eager
+    mode: `eager(*args, triton)`, the extension's typed entry point to the same op, which
+    skips torch.ops' per-call argument parsing.
+    """
+    if torch.compiler.is_compiling():
+        return ops[backend](*args)
+    return eager(*args, backend == "triton")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from genkern import _dispatch, _ext
-from genkern.ops._common import check_float_tensor
+from genkern.ops._common import call_kernel_op, check_float_tensor
 from genkern.reference import gan_loss as reference
 from genkern.reference.gan_loss import KINDS, LABEL_KINDS, REDUCTIONS
 
@@ -43,7 +43,8 @@ def discriminator_loss(real_logits, fake_logits, kind="nonsaturating", *, reduct
     if backend == "torch":
         return reference.discriminator_loss(real_logits, fake_logits, kind, reduction=reduction,
                                             real_label=real_label)
-    return _OPS[backend](real_logits, fake_logits, kind_code, red_code, real_label, False)
+    return call_kernel_op(_OPS, _ext.load()[0].gan_loss, backend, real_logits, fake_logits, kind_code, red_code,
+                          real_label, False)
 
 
 def generator_loss(fake_logits, kind="nonsaturating", *, real_logits=None, reduction="mean", impl="auto"):
@@ -71,7 +72,8 @@ def generator_loss(fake_logits, kind="nonsaturating", *, real_logits=None, reduc
     backend = _dispatch.resolve(impl, fake_logits.device, fake_logits.dtype, "generator_loss")
     if backend == "torch":
         return reference.generator_loss(fake_logits, kind, real_logits=real_logits, reduction=reduction)
-    return _OPS[backend](real_logits, fake_logits, kind_code, red_code, 1.0, True)
+    return call_kernel_op(_OPS, _ext.load()[0].gan_loss, backend, real_logits, fake_logits, kind_code, red_code,
+                          1.0, True)
 
 
 def _check_common(logits, name, kind, reduction):

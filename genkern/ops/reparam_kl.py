@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from genkern import _dispatch, _ext
-from genkern.ops._common import check_float_tensor, check_same_device
+from genkern.ops._common import call_kernel_op, check_float_tensor
 from genkern.reference import reparam_kl as reference
 
 
@@ -40,7 +40,7 @@ def reparameterize_kl(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
                                            generator=generator)
     pm, plv = _broadcast_prior(mu, prior_mu, prior_logvar)
     seed = None if eps is not None else _draw_seed(generator, mu.device)
-    return _OPS[backend](mu, logvar, eps, pm, plv, seed)
+    return call_kernel_op(_OPS, _ext.load()[0].reparam_kl, backend, mu, logvar, eps, pm, plv, seed)
 
 
 def _check_args(mu, logvar, eps, prior_mu, prior_logvar):
