@@ -149,10 +149,99 @@ Sums for_each_tile(int64_t numel, F&& f) {
   return s;
 }
 
+// --- explicit AVX-512 path of the float32 softplus side pass --------------------------
+// GCC's vectorisation of softplus_sigmoid keeps an IEEE division and the generic
+// log_f32; here: exp(-|z|) by a range reduction finished with vscalefps (no clamps,
+// NaN propagates, underflow goes gradually to 0), 1/u by vrcp14ps and one Newton step
+// (~1 ulp), and log1p(e) for e in [0, 1] as log(1 + f) with f = e (e <= sqrt(2) - 1,
+// exact) or f = (e - 1) / 2 plus ln 2, so no rounding of u = 1 + e needs correcting.
+#if defined(__AVX512F__)
+#define GENKERN_GAN_AVX512 1
+GENKERN_INLINE void softplus_sigmoid_v(__m512 z, __m512& sp, __m512& sg) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  __m512 x = _mm512_sub_ps(zero, _mm512_abs_ps(z));  // -|z|
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), one);
+  __m512 e = _mm512_scalef_ps(p, n);  // exp(-|z|) in [0, 1]
+  __m512 u = _mm512_add_ps(one, e);
+  __m512 r0 = _mm512_rcp14_ps(u);
+  __m512 inv = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(u, r0, one), r0);
+  __mmask16 pos = _mm512_cmp_ps_mask(z, zero, _CMP_GE_OQ);
+  sg = _mm512_mask_blend_ps(pos, _mm512_mul_ps(e, inv), inv);
+  __mmask16 big = _mm512_cmp_ps_mask(e, _mm512_set1_ps(0.41421356f), _CMP_GT_OQ);
+  __m512 f = _mm512_mask_mul_ps(e, big, _mm512_sub_ps(e, one), _mm512_set1_ps(0.5f));
+  __m512 f2 = _mm512_mul_ps(f, f);
+  __m512 q = _mm512_set1_ps(7.0376836292e-2f);
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(-1.1514610310e-1f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.1676998740e-1f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(-1.2420140846e-1f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.4249322787e-1f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(-1.6668057665e-1f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.0000714765e-1f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(-2.4999993993e-1f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(3.3333331174e-1f));
+  __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(f, f2), q, _mm512_mul_ps(_mm512_set1_ps(-0.5f), f2));
+  __m512 l = _mm512_add_ps(f, y);
+  l = _mm512_mask_add_ps(l, big, l, _mm512_set1_ps(0.693147180559945309f));
+  sp = _mm512_add_ps(_mm512_max_ps(zero, z), l);  // max(0, NaN) = NaN
+}
+
+// side_pass<kSoftplus> for float32: sums of term and derivative, grad_k = d_k gs + gt.
+Sums softplus_pass_avx512(const float* x, int64_t numel, Term<float> p, float gscale, float gshift, float* grad) {
+  return for_each_tile(numel, [&](int64_t first, int64_t n, Sums& s) {
+    const __m512 sign = _mm512_set1_ps(p.sign), shift = _mm512_set1_ps(p.shift), scale = _mm512_set1_ps(p.scale);
+    const __m512 c1 = _mm512_set1_ps(p.c1), ds = _mm512_set1_ps(p.scale * p.sign), gs = _mm512_set1_ps(gscale),
+                 gt = _mm512_set1_ps(gshift);
+    const bool smooth = p.c1 != 0.0f;
+    __m512 st = _mm512_setzero_ps(), sd = _mm512_setzero_ps();
+    const float* xs = x + first;
+    float* g = grad ? grad + first : nullptr;
+    for (int64_t j = 0; j < n; j += 16) {
+      __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
+      __m512 xv = _mm512_maskz_loadu_ps(m, xs + j);
+      __m512 sp, sg;
+      softplus_sigmoid_v(_mm512_mul_ps(sign, _mm512_sub_ps(xv, shift)), sp, sg);
+      __m512 t = _mm512_mul_ps(scale, sp);
+      if (smooth) t = _mm512_fmadd_ps(c1, xv, t);
+      __m512 d = _mm512_fmadd_ps(ds, sg, c1);
+      st = _mm512_mask_add_ps(st, m, st, t);
+      sd = _mm512_mask_add_ps(sd, m, sd, d);
+      if (g) _mm512_mask_storeu_ps(g + j, m, _mm512_fmadd_ps(d, gs, gt));
+    }
+    s.term += _mm512_reduce_add_ps(st);
+    s.deriv += _mm512_reduce_add_ps(sd);
+  });
+}
+#endif
+
+// grad_k = grad_k * a + b in place (the relativistic fix-up of the side written first).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void affine_pass(scalar_t* g, int64_t numel, acc_t a, acc_t b) {
+  for_each_tile(numel, [&](int64_t first, int64_t n, Sums&) {
+    const acc_t ca = a, cb = b;
+    scalar_t* gp = g + first;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) gp[j] = static_cast<scalar_t>(static_cast<acc_t>(gp[j]) * ca + cb);
+  });
+}
+
 // One side of a mean/sum loss: sums of the term and of its derivative over x; with
 // `grad`, also writes grad_k = deriv_k * gscale + gshift.
 template <int kShape, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 Sums side_pass(const scalar_t* x, int64_t numel, Term<acc_t> p, acc_t gscale, acc_t gshift, scalar_t* grad) {
+#ifdef GENKERN_GAN_AVX512
+  if constexpr (kShape == kSoftplus && std::is_same_v<scalar_t, float>)
+    return softplus_pass_avx512(x, numel, p, gscale, gshift, grad);
+#endif
   return for_each_tile(numel, [&](int64_t first, int64_t n, Sums& s) {
     alignas(64) acc_t xb[kTile], gb[kTile];
     const Term<acc_t> q = p;
@@ -248,6 +337,17 @@ double run_shape(Side<scalar_t> s0, Side<scalar_t> s1, int64_t reduction, bool r
   if (relativistic) {
     // The cross terms need A and B (sums of the derivatives) before any gradient is written.
     double n0 = static_cast<double>(s0.n), n1 = static_cast<double>(s1.n);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      // Side 1 first, its raw derivatives b_k written; side 0 then writes its final
+      // gradients (B known); side 1's are fixed up by one affine pass once A is known.
+      Sums b = side_pass<kShape>(s1.x, s1.n, s1.term, acc_t(1), acc_t(0), s1.grad);
+      double B = b.deriv;
+      Sums a = side_pass<kShape>(s0.x, s0.n, s0.term, acc_t(mean ? 1 / n0 : 1),
+                                 acc_t(mean ? -B / (n0 * n1) : -B / n0), s0.grad);
+      double A = -a.deriv;
+      affine_pass(s1.grad, s1.n, acc_t(mean ? 1 / n1 : 1), acc_t(mean ? A / (n0 * n1) : A / n1));
+      return mean ? a.term / n0 + b.term / n1 : a.term + b.term;
+    }
     Sums a = side_pass<kShape>(s0.x, s0.n, s0.term, acc_t(0), acc_t(0), static_cast<scalar_t*>(nullptr));
     Sums b = side_pass<kShape>(s1.x, s1.n, s1.term, acc_t(0), acc_t(0), static_cast<scalar_t*>(nullptr));
     double A = -a.deriv, B = b.deriv;  // the derivatives of side 0 are -a_i
@@ -445,15 +545,17 @@ struct GanLossFunction : torch::autograd::Function<GanLossFunction<Family>> {
     {
       at::NoGradGuard no_grad;  // a create_graph backward gets its history below
       if (saved["mix"].toBool()) {  // relativistic "none": x and y enter each other's terms via the means
-        at::Tensor tr = g * gr, tf = g * gf;
+        at::Tensor tr = keep ? g * gr : gr.mul_(g), tf = keep ? g * gf : gf.mul_(g);
         if (want_r) dr = tr - tf.mean();
         if (want_f) df = tf - tr.mean();
       } else if (is_plain_unit(g, create_graph)) {
         if (want_r) dr = std::move(gr);
         if (want_f) df = std::move(gf);
       } else {
-        if (want_r) dr = g * gr;  // (float32 when widened: one rounding, below)
-        if (want_f) df = g * gf;
+        // (float32 when widened: one rounding, below). Saved gradients that were moved
+        // out are ours alone: scaled in place, no new buffer.
+        if (want_r) dr = keep ? g * gr : gr.mul_(g);
+        if (want_f) df = keep ? g * gf : gf.mul_(g);
       }
       int64_t dtype = saved["dtype"].toInt();
       if (dtype >= 0) {
