@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from genkern.ops.gan_loss import discriminator_loss, generator_loss
-from genkern.reference.gan_loss import KINDS, LABEL_KINDS, REDUCTIONS
+from genkern.ops.gan_loss import check_settings, discriminator_loss, generator_loss
 
 
 class GANLoss(nn.Module):
@@ -17,13 +16,8 @@ class GANLoss(nn.Module):
     def __init__(self, kind: str = "nonsaturating", *, reduction: str = "mean", real_label: float = 1.0,
                  impl: str = "auto"):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-        if real_label != 1.0 and kind not in LABEL_KINDS:
-            raise ValueError(f"real_label only applies to the {' and '.join(LABEL_KINDS)} kinds, got kind={kind!r}")
-        self.kind, self.reduction, self.real_label, self.impl = kind, reduction, float(real_label), impl
+        real_label = check_settings(kind, reduction, real_label)
+        self.kind, self.reduction, self.real_label, self.impl = kind, reduction, real_label, impl
 
     def discriminator(self, real_logits, fake_logits):
         return discriminator_loss(real_logits, fake_logits, self.kind, reduction=self.reduction,

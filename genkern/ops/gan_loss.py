@@ -34,11 +34,7 @@ def discriminator_loss(real_logits, fake_logits, kind="nonsaturating", *, reduct
     kind_code, red_code = _check_common(fake_logits, "fake_logits", kind, reduction)
     check_float_tensor(real_logits, "real_logits", like=fake_logits, like_name="fake_logits")
     _check_pair(real_logits, fake_logits, reduction)
-    if isinstance(real_label, bool) or not isinstance(real_label, (int, float)):
-        raise TypeError(f"real_label must be a number, got {type(real_label).__name__}")
-    real_label = float(real_label)
-    if real_label != 1.0 and kind not in LABEL_KINDS:
-        raise ValueError(f"real_label only applies to the {' and '.join(LABEL_KINDS)} kinds, got kind={kind!r}")
+    real_label = check_settings(kind, reduction, real_label)
     backend = _dispatch.resolve(impl, fake_logits.device, fake_logits.dtype, "discriminator_loss")
     if backend == "torch":
         return reference.discriminator_loss(real_logits, fake_logits, kind, reduction=reduction,
@@ -76,12 +72,22 @@ def generator_loss(fake_logits, kind="nonsaturating", *, real_logits=None, reduc
                           1.0, True)
 
 
-def _check_common(logits, name, kind, reduction):
-    check_float_tensor(logits, name)
+def check_settings(kind, reduction, real_label=1.0) -> float:
+    """Validates a loss's settings (also used by genkern.nn.GANLoss); returns real_label as a float."""
     if kind not in _KIND_CODE:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if reduction not in _REDUCTION_CODE:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if isinstance(real_label, bool) or not isinstance(real_label, (int, float)):
+        raise TypeError(f"real_label must be a number, got {type(real_label).__name__}")
+    if real_label != 1.0 and kind not in LABEL_KINDS:
+        raise ValueError(f"real_label only applies to the {' and '.join(LABEL_KINDS)} kinds, got kind={kind!r}")
+    return float(real_label)
+
+
+def _check_common(logits, name, kind, reduction):
+    check_float_tensor(logits, name)
+    check_settings(kind, reduction)
     if logits.numel() == 0:
         raise ValueError(f"{name} is empty; a GAN loss needs at least one logit")
     return _KIND_CODE[kind], _REDUCTION_CODE[reduction]
