@@ -1,6 +1,7 @@
 // Shared helpers for the CPU kernels: argument checks and build facts.
 #pragma once
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -272,6 +273,13 @@ inline void philox_normal_groups(PhiloxKey key, uint32_t g0, int64_t ngroups, fl
       o[4 * k + 3] = n3;
     }
   }
+}
+
+// A typed handle to a genkern op, looked up once per call site (cache it in a
+// function-local static): calling through it skips boxing the arguments.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
 }
 
 inline std::string build_info() {

@@ -461,7 +461,7 @@ struct TritonFamily {
 
 template <class Family>
 const c10::TypedOperatorHandle<FwdFn>& fwd_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Family::kFwd, "").template typed<FwdFn>();
+  static const auto op = typed_op<FwdFn>(Family::kFwd);
   return op;
 }
 

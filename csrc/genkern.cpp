@@ -61,11 +61,6 @@ namespace {
 // torch.compile traces the torch.ops path instead (genkern/ops/).
 using OptTensor = std::optional<at::Tensor>;
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
 at::Tensor gan_loss(const OptTensor& real, const at::Tensor& fake, int64_t kind, int64_t reduction, double label,
                     bool generator, bool triton) {
   using Sig = at::Tensor(const OptTensor&, const at::Tensor&, int64_t, int64_t, double, bool);

@@ -33,13 +33,13 @@ struct TritonFamily {
 
 template <typename Family>
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Family::fwd, "").template typed<FwdSig>();
+  static const auto op = typed_op<FwdSig>(Family::fwd);
   return op;
 }
 
 template <typename Family>
 const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Family::bwd, "").template typed<BwdSig>();
+  static const auto op = typed_op<BwdSig>(Family::bwd);
   return op;
 }
 
