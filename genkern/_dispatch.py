@@ -89,8 +89,21 @@ def _find_unsupported(impl: str, device: torch.device, dtype: torch.dtype, dtype
     return ""
 
 
+_resolved: dict = {}  # successful answers of resolve(), keyed by everything they depend on
+
+
 def resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dtypes=None) -> str:
     """Returns the impl that runs `op` on tensors of `device` and `dtype`."""
+    # GENKERN_IMPL is read on every call; availability is fixed per process, so the rest
+    # of the answer is memoised (this runs on every op call).
+    key = (impl, os.environ.get("GENKERN_IMPL"), device.type, dtype, op, triton_dtypes)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolved[key] = _resolve(impl, device, dtype, op, triton_dtypes)
+    return backend
+
+
+def _resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dtypes) -> str:
     if impl is None or impl == "auto":
         impl = default_impl()
     if impl not in IMPLS:
@@ -111,5 +124,5 @@ def resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dtyp
     if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(f"genkern.{op}: using the plain-PyTorch impl because {want} is unavailable: {why}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
     return "torch"
