@@ -62,19 +62,7 @@ def default_impl() -> str:
 _warned: set = set()
 
 
-_why: dict = {}  # (impl, device type, dtype, dtypes) -> _unsupported's answer; availability is fixed per process
-
-
 def _unsupported(impl: str, device: torch.device, dtype: torch.dtype, dtypes) -> str:
-    # Memoised: this runs on every op call, where microseconds count at small sizes.
-    key = (impl, device.type, dtype, dtypes)
-    why = _why.get(key)
-    if why is None:
-        why = _why[key] = _find_unsupported(impl, device, dtype, dtypes)
-    return why
-
-
-def _find_unsupported(impl: str, device: torch.device, dtype: torch.dtype, dtypes) -> str:
     state = impl_state()[impl]
     if state:
         return state

@@ -6,6 +6,7 @@ import platform
 
 import torch
 
+import genkern
 from genkern import _dispatch, _ext
 
 
@@ -38,7 +39,7 @@ def info() -> dict:
         impls["cpp"]["build"] = cpp.build_info()
     impls["triton"]["interpreter"] = _dispatch.triton_interpret()
     return {
-        "genkern": "0.1.0",
+        "genkern": genkern.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),

@@ -36,7 +36,7 @@ import torch
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision inputs are computed in float32 (as the kernels do), so that
     # exp() of a float16 logvar above ~11 does not overflow an intermediate.
     return torch.float32 if dtype in _LOW_PRECISION else dtype
@@ -47,7 +47,7 @@ def kl_divergence(mu, logvar, prior_mu=None, prior_logvar=None):
 
     Shapes: mu, logvar (..., D); priors broadcast against mu; result (...).
     """
-    ct = compute_dtype(mu.dtype)
+    ct = _compute_dtype(mu.dtype)
     mu, logvar = mu.to(ct), logvar.to(ct)
     pm = torch.zeros((), dtype=ct, device=mu.device) if prior_mu is None else prior_mu.to(ct)
     plv = torch.zeros((), dtype=ct, device=mu.device) if prior_logvar is None else prior_logvar.to(ct)
@@ -64,7 +64,7 @@ def reparameterize_kl(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
     """
     if eps is None:
         eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
-    ct = compute_dtype(mu.dtype)
+    ct = _compute_dtype(mu.dtype)
     z = mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps.to(ct)
     kl = kl_divergence(mu, logvar, prior_mu, prior_logvar)
     return z.to(mu.dtype), kl.to(mu.dtype)
