@@ -39,6 +39,22 @@
 #define GENKERN_GAN_LOSS_ARGS \
   "(Tensor? real_logits, Tensor fake_logits, int kind, int reduction, float real_label, bool generator)"
 
+// attention: softmax(scale * q k^T [+ causal mask]) v, flash-attention style (no
+// score matrix in memory). q (B, H, T, D); k, v (B, Hkv, S, D) with H % Hkv == 0
+// (query head h reads KV head h / (H / Hkv)); any strides with a unit last dim.
+// causal aligns the mask to the bottom-right corner: query i sees keys
+// j <= i + S - T; a query that sees no key gets out = 0 and lse = -inf.
+// _fwd returns (out (B, H, T, D) contiguous in q's dtype, lse (B, H, T) float32:
+// the log-sum-exp of each row's scaled, masked scores).
+// _bwd returns (dq, dk, dv), shaped and typed like q, k, v. grad_lse, when given
+// ((B, H, T) float32), is the gradient flowing into lse: it adds P_ij * grad_lse_i
+// to the score gradient, i.e. delta_i = rowsum(dO_i * O_i) - grad_lse_i.
+// Autograd and fake kernels are registered in genkern/ops/attention.py.
+#define GENKERN_ATTENTION_FWD_ARGS "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)"
+#define GENKERN_ATTENTION_BWD_ARGS                                                                  \
+  "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, bool causal, " \
+  "float scale) -> (Tensor, Tensor, Tensor)"
+
 TORCH_LIBRARY(genkern, m) {
   m.def("reparam_kl_cpp_fwd" GENKERN_REPARAM_KL_FWD_ARGS);
   m.def("reparam_kl_cpp_bwd" GENKERN_REPARAM_KL_BWD_ARGS);
@@ -50,6 +66,10 @@ TORCH_LIBRARY(genkern, m) {
   m.def("gan_loss_cpp" GENKERN_GAN_LOSS_ARGS " -> Tensor");
   m.def("gan_loss_triton_fwd" GENKERN_GAN_LOSS_ARGS " -> (Tensor, Tensor, Tensor)");
   m.def("gan_loss_triton" GENKERN_GAN_LOSS_ARGS " -> Tensor");
+  m.def("attention_cpp_fwd" GENKERN_ATTENTION_FWD_ARGS);
+  m.def("attention_cpp_bwd" GENKERN_ATTENTION_BWD_ARGS);
+  m.def("attention_triton_fwd" GENKERN_ATTENTION_FWD_ARGS);
+  m.def("attention_triton_bwd" GENKERN_ATTENTION_BWD_ARGS);
 }
 
 namespace genkern {

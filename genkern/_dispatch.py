@@ -80,18 +80,22 @@ def _unsupported(impl: str, device: torch.device, dtype: torch.dtype, dtypes) ->
 _resolved: dict = {}  # successful answers of resolve(), keyed by everything they depend on
 
 
-def resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dtypes=None) -> str:
-    """Returns the impl that runs `op` on tensors of `device` and `dtype`."""
+def resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dtypes=None, cpp_dtypes=None) -> str:
+    """Returns the impl that runs `op` on tensors of `device` and `dtype`.
+
+    triton_dtypes / cpp_dtypes: the dtypes those kernels take when they are not
+    the defaults (TRITON_DTYPES; every floating dtype for C++).
+    """
     # GENKERN_IMPL is read on every call; availability is fixed per process, so the rest
     # of the answer is memoised (this runs on every op call).
-    key = (impl, os.environ.get("GENKERN_IMPL"), device.type, dtype, op, triton_dtypes)
+    key = (impl, os.environ.get("GENKERN_IMPL"), device.type, dtype, op, triton_dtypes, cpp_dtypes)
     backend = _resolved.get(key)
     if backend is None:
-        backend = _resolved[key] = _resolve(impl, device, dtype, op, triton_dtypes)
+        backend = _resolved[key] = _resolve(impl, device, dtype, op, {"triton": triton_dtypes, "cpp": cpp_dtypes})
     return backend
 
 
-def _resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dtypes) -> str:
+def _resolve(impl, device: torch.device, dtype: torch.dtype, op: str, dtypes: dict) -> str:
     if impl is None or impl == "auto":
         impl = default_impl()
     if impl not in IMPLS:
@@ -99,18 +103,28 @@ def _resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dty
     if impl == "torch":
         return impl
     if impl != "auto":
-        why = _unsupported(impl, device, dtype, triton_dtypes if impl == "triton" else None)
+        why = _unsupported(impl, device, dtype, dtypes[impl])
         if why:
             raise ImplUnavailableError(f"{op}: impl={impl!r} is unavailable: {why}")
         return impl
     want = "triton" if device.type == "cuda" else "cpp"
-    why = _unsupported(want, device, dtype, triton_dtypes if want == "triton" else None)
+    why = _unsupported(want, device, dtype, dtypes[want])
     if not why:
         return want
+    fall_back(op, want, why, stacklevel=5)
+    return "torch"
+
+
+def explicit(impl) -> bool:
+    """Whether `impl` (an op's argument) or GENKERN_IMPL names one impl rather than "auto"."""
+    return (impl or "auto") != "auto" or default_impl() != "auto"
+
+
+def fall_back(op: str, want: str, why: str, stacklevel: int = 3) -> None:
+    """Says once per (op, impl, reason) that "auto" runs the plain-PyTorch impl instead of `want`."""
     key = (op, want, why)
-    # Warn once, from eager code: a warning cannot be traced by torch.compile.
+    # Warn from eager code only: a warning cannot be traced by torch.compile.
     if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(f"genkern.{op}: using the plain-PyTorch impl because {want} is unavailable: {why}",
-                      RuntimeWarning, stacklevel=4)
-    return "torch"
+                      RuntimeWarning, stacklevel=stacklevel)

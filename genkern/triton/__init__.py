@@ -31,3 +31,8 @@ def register_reparam_kl():
 
 def register_gan_loss():
     _bind("gan_loss_triton_fwd", "gan_loss", "gan_loss_forward")
+
+
+def register_attention():
+    _bind("attention_triton_fwd", "attention", "attention_forward")
+    _bind("attention_triton_bwd", "attention", "attention_backward")

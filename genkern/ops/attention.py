@@ -1,0 +1,147 @@
+"""Flash-attention: softmax(scale * q k^T) v without the score matrix, forward and backward."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from genkern import _dispatch, _ext
+from genkern.ops._common import FLOAT_DTYPES, check_float_tensor, check_same_device
+from genkern.reference import attention as reference
+
+HEAD_DIMS = range(16, 257, 8)  # head dims the C++ and Triton kernels take
+CPP_DTYPES = FLOAT_DTYPES       # float16/bfloat16 are computed in float32 on the CPU
+
+
+def flash_attention(q, k, v, *, causal=True, scale=None, return_lse=False, impl="auto"):
+    """Causal (or full) softmax attention in O(T * D) memory.
+
+    Args:
+        q: (B, H, T, D) queries; float16, bfloat16, float32 or float64.
+        k: (B, Hkv, S, D) keys, q's dtype and device, with H % Hkv == 0: query head h
+            reads KV head h // (H // Hkv) (grouped-query attention; Hkv = 1 is
+            multi-query attention). K/V are never copied per query head.
+        v: (B, Hkv, S, D) values, like k.
+        causal: mask aligned to the bottom-right corner, so queries that follow S - T
+            cached keys see the cache and themselves (query i sees keys j <= i + S - T):
+
+                T = 3, S = 5    j = 0 1 2 3 4
+                        i = 0       x x x . .
+                        i = 1       x x x x .
+                        i = 2       x x x x x
+
+            A query that sees no key (T > S) gets zeros, not NaN. False: every query
+            sees every key.
+        scale: multiplies the scores; default 1 / sqrt(D).
+        return_lse: also return the log-sum-exp of each row's scaled scores.
+        impl: "auto" | "torch" | "cpp" | "triton" (default from GENKERN_IMPL). The C++
+            and Triton kernels take head dims 16..256 in steps of 8; Triton takes
+            float16, bfloat16 and float32.
+
+    Returns:
+        out: (B, H, T, D) in q's dtype, contiguous.
+        lse (with return_lse): (B, H, T) float32; -inf for a query that sees no key.
+            It is differentiable too.
+
+    Any strides work. Gradients flow to q, k and v (the backward recomputes the
+    attention weights from lse, FlashAttention-2 style).
+    """
+    _check_args(q, k, v)
+    scale = _check_scale(scale, q.shape[-1])
+    backend = _backend(impl, q, "flash_attention")
+    if backend == "torch":
+        return reference.attention(q, k, v, bool(causal), scale, return_lse)
+    out, lse = _OPS[backend](q, k, v, bool(causal), scale)
+    return (out, lse) if return_lse else out
+
+
+def _check_args(q, k, v):
+    check_float_tensor(q, "q")
+    check_float_tensor(k, "k", like=q, like_name="q")
+    check_float_tensor(v, "v", like=q, like_name="q")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-d ({'B, H, T, D' if name == 'q' else 'B, Hkv, S, D'}), "
+                             f"got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape (B, Hkv, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    (b, h, t, d), (bk, hkv, s, dk) = q.shape, k.shape
+    if bk != b or dk != d:
+        raise ValueError(f"k must be (B={b}, Hkv, S, D={d}) to match q of shape {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"q's heads H={h} must be a multiple of k's heads Hkv={hkv}")
+    if t == 0 or s == 0 or d == 0:
+        raise ValueError(f"q and k need T, S, D >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+
+
+def _check_scale(scale, d):
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _backend(impl, q, op):
+    """The impl for q's device and dtype; head dims the kernels do not take go to
+    "torch" under "auto" (said once) and are an error for an explicit impl."""
+    backend = _dispatch.resolve(impl, q.device, q.dtype, op, cpp_dtypes=CPP_DTYPES)
+    d = q.shape[-1]
+    if backend == "torch" or d in HEAD_DIMS:
+        return backend
+    why = f"head dim {d} is not one of 16, 24, ..., 256 (multiples of 8)"
+    if _dispatch.explicit(impl):
+        raise ValueError(f"{op}: impl={backend!r} does not take q of shape {tuple(q.shape)}: {why}")
+    _dispatch.fall_back(op, backend, why)
+    return "torch"
+
+
+# --- op registration: autograd and fake kernels, once per kernel family -------------
+
+def _fake_fwd(q, k, v, causal, scale):
+    b, h, t, d = q.shape
+    return q.new_empty((b, h, t, d)), q.new_empty((b, h, t), dtype=torch.float32)
+
+
+def _fake_bwd(grad_out, q, k, v, out, lse, grad_lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward_of(bwd):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:  # only lse was differentiated
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, grad_lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+    return backward
+
+
+_OPS = {}
+
+
+def _register():
+    if not _ext.available():
+        return
+    for family in ("cpp", "triton"):
+        fwd = getattr(torch.ops.genkern, f"attention_{family}_fwd").default
+        bwd = getattr(torch.ops.genkern, f"attention_{family}_bwd").default
+        torch.library.register_fake(fwd, _fake_fwd)
+        torch.library.register_fake(bwd, _fake_bwd)
+        torch.library.register_autograd(fwd, _backward_of(bwd), setup_context=_setup_context)
+        _OPS[family] = fwd
+    from genkern.triton import register_attention
+    register_attention()
+
+
+_register()

@@ -1,0 +1,63 @@
+"""Scaled dot-product attention in plain PyTorch: the spec, the fallback and the baseline.
+
+    out_i = sum_j softmax_j(scale * q_i . k_j) v_j      over the keys j query i sees
+
+Shapes: q (B, H, T, D); k, v (B, Hkv, S, D) with H % Hkv == 0. Query head h reads KV
+head h // (H // Hkv): grouped-query attention (Hkv < H) and multi-query attention
+(Hkv = 1).
+
+The causal mask is aligned to the bottom-right corner, so that T new queries placed
+after S - T cached keys see the whole cache and themselves:
+
+    T = 3, S = 5     keys j = 0 1 2 3 4
+    query i = 0           x x x . .     i sees j <= i + S - T
+    query i = 1           x x x x .
+    query i = 2           x x x x x
+
+With T > S the first T - S queries see no key: their output is 0 and their
+log-sum-exp is -inf (not NaN).
+
+This version materialises the (T, S) score matrix: it is O(T * S) in memory, which
+is what the fused kernels avoid.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
+    """(T, S) bool, True where query i may see key j (bottom-right aligned)."""
+    i = torch.arange(t, device=device).unsqueeze(1)
+    j = torch.arange(s, device=device).unsqueeze(0)
+    return j <= i + (s - t)
+
+
+def attention(q, k, v, causal=True, scale=None, return_lse=False):
+    """softmax(scale * q k^T, masked) v in q's dtype; with return_lse also the
+    (B, H, T) float32 log-sum-exp of each row's scaled, masked scores."""
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    # Grouped-query attention: view the query heads as (Hkv, group) so each group
+    # broadcasts against its own K/V head, without copying K/V.
+    qg = q.reshape(b, hkv, h // hkv, t, d)                            # (B, Hkv, G, T, D)
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, G, T, S)
+    if causal:
+        mask = causal_mask(t, s, q.device)                              # (T, S)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # Softmax accumulates in float32 for float16/bfloat16 (as torch's fused softmax
+    # does); float64 stays float64.
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(scores, dim=-1, dtype=acc)
+    if causal and t > s:
+        # A row with no visible key is all -inf, which softmax turns into NaN: zero
+        # exactly those rows (a NaN from the inputs elsewhere stays NaN).
+        probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))             # (B, Hkv, G, T, D)
+    out = out.reshape(b, h, t, d)
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(scores.to(acc), dim=-1).reshape(b, h, t)    # -inf for empty rows
+    return out, lse.float()
