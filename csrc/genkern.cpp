@@ -55,6 +55,19 @@
   "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, bool causal, " \
   "float scale) -> (Tensor, Tensor, Tensor)"
 
+// kv_decode: attention of q (B, H, Tnew, D) against preallocated caches k_cache,
+// v_cache (B, Hkv, Smax, D), H % Hkv == 0, with cache_seqlens (B,) int32 the filled
+// length L_b of each row (genkern/reference/kv_decode.py is the spec). k_new, v_new
+// (B, Hkv, Tnew, D), when given, are first written into the caches in place at
+// positions L_b .. L_b + Tnew - 1 (the kernel checks L_b + Tnew <= Smax for every row
+// before writing anything); the row then holds n_b = L_b + Tnew positions, else
+// n_b = L_b. Query i of row b attends to positions j < n_b with j <= i + n_b - Tnew;
+// a row with n_b = 0 gives zeros. Returns out (B, H, Tnew, D) contiguous in q's
+// dtype. No backward. cache_seqlens is not modified.
+#define GENKERN_KV_DECODE_ARGS                                                                           \
+  "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, " \
+  "float scale) -> Tensor"
+
 TORCH_LIBRARY(genkern, m) {
   m.def("reparam_kl_cpp_fwd" GENKERN_REPARAM_KL_FWD_ARGS);
   m.def("reparam_kl_cpp_bwd" GENKERN_REPARAM_KL_BWD_ARGS);
@@ -70,6 +83,8 @@ TORCH_LIBRARY(genkern, m) {
   m.def("attention_cpp_bwd" GENKERN_ATTENTION_BWD_ARGS);
   m.def("attention_triton_fwd" GENKERN_ATTENTION_FWD_ARGS);
   m.def("attention_triton_bwd" GENKERN_ATTENTION_BWD_ARGS);
+  m.def("kv_decode_cpp" GENKERN_KV_DECODE_ARGS);
+  m.def("kv_decode_triton" GENKERN_KV_DECODE_ARGS);
 }
 
 namespace genkern {

@@ -4,9 +4,11 @@ Every op takes impl="auto" | "torch" | "cpp" | "triton"; see genkern.info().
 """
 from genkern._dispatch import ImplUnavailableError
 from genkern._info import info
-from genkern.ops import discriminator_loss, flash_attention, generator_loss, reparameterize_kl
+from genkern.ops import (attention_with_kvcache, discriminator_loss, flash_attention, generator_loss,
+                         reparameterize_kl)
+from genkern.kvcache import KVCache
 from genkern import functional, nn
 
 __version__ = "0.1.0"
-__all__ = ["ImplUnavailableError", "discriminator_loss", "flash_attention", "functional", "generator_loss", "info",
-           "nn", "reparameterize_kl", "__version__"]
+__all__ = ["ImplUnavailableError", "KVCache", "attention_with_kvcache", "discriminator_loss", "flash_attention",
+           "functional", "generator_loss", "info", "nn", "reparameterize_kl", "__version__"]

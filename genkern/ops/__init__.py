@@ -1,6 +1,7 @@
 """Public ops: one file per hot path (function, autograd, fake kernel, registration)."""
 from genkern.ops.attention import flash_attention
 from genkern.ops.gan_loss import discriminator_loss, generator_loss
+from genkern.ops.kv_decode import attention_with_kvcache
 from genkern.ops.reparam_kl import reparameterize_kl
 
-__all__ = ["flash_attention", "discriminator_loss", "generator_loss", "reparameterize_kl"]
+__all__ = ["attention_with_kvcache", "flash_attention", "discriminator_loss", "generator_loss", "reparameterize_kl"]

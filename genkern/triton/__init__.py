@@ -36,3 +36,7 @@ def register_gan_loss():
 def register_attention():
     _bind("attention_triton_fwd", "attention", "attention_forward")
     _bind("attention_triton_bwd", "attention", "attention_backward")
+
+
+def register_kv_decode():
+    _bind("kv_decode_triton", "kv_decode", "kv_decode")

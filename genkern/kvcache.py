@@ -1,0 +1,84 @@
+"""genkern.KVCache: the preallocated key/value buffers of autoregressive decoding."""
+from __future__ import annotations
+
+import torch
+
+from genkern.ops.kv_decode import _attention_with_kvcache
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated, with each batch row's filled length.
+
+    Args:
+        num_layers, batch_size, num_kv_heads, max_seq_len, head_dim: buffer sizes; the
+            buffers are (num_layers, batch_size, num_kv_heads, max_seq_len, head_dim).
+        dtype, device: of the buffers (keyword-only).
+
+    Attributes:
+        k, v: the buffers, zero-initialised.
+        seqlens: (batch_size,) int32 on `device`, the filled length of each row; rows
+            may differ (ragged batches).
+
+    One decoding step: for each layer i, `cache.attend(i, q, k_new, v_new)` (or
+    `genkern.attention_with_kvcache(q, *cache.layer(i), cache.seqlens, k_new, v_new)`),
+    then `cache.advance(Tnew)` once.
+    """
+
+    def __init__(self, num_layers, batch_size, num_kv_heads, max_seq_len, head_dim, *, dtype=torch.float32,
+                 device=None):
+        sizes = {"num_layers": num_layers, "batch_size": batch_size, "num_kv_heads": num_kv_heads,
+                 "max_seq_len": max_seq_len, "head_dim": head_dim}
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.num_layers, self.batch_size, self.max_seq_len = num_layers, batch_size, max_seq_len
+        shape = (num_layers, batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.k.device)
+        self._max_len = 0  # max(seqlens), known on the host so that no step synchronises
+
+    def layer(self, i: int):
+        """(k_cache, v_cache) of layer i: (B, Hkv, Smax, D) views into the buffers."""
+        if not -self.num_layers <= i < self.num_layers:
+            raise IndexError(f"layer {i} out of range for {self.num_layers} layers")
+        return self.k[i], self.v[i]
+
+    def attend(self, i: int, q, k_new=None, v_new=None, *, scale=None, impl="auto"):
+        """genkern.attention_with_kvcache on layer i (writes k_new/v_new; lengths unchanged)."""
+        k, v = self.layer(i)
+        return _attention_with_kvcache(q, k, v, self.seqlens, k_new, v_new, scale, impl, self._max_len)
+
+    def advance(self, n):
+        """Adds n filled positions to every row (int), or n[b] to row b ((B,) tensor)."""
+        if isinstance(n, torch.Tensor):
+            if n.shape != (self.batch_size,) or n.dtype.is_floating_point:
+                raise ValueError(f"n must be an int or a ({self.batch_size},) integer tensor, got "
+                                 f"{n.dtype} of shape {tuple(n.shape)}")
+            new = self.seqlens.long() + n.to(self.seqlens.device).long()
+            lo, hi = (int(x) for x in torch.aminmax(new))
+        else:
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise TypeError(f"n must be an int or an integer tensor, got {type(n).__name__}")
+            new, lo, hi = self.seqlens.long() + n, None, self._max_len + n
+            lo = int(new.min()) if n < 0 else 0
+        if lo < 0 or hi > self.max_seq_len:
+            raise ValueError(f"advancing by {n} leaves a row outside 0..max_seq_len={self.max_seq_len}")
+        self.seqlens.copy_(new)
+        self._max_len = hi
+
+    def reset(self):
+        """Empties every row (the buffers keep their memory; stale values are never read)."""
+        self.seqlens.zero_()
+        self._max_len = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.seqlens.nbytes
+
+    def __repr__(self):
+        b, hkv, smax, d = self.k.shape[1:]
+        return (f"KVCache(num_layers={self.num_layers}, batch_size={b}, num_kv_heads={hkv}, max_seq_len={smax}, "
+                f"head_dim={d}, dtype={self.k.dtype}, device={self.k.device}, max filled={self._max_len})")

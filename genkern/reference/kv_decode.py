@@ -1,0 +1,61 @@
+"""Attention against a preallocated KV cache, in plain PyTorch: the spec and the baseline.
+
+Shapes: q (B, H, Tnew, D); k_cache, v_cache (B, Hkv, Smax, D) with H % Hkv == 0;
+cache_seqlens (B,) int32, L_b = how many positions of row b are filled; k_new,
+v_new (B, Hkv, Tnew, D) or None.
+
+1. With k_new/v_new, they are written in place at positions L_b .. L_b + Tnew - 1
+   of row b, and the row's length for step 2 is n_b = L_b + Tnew. Without them,
+   n_b = L_b (the cache already holds the new tokens' keys).
+2. Query i of row b attends to positions j < n_b with j <= i + n_b - Tnew: the
+   causal mask aligned to the bottom-right corner of that row's filled part, so
+   the Tnew queries are the last Tnew tokens of the row. Positions >= n_b (stale
+   or never written) are never read into the result. A row that sees nothing
+   (n_b = 0) gives zeros.
+
+cache_seqlens is not modified: advancing it is the caller's job (genkern.KVCache).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def write_new(k_cache, v_cache, cache_seqlens, k_new, v_new):
+    """Writes k_new/v_new into the caches at each row's positions L_b .. L_b + Tnew - 1."""
+    b, hkv, tnew, d = k_new.shape
+    pos = cache_seqlens.long().view(b, 1, 1, 1) + torch.arange(tnew, device=k_new.device).view(1, 1, tnew, 1)
+    pos = pos.expand(b, hkv, tnew, d)                                   # (B, Hkv, Tnew, D)
+    k_cache.scatter_(2, pos, k_new.to(k_cache.dtype))
+    v_cache.scatter_(2, pos, v_new.to(v_cache.dtype))
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, scale=None):
+    """The attention output (B, H, Tnew, D) in q's dtype (see the module docstring)."""
+    b, h, tnew, d = q.shape
+    hkv, smax = k_cache.shape[1], k_cache.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    n = cache_seqlens.long()
+    if k_new is not None:
+        write_new(k_cache, v_cache, cache_seqlens, k_new, v_new)
+        n = n + tnew
+    # Visibility of cache position j to query i of row b.
+    i = torch.arange(tnew, device=q.device).view(1, tnew, 1)
+    j = torch.arange(smax, device=q.device).view(1, 1, smax)
+    nb = n.view(b, 1, 1)
+    visible = (j < nb) & (j <= i + nb - tnew)                           # (B, Tnew, Smax)
+    visible = visible.view(b, 1, 1, tnew, smax)
+    qg = q.reshape(b, hkv, h // hkv, tnew, d)                           # (B, Hkv, G, Tnew, D)
+    scores = torch.matmul(qg, k_cache.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, G, Tnew, Smax)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(scores, dim=-1, dtype=acc)
+    # Rows that see nothing are all -inf (NaN after softmax): zero exactly those.
+    probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+    # Zero weights times stale values that are inf/NaN would still be NaN: unfilled
+    # positions must not reach the result, so their values are zeroed in a copy.
+    filled = (j.view(1, 1, smax, 1) < n.view(b, 1, 1, 1))              # (B, 1, Smax, 1)
+    v = v_cache.masked_fill(~filled, 0.0)
+    out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))              # (B, Hkv, G, Tnew, D)
+    return out.reshape(b, h, tnew, d).to(q.dtype)
