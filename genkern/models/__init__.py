@@ -1,0 +1,4 @@
+"""Generative models over genkern's ops."""
+from genkern.models.transformer import ModelArgs, TransformerLM
+
+__all__ = ["ModelArgs", "TransformerLM"]
