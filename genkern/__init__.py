@@ -7,8 +7,9 @@ from genkern._info import info
 from genkern.ops import (attention_with_kvcache, discriminator_loss, flash_attention, generator_loss,
                          reparameterize_kl)
 from genkern.kvcache import KVCache
-from genkern import functional, nn
+from genkern.generation import generate
+from genkern import functional, models, nn
 
 __version__ = "0.1.0"
 __all__ = ["ImplUnavailableError", "KVCache", "attention_with_kvcache", "discriminator_loss", "flash_attention",
-           "functional", "generator_loss", "info", "nn", "reparameterize_kl", "__version__"]
+           "functional", "generate", "generator_loss", "info", "models", "nn", "reparameterize_kl", "__version__"]
