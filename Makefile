@@ -27,8 +27,14 @@ else
 endif
 	touch $@
 
+# The first build installs genkern in editable mode; later ones rebuild the extension
+# in place, keeping object files under build/ so that only changed sources recompile.
 $(VENV)/.build: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@if [ $(VENV)/.installed -nt setup.py ] && [ $(VENV)/.installed -nt pyproject.toml ]; then \
+	  MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace; \
+	else \
+	  MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e . && touch $(VENV)/.installed; \
+	fi
 	@if [ -f genkern/_build_error.txt ]; then echo "warning: the C++ extension did not build:"; head -3 genkern/_build_error.txt; fi
 	touch $@
 
@@ -48,4 +54,4 @@ info: setup
 	$(VENV)/bin/genkern info
 
 clean:
-	rm -rf build genkern/_C*.so genkern/_build_error.txt $(VENV)/.build
+	rm -rf build genkern/_C*.so genkern/_build_error.txt $(VENV)/.build $(VENV)/.installed
