@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark runner (genkern.bench): quick runs on a tiny size."""
+"""Smoke tests of the benchmark runner (genkern.bench): quick runs on a tiny size, the attention cases."""
 import argparse
 import json
 import os
@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from genkern.bench import COMPILE, Target, runner, select_cases
+from genkern.bench import COMPILE, SDPA, Target, memory, runner, select_cases
+from genkern.bench import attention as attn_bench
 from genkern.bench.reparam_kl import ReparamKLCase
 
 TINY = ["--quick", "--sizes", "8x16", "--no-compile", "--budget", "0.01", "--repeats", "3"]
@@ -63,6 +64,9 @@ def test_ratio_and_bandwidth_arithmetic():
     assert r["median_ms"] == pytest.approx(2.0) and r["ratio"] == pytest.approx(2.0)
     assert r["gbps"] == pytest.approx(0.5) and r["frac_copy_bw"] == pytest.approx(0.5)
     assert r["q1_ms"] == pytest.approx(1.5) and r["iqr_ms"] == pytest.approx(1.0)
+    assert "tflops" not in r
+    r = runner.summarize([0.002], nbytes=1, flops=2 * 10**9, matmul_tflops=4.0)
+    assert r["tflops"] == pytest.approx(1.0) and r["frac_matmul"] == pytest.approx(0.25)
 
 
 def test_targets_pass_fail_and_not_applicable():
@@ -127,3 +131,126 @@ def test_quick_run_on_cuda(tmp_path):
     assert data["matmul_tflops"]["bfloat16"] > 0
     fwd = data["results"]["reparameterize_kl"]["8x16/float32/fwd"]
     assert fwd["impls"]["torch"]["peak_mem_bytes"] is not None
+
+
+# --- attention: cases, labels, flops, memory, a quick run ------------------------------
+
+def test_attention_cases_build_with_their_targets():
+    names = [c.name for c in attn_bench.CASES]
+    assert len(set(names)) == len(names)
+    assert {"1x8x2048x64-causal", "1x8x8192x64-causal", "1x16x16384x128-causal-bf16"} <= set(names)
+    for case in attn_bench.CASES:
+        assert attn_bench.make_case(case.name).name == case.name and case.baselines == (SDPA,)
+    quick = select_cases("attention", quick=True, device_type="cpu")
+    assert quick and all(c.quick and c.sizes["T"] <= 256 for c in quick)
+    assert all(c.dtype == torch.float32 for c in select_cases("attention", device_type="cpu"))
+    gpu = [c for c in select_cases("attention", device_type="cuda") if not c.quick]
+    assert {c.sizes["T"] for c in gpu} == {1024, 2048, 4096, 8192, 16384}
+    assert all(c.dtype == torch.bfloat16 and c.sizes["D"] == 128 and not c.runs_on("cpu") for c in gpu)
+    cpu_2k = select_cases("attention", ["1x8x2048x64-causal"], device_type="cpu")[0]
+    assert {(t.device, t.direction, t.vs, t.minimum) for t in cpu_2k.targets} == {
+        ("cpu", "fwd+bwd", "torch", 4.0), ("cpu", "fwd+bwd", SDPA, 1.0), ("cpu", "fwd", SDPA, 1.0)}
+    # On CUDA the same label is no listed case: make_case builds it, without targets.
+    assert select_cases("attention", ["1x8x2048x64-causal"], device_type="cuda")[0].targets == ()
+
+
+def test_attention_labels_parse_and_bad_ones_raise():
+    case = attn_bench.make_case("1x8x2048x64-causal")
+    assert case.sizes == {"B": 1, "H": 8, "Hkv": 8, "T": 2048, "D": 64}
+    assert case.causal and case.dtype == torch.float32
+    case = attn_bench.make_case("2x8x512x128-full-kv2-bf16")
+    assert case.sizes["Hkv"] == 2 and not case.causal and case.dtype == torch.bfloat16
+    assert case.name == "2x8x512x128-full-kv2-bf16"
+    for bad in ("1x8x2048x64", "1x8x2048-causal", "1x8x2048x64-sideways", "1x8x2048x64-causal-kv3",
+                "0x8x64x64-full", "1x8x64x64-full-int8", "axbxcxd-causal", "1x8x64x64-causal-kv0"):
+        with pytest.raises(ValueError, match="BxHxTxD"):
+            attn_bench.make_case(bad)
+    with pytest.raises(ValueError, match="BxHxTxD"):
+        select_cases("attention", ["1x8x2048x64"])
+
+
+def test_attention_flops_count_half_for_causal():
+    full, causal = attn_bench.make_case("2x3x64x16-full"), attn_bench.make_case("2x3x64x16-causal-kv1")
+    fwd = 4 * 2 * 3 * 64 * 64 * 16  # two matmuls of 2*B*H*T*S*D
+    assert [full.flops(d) for d in ("fwd", "bwd", "fwd+bwd")] == [fwd, 2.5 * fwd, 3.5 * fwd]
+    assert [causal.flops(d) for d in ("fwd", "bwd", "fwd+bwd")] == [fwd // 2, 1.25 * fwd, 1.75 * fwd]
+    assert full.bytes_moved("fwd") == (4 * 2 * 3 * 64 * 16) * 4 + 2 * 3 * 64 * 4  # q, k, v, out; lse
+    assert causal.bytes_moved("fwd+bwd") < full.bytes_moved("fwd+bwd")  # one KV head, not three
+
+
+def test_attention_impls_agree_on_a_tiny_case():
+    for label in ("2x4x16x8-causal-kv2", "1x2x16x8-full"):
+        case = attn_bench.make_case(label)
+        x = case.make_inputs("cpu")
+        assert x["q"].shape == (case.sizes["B"], case.sizes["H"], 16, 8) and x["k"].shape[1] == case.sizes["Hkv"]
+        (plain,), (sdpa,) = case.impl_fn("torch")(x), case.impl_fn(SDPA)(x)
+        torch.testing.assert_close(plain, sdpa, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_measure_plain_needs_the_scores_fused_does_not():
+    case = attn_bench.make_case("1x4x1024x64-causal")
+    x = case.make_inputs("cpu")
+    scores = 4 * 4 * 1024 * 1024  # one float32 (B, H, T, S) score matrix: 16 MiB
+    out = 4 * 4 * 1024 * 64
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # sdpa's CPU kernel takes scratch blocks per thread
+    try:
+        peaks = {(impl, direction): memory.peak_memory(runner.prepare(case, impl, direction, "cpu", x), "cpu")
+                 for impl in ("torch", SDPA) for direction in ("fwd", "fwd+bwd")}
+    finally:
+        torch.set_num_threads(threads)
+    for direction in ("fwd", "fwd+bwd"):
+        plain, fused = peaks["torch", direction], peaks[SDPA, direction]
+        assert 1.5 * scores <= plain <= 5 * scores, (direction, plain)
+        assert out <= fused <= 16 * out, (direction, fused)  # O(T * D): the output, grads, small blocks
+        assert plain > 5 * fused
+        assert plain <= case.memory_needed("torch", direction) <= 2 * plain  # the guard's estimate
+    assert case.memory_needed(SDPA, "fwd") is None and case.memory_needed("cpp", "fwd+bwd") is None
+
+
+def test_memory_guard_skips_an_impl_over_the_limit():
+    assert memory.memory_limit("cpu", 0) is None and memory.memory_limit("cpu", 2) == 2 * memory.GIB
+    assert memory.memory_limit("cpu") > 0
+    case = attn_bench.make_case("1x2x64x16-causal")
+    entry = runner.bench_case(case, "fwd", torch.device("cpu"), ["torch"], budget_s=0.0, max_rounds=3,
+                              mem_limit=1000)
+    torch_r, sdpa_r = entry["impls"]["torch"], entry["impls"][SDPA]
+    assert torch_r["status"] == "skipped" and torch_r["error"].startswith("needs ~")
+    assert torch_r["needs_bytes"] == case.memory_needed("torch", "fwd") > 1000
+    assert sdpa_r["status"] == "ok" and sdpa_r["ratio"] is None and sdpa_r["tflops"] > 0
+    assert runner.case_impls(case, ["torch", "cpp", COMPILE]) == ["torch", "cpp", SDPA, COMPILE]
+    assert runner.case_impls(ReparamKLCase(2, 3), ["torch", "cpp"]) == ["torch", "cpp"]
+
+
+def test_quick_attention_run_records_every_impl(tmp_path, capsys):
+    args = ("--op", "attention", "--quick", "--no-compile", "--budget", "0.01", "--repeats", "3")
+    assert _run(*args, "--device", "cpu", "--out", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "TFLOP/s" in out and "sdpa" in out
+    data = _results(tmp_path)
+    assert data["settings"]["mem_limit_gib"] > 0
+    entries = data["results"]["attention"]
+    assert {k.rsplit("/", 2)[0] for k in entries} == {c.name for c in select_cases("attention", quick=True)}
+    for e in entries.values():
+        case = attn_bench.make_case(e["case"])
+        assert e["flops"] == case.flops(e["direction"]) and list(e["impls"]) == ["torch", "cpp", SDPA]
+        assert e["impls"]["torch"]["status"] == "ok" and e["impls"][SDPA]["status"] == "ok"
+        # The C++ kernel may be unbuilt (or broken) here: recorded as a status, the run goes on.
+        assert e["impls"]["cpp"]["status"] in ("ok", "unavailable", "failed")
+        for r in e["impls"].values():
+            if r["status"] != "ok":
+                assert r["error"]
+                continue
+            assert r["tflops"] == pytest.approx(e["flops"] / (r["median_ms"] / 1e3) / 1e12)
+            assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0
+
+
+@pytest.mark.gpu
+def test_quick_attention_run_on_cuda(tmp_path):
+    args = ("--op", "attention", "--quick", "--no-compile", "--budget", "0.01", "--repeats", "3")
+    assert _run(*args, "--device", "cuda", "--out", str(tmp_path)) == 0
+    for e in _results(tmp_path, "cuda")["results"]["attention"].values():
+        assert list(e["impls"]) == ["torch", "triton", SDPA]
+        for name in ("torch", SDPA):
+            r = e["impls"][name]
+            assert r["status"] == "ok" and r["tflops"] > 0 and r["peak_mem_bytes"] is not None

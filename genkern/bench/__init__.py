@@ -4,6 +4,10 @@ A case module (e.g. `genkern.bench.reparam_kl`) defines `CASES`, a list of
 `Case` objects, and optionally `make_case(label)` to build a case of any size
 ("8x16") for `--sizes`. Registering a new op = writing its module and adding
 its name to `CASE_MODULES`. Importing this package imports no case module.
+
+Every case is timed for "torch" (the plain-PyTorch reference), the fast impl,
+COMPILE, and the extra baselines the case names (`Case.baselines`, e.g. SDPA).
+A case reports GB/s from `bytes_moved`, and TFLOP/s when it defines `flops`.
 """
 from __future__ import annotations
 
@@ -12,17 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
-CASE_MODULES = ("genkern.bench.reparam_kl", "genkern.bench.gan_loss")
+CASE_MODULES = ("genkern.bench.reparam_kl", "genkern.bench.gan_loss", "genkern.bench.attention")
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 FAST = "fast"  # stands for the op's fast impl on the device: cpp on CPU, triton on CUDA
 COMPILE = "torch.compile"  # torch.compile of the reference function
+SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention, for the attention cases
 
 
 @dataclass(frozen=True)
 class Target:
     """A goal the fast impl should meet, shown as pass/fail in the report.
 
-    metric "speedup": time of `vs` / time of `impl` >= minimum.
+    metric "speedup": time of `vs` ("torch", COMPILE, SDPA) / time of `impl` >= minimum.
     metric "copy_bw": achieved GB/s / the device's measured copy GB/s >= minimum.
     """
     device: str  # "cpu" | "cuda"
@@ -60,12 +65,17 @@ class Case:
 
     op = ""
     grad_inputs: tuple = ()  # names of the inputs that receive gradients
+    baselines: tuple = ()  # impls timed besides torch, the fast impl and COMPILE (e.g. SDPA)
 
-    def __init__(self, sizes: dict, dtype=torch.float32, targets=(), quick=False):
+    def __init__(self, sizes: dict, dtype=torch.float32, targets=(), quick=False, devices=("cpu", "cuda")):
         self.sizes = dict(sizes)
         self.dtype = dtype
         self.targets = tuple(targets)
         self.quick = quick  # part of `--quick`
+        self.devices = tuple(devices)  # device types it is listed for (make_case builds for any)
+
+    def runs_on(self, device_type: str) -> bool:
+        return device_type in self.devices
 
     @property
     def name(self) -> str:
@@ -80,12 +90,21 @@ class Case:
 
     def impl_fn(self, impl: str):
         """A callable inputs-dict -> tuple of output tensors, for impl
-        "torch" | "cpp" | "triton" | COMPILE."""
+        "torch" | "cpp" | "triton" | COMPILE | one of `baselines`."""
         raise NotImplementedError
 
     def bytes_moved(self, direction: str) -> int:
         """The minimal bytes a fused kernel must read and write."""
         raise NotImplementedError
+
+    def flops(self, direction: str) -> int | None:
+        """Floating-point operations of one call, for TFLOP/s; None: not a compute-bound op."""
+        return None
+
+    def memory_needed(self, impl: str, direction: str) -> int | None:
+        """Estimated bytes `impl` allocates beyond the inputs while `direction` is
+        benchmarked (with its retained graph), for the memory guard; None: small."""
+        return None
 
     def targets_for(self, device_type: str, direction: str):
         return [t for t in self.targets if t.device == device_type and t.direction == direction]
@@ -96,16 +115,18 @@ def case_modules(op: str | None = None):
     return [m for m in mods if op is None or m.OP == op]
 
 
-def select_cases(op: str | None = None, sizes=None, quick=False) -> list:
-    """Cases of `op` (all ops if None). `sizes`: labels like "256x64"; a label
-    that is no listed case is built by the module's make_case (with no --op,
-    a module whose make_case rejects the label is left out)."""
+def select_cases(op: str | None = None, sizes=None, quick=False, device_type: str | None = None) -> list:
+    """Cases of `op` (all ops if None) listed for `device_type` (any if None).
+    `sizes`: labels like "256x64"; a label that is no listed case is built by
+    the module's make_case (with no --op, a module whose make_case rejects the
+    label is left out)."""
     cases = []
     for mod in case_modules(op):
+        listed = [c for c in mod.CASES if device_type is None or c.runs_on(device_type)]
         if not sizes:
-            cases += [c for c in mod.CASES if c.quick or not quick]
+            cases += [c for c in listed if c.quick or not quick]
             continue
-        known = {c.name: c for c in mod.CASES}
+        known = {c.name: c for c in listed}
         for label in sizes:
             if label in known:
                 cases.append(known[label])

@@ -4,6 +4,8 @@ Each (case, direction) is timed for every impl in interleaved rounds, so the
 ratios come from the same stretch of a noisy machine. Times are medians after
 warm-up; on CUDA each call is timed with CUDA events. `bwd` times
 torch.autograd.grad over a graph built once and retained (no forward inside).
+Peak memory is measured on one more call, and an impl whose estimated memory
+is over the limit is skipped, not run (genkern.bench.memory).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 
 from genkern._info import _version
 from genkern.bench import COMPILE, DIRECTIONS, FAST, select_cases
+from genkern.bench.memory import guard, memory_limit, peak_memory
 
 BWD_METHOD = "torch.autograd.grad over one retained forward graph (retain_graph=True)"
 MIN_ROUNDS = 3
@@ -50,6 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget", type=float, help="timing seconds per case and direction (default 1, quick 0.05)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch and the C++ kernels (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--mem-limit", type=float, metavar="GIB",
+                        help="skip an impl estimated to need more memory than this many GiB "
+                             "(default: half the memory available at the start; 0: no limit)")
     parser.add_argument("--out", default=os.path.join("bench", "results"),
                         help="results directory (default bench/results, under the current directory)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if an impl failed or a target was missed")
@@ -60,39 +66,44 @@ def run(args) -> int:
     try:
         device = _device(args.device)
         sizes = [s.strip() for s in args.sizes.split(",") if s.strip()] if args.sizes else None
-        cases = select_cases(args.op, sizes, args.quick)
+        cases = select_cases(args.op, sizes, args.quick, device.type)
         if any(n is not None and n < 1 for n in (args.threads, args.repeats)):
             raise ValueError("--threads and --repeats must be >= 1")
+        if args.mem_limit is not None and args.mem_limit < 0:
+            raise ValueError("--mem-limit must be >= 0")
     except (ValueError, RuntimeError) as exc:
         print(f"genkern bench: {exc}", file=sys.stderr)
         return 2
     if not cases:
-        print(f"genkern bench: no case matches --op {args.op} --sizes {args.sizes}", file=sys.stderr)
+        print(f"genkern bench: no {device.type} case matches --op {args.op} --sizes {args.sizes}", file=sys.stderr)
         return 2
     budget = args.budget if args.budget is not None else (0.05 if args.quick else 1.0)
     repeats = args.repeats if args.repeats is not None else (10 if args.quick else 100)
     impls = impls_for(device, args.impl, compile=not args.no_compile)
+    limit = memory_limit(device, args.mem_limit)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:
-        entries, header = _run_cases(cases, device, impls, args, budget, repeats)
+        entries, header = _run_cases(cases, device, impls, args, budget, repeats, limit)
     finally:
         torch.set_num_threads(threads)
-    header["settings"] = {"impl": args.impl, "budget_s": budget, "repeats": repeats, "quick": args.quick}
+    header["settings"] = {"impl": args.impl, "budget_s": budget, "repeats": repeats, "quick": args.quick,
+                          "mem_limit_gib": None if limit is None else round(limit / 2**30, 2)}
     path = write_results(args.out, header, entries)
     print(f"wrote {path}")
     return 1 if args.strict and not _all_good(entries) else 0
 
 
-def _run_cases(cases, device, impls, args, budget, repeats):
+def _run_cases(cases, device, impls, args, budget, repeats, limit):
     # A current CUDA device: the timing events and streams follow it.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         header = machine_header(device, args.quick)
-        print_header(header, impls)
+        print_header(header, impls, sorted({b for c in cases for b in c.baselines}), limit)
         entries = []
         for case in cases:
             for direction in args.direction or DIRECTIONS:
-                entry = bench_case(case, direction, device, impls, budget, repeats, header["copy_gbps"])
+                entry = bench_case(case, direction, device, impls, budget, repeats, header["copy_gbps"],
+                                   matmul_tflops=header["matmul_tflops"], mem_limit=limit)
                 print_entry(entry)
                 entries.append(entry)
     return entries, header
@@ -111,6 +122,13 @@ def impls_for(device, impl="auto", compile=True) -> list:
     """The impls to time, the plain-PyTorch reference first."""
     fast = fast_impl(device, impl)
     return ["torch"] + ([fast] if fast != "torch" else []) + ([COMPILE] if compile else [])
+
+
+def case_impls(case, impls) -> list:
+    """`impls` with the case's own baselines (e.g. sdpa) added before torch.compile."""
+    extra = [b for b in case.baselines if b not in impls]
+    at = impls.index(COMPILE) if COMPILE in impls else len(impls)
+    return list(impls[:at]) + extra + list(impls[at:])
 
 
 def fast_impl(device, impl="auto") -> str:
@@ -278,37 +296,42 @@ def measure(calls: dict, device, budget_s: float, max_rounds: int):
     return samples, errors
 
 
-def peak_memory(call, device):
-    """Bytes allocated during one call beyond what was live before (CUDA only)."""
-    if torch.device(device).type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    call()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
 def speedup(ref_time: float, impl_time: float) -> float:
     """ratio = reference time / impl time: >1 means faster than plain PyTorch."""
     return ref_time / impl_time
 
 
-def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None) -> dict:
+def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmul_tflops=None) -> dict:
+    """Median, quartiles, ratio, GB/s (and TFLOP/s when `flops` is given) of one impl's times (s)."""
     ms = sorted(t * 1e3 for t in times)
     q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
     gbps = nbytes / (med / 1e3) / 1e9
-    return {"status": "ok", "median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "n": len(ms),
-            "ratio": speedup(ref_ms if ref_ms is not None else med, med), "gbps": gbps,
-            "frac_copy_bw": gbps / copy_gbps if copy_gbps else None}
+    out = {"status": "ok", "median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "n": len(ms),
+           "ratio": speedup(ref_ms if ref_ms is not None else med, med), "gbps": gbps,
+           "frac_copy_bw": gbps / copy_gbps if copy_gbps else None}
+    if flops is not None:
+        out["tflops"] = flops / (med / 1e3) / 1e12
+        out["frac_matmul"] = out["tflops"] / matmul_tflops if matmul_tflops else None
+    return out
 
 
-def bench_case(case, direction, device, impls, budget_s, max_rounds, copy_gbps=None) -> dict:
-    """Times `impls` on one case and direction; returns the result entry."""
+def bench_case(case, direction, device, impls, budget_s, max_rounds, copy_gbps=None, *,
+               matmul_tflops=None, mem_limit=None) -> dict:
+    """Times `impls` (and the case's baselines) on one case and direction; returns the result entry.
+
+    matmul_tflops: {dtype name: the device's measured rate}; mem_limit: bytes, for the memory guard.
+    """
     inputs = case.make_inputs(device)  # shared: one copy of the inputs for all impls
-    calls, results, nbytes = {}, {}, case.bytes_moved(direction)
+    dtype = str(case.dtype).replace("torch.", "")
+    fast = next((i for i in impls if i not in ("torch", COMPILE)), "torch")
+    impls = case_impls(case, impls)
+    calls, results, nbytes, flops = {}, {}, case.bytes_moved(direction), case.flops(direction)
     for impl in impls:
+        too_big = guard(case, impl, direction, mem_limit)
+        if too_big:
+            results[impl] = {"status": "skipped", "error": too_big,
+                             "needs_bytes": case.memory_needed(impl, direction)}
+            continue
         try:
             calls[impl] = prepare(case, impl, direction, device, inputs)
         except ImplError as exc:
@@ -318,14 +341,15 @@ def bench_case(case, direction, device, impls, budget_s, max_rounds, copy_gbps=N
     ref = samples.get("torch")
     ref_ms = statistics.median(ref) * 1e3 if ref else None
     for impl, times in samples.items():
-        results[impl] = summarize(times, nbytes, ref_ms, copy_gbps)
+        results[impl] = summarize(times, nbytes, ref_ms, copy_gbps, flops, (matmul_tflops or {}).get(dtype))
         if ref_ms is None:
             results[impl]["ratio"] = None
         results[impl]["peak_mem_bytes"] = peak_memory(calls[impl], device)
-    fast = next((i for i in impls if i not in ("torch", COMPILE)), "torch")
-    entry = {"op": case.op, "case": case.name, "sizes": case.sizes, "dtype": str(case.dtype).replace("torch.", ""),
-             "direction": direction, "bytes": nbytes, "fast_impl": fast, "impls": {i: results[i] for i in impls},
+    entry = {"op": case.op, "case": case.name, "sizes": case.sizes, "dtype": dtype, "direction": direction,
+             "bytes": nbytes, "fast_impl": fast, "impls": {i: results[i] for i in impls},
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if flops is not None:
+        entry["flops"] = flops
     if direction == "bwd":
         entry["method"] = BWD_METHOD
     entry["targets"] = [t.evaluate(entry["impls"], fast) for t in case.targets_for(device.type, direction)]
@@ -339,10 +363,10 @@ def _all_good(entries) -> bool:
 
 # --- output -------------------------------------------------------------------------
 
-_COLS = ("{:<18} {:<12} {:<8} {:<7} {:<14} {:>10} {:>9} {:>7} {:>8} {:>6} {:>9}  {}")
+_COLS = ("{:<18} {:<26} {:<8} {:<7} {:<14} {:>10} {:>9} {:>7} {:>8} {:>6} {:>8} {:>9}  {}")
 
 
-def print_header(header: dict, impls) -> None:
+def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
     d, v = header["device"], header["versions"]
     rates = ", ".join(f"{k} {r:.3g}" for k, r in header["matmul_tflops"].items() if r)
     print(f"genkern bench on {d['slug']} ({d['name']}, threads: {header['threads']}); "
@@ -353,10 +377,14 @@ def print_header(header: dict, impls) -> None:
     if header["device"]["type"] == "cpu" and header["load_avg"] and header["load_avg"][0] >= cores:
         print(f"warning: load average {header['load_avg'][0]} on {cores} cores: other processes compete for the "
               "CPU and multi-threaded ops wait on them; ratios are unreliable (try --threads 1)")
-    print(f"impls: {', '.join(impls)}; ratio = torch time / impl time (>1: faster than plain PyTorch); "
+    extra = f" (+ {', '.join(baselines)} where a case has it)" if baselines else ""
+    limit = "none" if mem_limit is None else f"{mem_limit / 2**30:.1f} GiB"
+    print(f"impls: {', '.join(impls)}{extra}; ratio = torch time / impl time (>1: faster than plain PyTorch); "
           f"bwd = {BWD_METHOD}")
+    print(f"TFLOP/s: the op's flops (see its case module) / median time; peak MiB: allocated during one call "
+          f"beyond the inputs (and a retained graph); memory limit {limit} (--mem-limit)")
     print(_COLS.format("op", "case", "dtype", "dir", "impl", "median ms", "IQR ms", "ratio", "GB/s",
-                       "%copy", "peak MiB", "target / note"))
+                       "%copy", "TFLOP/s", "peak MiB", "target / note"))
     sys.stdout.flush()
 
 
@@ -374,7 +402,7 @@ def print_entry(entry: dict) -> None:
         print(_COLS.format(entry["op"], entry["case"], entry["dtype"], entry["direction"], impl,
                            _fmt(r.get("median_ms"), ".4f"), _fmt(r.get("iqr_ms"), ".4f"), _fmt(r.get("ratio"), ".2f"),
                            _fmt(r.get("gbps"), ".1f"), _fmt(r.get("frac_copy_bw"), ".0%"),
-                           _fmt(peak, ".1f", 2**-20), "; ".join(notes)))
+                           _fmt(r.get("tflops"), ".3g"), _fmt(peak, ".1f", 2**-20), "; ".join(notes)))
     sys.stdout.flush()
 
 
