@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-CASE_MODULES = ("genkern.bench.reparam_kl", "genkern.bench.gan_loss", "genkern.bench.attention")
+CASE_MODULES = ("genkern.bench.reparam_kl", "genkern.bench.gan_loss", "genkern.bench.attention",
+                "genkern.bench.kv_decode")
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 FAST = "fast"  # stands for the op's fast impl on the device: cpp on CPU, triton on CUDA
 COMPILE = "torch.compile"  # torch.compile of the reference function
@@ -29,6 +30,7 @@ class Target:
 
     metric "speedup": time of `vs` ("torch", COMPILE, SDPA) / time of `impl` >= minimum.
     metric "copy_bw": achieved GB/s / the device's measured copy GB/s >= minimum.
+    metric "read_bw": achieved GB/s / the device's measured read GB/s >= minimum (read-bound ops).
     """
     device: str  # "cpu" | "cuda"
     direction: str
@@ -38,8 +40,8 @@ class Target:
     impl: str = FAST
 
     def label(self) -> str:
-        if self.metric == "copy_bw":
-            return f">={self.minimum:.0%} copy bw"
+        if self.metric in ("copy_bw", "read_bw"):
+            return f">={self.minimum:.0%} {self.metric.replace('_', ' ')}"
         return f">={self.minimum:g}x vs {self.vs}"
 
     def evaluate(self, impls: dict, fast: str) -> dict:
@@ -52,8 +54,8 @@ class Target:
         out = {"target": self.label(), "impl": impl, "value": None, "passed": False}
         if got.get("status") != "ok":
             return out
-        if self.metric == "copy_bw":
-            out["value"] = got.get("frac_copy_bw")
+        if self.metric in ("copy_bw", "read_bw"):
+            out["value"] = got.get(f"frac_{self.metric}")
         elif base.get("status") == "ok":
             out["value"] = base["median_ms"] / got["median_ms"]  # the speedup over `vs`
         out["passed"] = None if out["value"] is None else out["value"] >= self.minimum
@@ -66,6 +68,7 @@ class Case:
     op = ""
     grad_inputs: tuple = ()  # names of the inputs that receive gradients
     baselines: tuple = ()  # impls timed besides torch, the fast impl and COMPILE (e.g. SDPA)
+    directions: tuple = DIRECTIONS  # what it has: ("fwd",) for an op without a backward
 
     def __init__(self, sizes: dict, dtype=torch.float32, targets=(), quick=False, devices=("cpu", "cuda")):
         self.sizes = dict(sizes)

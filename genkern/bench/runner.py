@@ -102,8 +102,11 @@ def _run_cases(cases, device, impls, args, budget, repeats, limit):
         entries = []
         for case in cases:
             for direction in args.direction or DIRECTIONS:
+                if direction not in case.directions:  # e.g. inference-only ops have no backward
+                    continue
                 entry = bench_case(case, direction, device, impls, budget, repeats, header["copy_gbps"],
-                                   matmul_tflops=header["matmul_tflops"], mem_limit=limit)
+                                   matmul_tflops=header["matmul_tflops"], mem_limit=limit,
+                                   read_gbps=header["read_gbps"])
                 print_entry(entry)
                 entries.append(entry)
     return entries, header
@@ -176,6 +179,7 @@ def machine_header(device, quick=False) -> dict:
         "threads": torch.get_num_threads(),
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "copy_gbps": copy_bandwidth(device, quick),
+        "read_gbps": read_bandwidth(device, quick),
         "matmul_tflops": {dt: matmul_rate(device, getattr(torch, dt), quick) for dt in dtypes},
     }
 
@@ -187,6 +191,14 @@ def copy_bandwidth(device, quick=False) -> float:
     dst = torch.empty_like(src)
     t = _best(lambda: dst.copy_(src), device, 3 if quick else 10)
     return 2 * src.numel() * src.element_size() / t / 1e9
+
+
+def read_bandwidth(device, quick=False) -> float:
+    """GB/s of reading a large tensor (a sum over it): the limit of read-bound kernels."""
+    numel = 2**22 if quick else (2**28 if device.type == "cuda" else 2**26)
+    src = torch.ones(numel, device=device)
+    t = _best(lambda: src.sum(), device, 3 if quick else 10)
+    return src.numel() * src.element_size() / t / 1e9
 
 
 def matmul_rate(device, dtype, quick=False) -> float:
@@ -301,14 +313,16 @@ def speedup(ref_time: float, impl_time: float) -> float:
     return ref_time / impl_time
 
 
-def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmul_tflops=None) -> dict:
+def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmul_tflops=None,
+              read_gbps=None) -> dict:
     """Median, quartiles, ratio, GB/s (and TFLOP/s when `flops` is given) of one impl's times (s)."""
     ms = sorted(t * 1e3 for t in times)
     q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
     gbps = nbytes / (med / 1e3) / 1e9
     out = {"status": "ok", "median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "n": len(ms),
            "ratio": speedup(ref_ms if ref_ms is not None else med, med), "gbps": gbps,
-           "frac_copy_bw": gbps / copy_gbps if copy_gbps else None}
+           "frac_copy_bw": gbps / copy_gbps if copy_gbps else None,
+           "frac_read_bw": gbps / read_gbps if read_gbps else None}
     if flops is not None:
         out["tflops"] = flops / (med / 1e3) / 1e12
         out["frac_matmul"] = out["tflops"] / matmul_tflops if matmul_tflops else None
@@ -316,10 +330,11 @@ def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmu
 
 
 def bench_case(case, direction, device, impls, budget_s, max_rounds, copy_gbps=None, *,
-               matmul_tflops=None, mem_limit=None) -> dict:
+               matmul_tflops=None, mem_limit=None, read_gbps=None) -> dict:
     """Times `impls` (and the case's baselines) on one case and direction; returns the result entry.
 
-    matmul_tflops: {dtype name: the device's measured rate}; mem_limit: bytes, for the memory guard.
+    matmul_tflops: {dtype name: the device's measured rate}; mem_limit: bytes, for the memory guard;
+    read_gbps: the device's measured read bandwidth.
     """
     inputs = case.make_inputs(device)  # shared: one copy of the inputs for all impls
     dtype = str(case.dtype).replace("torch.", "")
@@ -341,7 +356,8 @@ def bench_case(case, direction, device, impls, budget_s, max_rounds, copy_gbps=N
     ref = samples.get("torch")
     ref_ms = statistics.median(ref) * 1e3 if ref else None
     for impl, times in samples.items():
-        results[impl] = summarize(times, nbytes, ref_ms, copy_gbps, flops, (matmul_tflops or {}).get(dtype))
+        results[impl] = summarize(times, nbytes, ref_ms, copy_gbps, flops, (matmul_tflops or {}).get(dtype),
+                                  read_gbps)
         if ref_ms is None:
             results[impl]["ratio"] = None
         results[impl]["peak_mem_bytes"] = peak_memory(calls[impl], device)
@@ -371,7 +387,8 @@ def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
     rates = ", ".join(f"{k} {r:.3g}" for k, r in header["matmul_tflops"].items() if r)
     print(f"genkern bench on {d['slug']} ({d['name']}, threads: {header['threads']}); "
           f"torch {v['torch']}, triton {v['triton']}, genkern {v['genkern']}")
-    print(f"measured copy bandwidth {header['copy_gbps']:.1f} GB/s (read+write); matmul TFLOP/s: {rates}; "
+    print(f"measured copy bandwidth {header['copy_gbps']:.1f} GB/s (read+write), read bandwidth "
+          f"{header.get('read_gbps') or 0:.1f} GB/s; matmul TFLOP/s: {rates}; "
           f"load average {header['load_avg']}")
     cores = os.cpu_count() or 1
     if header["device"]["type"] == "cpu" and header["load_avg"] and header["load_avg"][0] >= cores:
