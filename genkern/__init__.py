@@ -8,8 +8,10 @@ from genkern.ops import (attention_with_kvcache, discriminator_loss, flash_atten
                          reparameterize_kl)
 from genkern.kvcache import KVCache
 from genkern.generation import generate
+from genkern.profiling import profile_generation
 from genkern import functional, models, nn
 
 __version__ = "0.1.0"
 __all__ = ["ImplUnavailableError", "KVCache", "attention_with_kvcache", "discriminator_loss", "flash_attention",
-           "functional", "generate", "generator_loss", "info", "models", "nn", "reparameterize_kl", "__version__"]
+           "functional", "generate", "generator_loss", "info", "models", "nn", "profile_generation",
+           "reparameterize_kl", "__version__"]

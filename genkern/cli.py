@@ -38,6 +38,32 @@ def _cmd_bench(args) -> int:
     return runner.run(args)
 
 
+def _ints(text: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _cmd_profile(args) -> int:
+    import torch
+
+    from genkern import profiling
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    report = profiling.profile_generation(args.model, batch_sizes=args.batch, context_lengths=args.context,
+                                          new_tokens=args.new_tokens, modes=modes, device=args.device,
+                                          dtype=dtype, out=args.out, plot=not args.no_plot)
+    print(profiling.format_table(report))
+    if args.out:
+        print(f"wrote {os.path.join(args.out, 'profile.json')}" + ("" if args.no_plot else " and profile.png"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genkern", description="Fast kernels for generative models.")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -50,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     runner.add_arguments(p)
     p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("profile", help="time autoregressive generation: prefill, per-token latency, tokens/s")
+    p.add_argument("--model", default="small",
+                   help="a preset (tiny, small: 6 layers x 256, medium) or a TransformerLM checkpoint directory")
+    p.add_argument("--batch", type=_ints, default=(1,), help="comma-separated batch sizes (default 1)")
+    p.add_argument("--context", type=_ints, default=(128, 512, 1024),
+                   help="comma-separated prompt lengths (default 128,512,1024)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoding steps timed per run (default 32)")
+    p.add_argument("--modes", default="genkern,torch,no_cache",
+                   help="genkern (KV cache, genkern's kernels), torch (KV cache, plain PyTorch), no_cache")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--out", default="profile-results", help="directory for profile.json and profile.png")
+    p.add_argument("--no-plot", action="store_true", help="skip the latency plot")
+    p.set_defaults(func=_cmd_profile)
     return parser
 
 

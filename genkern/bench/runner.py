@@ -17,12 +17,12 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
 from genkern._info import _version
+from genkern._io import write_atomic
 from genkern.bench import COMPILE, DIRECTIONS, FAST, select_cases
 from genkern.bench.memory import guard, memory_limit, peak_memory
 
@@ -437,17 +437,7 @@ def write_results(out_dir: str, header: dict, entries) -> str:
     for e in entries:
         results.setdefault(e["op"], {})[f"{e['case']}/{e['dtype']}/{e['direction']}"] = e
     data.update(header, results=results)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{header['device']['slug']}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
     return path
 
 

@@ -6,6 +6,7 @@ impl="torch" both are the plain-PyTorch versions (the baseline).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -65,7 +66,12 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+_nothing = contextlib.nullcontext()
+
+
 class Attention(nn.Module):
+    timer = None  # a context manager around every attention call, set by the profiler
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -82,14 +88,16 @@ class Attention(nn.Module):
         v = v.view(b, t, a.n_kv_heads, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is None:
-            y = flash_attention(q, k, v, causal=True, impl=a.impl)
-        elif cache._max_len == 0:
-            # Prefill of an empty cache: flash-attention over the chunk, and store its K/V.
-            y = flash_attention(q, k, v, causal=True, impl=a.impl)
-            write_new(*cache.layer(layer), cache.seqlens, k, v)
-        else:
-            y = cache.attend(layer, q, k.contiguous(), v.contiguous(), impl=a.impl)
+        # The attention alone, timed when genkern.profile_generation measures its share.
+        with self.timer or _nothing:
+            if cache is None:
+                y = flash_attention(q, k, v, causal=True, impl=a.impl)
+            elif cache._max_len == 0:
+                # Prefill of an empty cache: flash-attention over the chunk, and store its K/V.
+                y = flash_attention(q, k, v, causal=True, impl=a.impl)
+                write_new(*cache.layer(layer), cache.seqlens, k, v)
+            else:
+                y = cache.attend(layer, q, k.contiguous(), v.contiguous(), impl=a.impl)
         return self.wo(y.transpose(1, 2).reshape(b, t, a.n_heads * hd))  # (B, T, dim)
 
 
