@@ -42,12 +42,13 @@ def load_model(model, device=None, dtype=torch.float32) -> TransformerLM:
     path = Path(str(model))
     if not path.is_dir():
         raise ValueError(f"model must be one of {', '.join(PRESETS)} or a checkpoint directory, got {model!r}")
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
         config = json.loads((path / "config.json").read_text())
         net = TransformerLM(ModelArgs(**config["args"]))
         net.load_state_dict(load_file(str(path / "model.safetensors")))
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ValueError(f"{path} is not a readable TransformerLM checkpoint: {exc}") from exc
     return net.to(device=device, dtype=dtype).eval()
 
