@@ -30,12 +30,22 @@ def _as_batch(prompt_ids, device):
                              f"of shape {tuple(prompt_ids.shape)}")
         ids = prompt_ids.to(device=device, dtype=torch.int64)
         ids = ids[None] if ids.dim() == 1 else ids
-        if ids.shape[1] == 0:
-            raise ValueError("prompt_ids must hold at least one token per row")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"prompt_ids must hold at least one row of at least one token, got shape "
+                             f"{tuple(prompt_ids.shape)}")
         return ids, torch.full((ids.shape[0],), ids.shape[1], device=device), False
-    rows = [torch.as_tensor(p, dtype=torch.int64).reshape(-1) for p in prompt_ids]
+    rows = [torch.as_tensor(p) for p in prompt_ids]
     if not rows or any(r.numel() == 0 for r in rows):
         raise ValueError("prompt_ids must be a non-empty list of non-empty token sequences")
+    if any(r.dim() != 1 for r in rows):
+        # A flat list of ints would otherwise be taken as that many one-token prompts.
+        raise ValueError("prompt_ids as a list must hold 1-d token sequences (for one prompt pass [tokens] or "
+                         "a tensor)")
+    # Checked before the cast: as_tensor(..., dtype=int64) would truncate 1.5 to 1 silently.
+    bad = [r.dtype for r in rows if r.is_floating_point() or r.is_complex() or r.dtype == torch.bool]
+    if bad:
+        raise ValueError(f"prompt_ids must hold integer token ids, got {bad[0]}")
+    rows = [r.to(torch.int64) for r in rows]
     lengths = torch.tensor([r.numel() for r in rows], device=device)
     ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.int64)
     for i, r in enumerate(rows):

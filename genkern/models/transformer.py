@@ -156,9 +156,11 @@ class TransformerLM(nn.Module):
     def forward(self, idx, cache: KVCache | None = None):
         b, t = idx.shape
         start = 0 if cache is None else cache.seqlens.long()                   # (B,) or 0
-        if (0 if cache is None else cache._max_len) + t > self.args.max_seq_len:
-            raise ValueError(f"{t} tokens after {0 if cache is None else cache._max_len} cached ones exceed "
-                             f"max_seq_len={self.args.max_seq_len}")
+        cached = 0 if cache is None else cache._max_len
+        # The cache may be shorter than the model's context (generate sizes it to the request).
+        limit = self.args.max_seq_len if cache is None else min(self.args.max_seq_len, cache.max_seq_len)
+        if cached + t > limit:
+            raise ValueError(f"{t} tokens after {cached} cached ones exceed max_seq_len={limit}")
         pos = torch.arange(t, device=idx.device).expand(b, t)
         if cache is not None:
             pos = pos + start[:, None]                                           # (B, T)

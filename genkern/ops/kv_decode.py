@@ -55,7 +55,8 @@ def _check_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
     check_float_tensor(q, "q")
     check_float_tensor(k_cache, "k_cache", like=q, like_name="q")
     check_float_tensor(v_cache, "v_cache", like=q, like_name="q")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new)):
+    # getattr: k_new/v_new are checked to be tensors below; a bad one must reach that TypeError.
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k_cache, v_cache, k_new, v_new)):
         raise RuntimeError("attention_with_kvcache has no backward: call it under torch.no_grad() or "
                            "torch.inference_mode(), or detach the inputs")
     if q.dim() != 4:
@@ -96,6 +97,12 @@ def _check_room(cache_seqlens, tnew, smax, max_len):
         lo, hi = 0, max_len
     else:
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+    if torch.compiler.is_compiling():
+        # lo and hi are data-dependent here: an `if` cannot be traced, so the checks
+        # become runtime asserts of the compiled graph (messages cannot name them).
+        torch._check(lo >= 0)
+        torch._check(hi + tnew <= smax)
+        return
     if lo < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got a length of {lo}")
     if hi + tnew > smax:
