@@ -10,6 +10,7 @@ floor does not hide their error.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import textwrap
 import zlib
@@ -277,6 +278,23 @@ def test_backward_scales_and_retains(impl, loss, kind, label):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=f"{where}: second backward")
 
 
+@pytest.mark.parametrize("kind", ("nonsaturating", "wasserstein", "relativistic"))
+@pytest.mark.parametrize("impl", utils.IMPLS)
+def test_retained_gradients_stay_put(impl, kind):
+    # A gradient returned by a retain_graph backward belongs to the caller: a later backward over
+    # the same graph (which may scale the saved gradients in place) must not change it.
+    device = impl_device(impl)
+    real = make_logits((6, 1), torch.float32, device, seed=20).requires_grad_()
+    fake = make_logits((6, 1), torch.float32, device, seed=21).requires_grad_()
+    out = genkern.discriminator_loss(real, fake, kind, impl=impl)
+    first = torch.autograd.grad(out, (real, fake), retain_graph=True)
+    copies = [g.clone() for g in first]
+    second = torch.autograd.grad(out, (real, fake), torch.tensor(3.0, device=device))
+    for a, c, b in zip(first, copies, second):
+        torch.testing.assert_close(a, c, rtol=0, atol=0, msg=f"{kind}: the first gradient changed")
+        torch.testing.assert_close(b, 3 * c, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("impl", utils.IMPLS)
 def test_no_grad_and_detached_inputs(impl):
     device = impl_device(impl)
@@ -299,7 +317,7 @@ def test_no_grad_and_detached_inputs(impl):
     torch.testing.assert_close(fake_leaf.grad, f64.grad.float(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ("nonsaturating", "least_squares", "relativistic"))
+@pytest.mark.parametrize("kind", ("nonsaturating", "least_squares", "relativistic", "wasserstein"))
 @pytest.mark.parametrize("impl", utils.IMPLS)
 def test_double_backward_correct_or_refused(impl, kind):
     # A gradient penalty on the loss (logits = w * x, penalty = |d loss / d x|^2, then d / d w)
@@ -325,6 +343,76 @@ def test_double_backward_correct_or_refused(impl, kind):
                         w.double().requires_grad_(), fake.double())
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6,
                                msg=lambda m: f"{kind}: d/dw |d loss/dx|^2 silently wrong: {m}")
+
+
+# --- constant gradients: returned 0-d by the kernels, expanded by the backward -----------
+
+# (loss, kind) whose gradient is one value for every logit (genkern.ops.gan_loss.const_grads).
+CONST_CASES = [("d", "wasserstein"), ("g", "wasserstein"), ("g", "hinge")]
+CONST_IDS = [f"{loss}-{kind}" for loss, kind in CONST_CASES]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("loss,kind", CONST_CASES, ids=CONST_IDS)
+@pytest.mark.parametrize("impl", utils.IMPLS)
+def test_constant_gradients(impl, loss, kind, reduction):
+    # The kernels write no per-element gradient for these terms: the backward hands autograd a
+    # stride-0 view of one value (as torch's sum() does). Users must not notice: the values are
+    # right for every reduction, .grad accumulates over backward calls and is an ordinary,
+    # writable tensor (an optimizer updates it in place).
+    device = impl_device(impl)
+    real = make_logits((33, 1), torch.float32, device, seed=60)
+    fake = make_logits((3, 1, 11) if reduction != "none" else (33, 1), torch.float32, device, seed=61)
+    check(impl, loss, kind, reduction, real, fake, seed=62, where=f"{loss} {kind} {reduction} constant gradient")
+
+    leaves = [t.clone().requires_grad_() for t in (real, fake)]
+    leaves64 = [t.double().requires_grad_() for t in (real, fake)]
+    for step in range(2):  # the second backward adds to .grad
+        out = _op(impl, loss, kind, reduction, *leaves)
+        up = _upstream(out, real, fake, reduction, seed=63 + step)
+        if reduction != "none" and impl != "torch":
+            got = torch.autograd.grad(out, leaves[1], up, retain_graph=True)[0]
+            assert got.shape == fake.shape and all(st == 0 for st in got.stride()), got.stride()
+        out.backward(up)
+        _reference(loss, kind, reduction, *leaves64).backward(up.double())
+    for name, x, w in zip(("real", "fake"), leaves, leaves64):
+        where = f"{loss} {kind} {reduction}: .grad of the {name} logits after two backward calls"
+        if w.grad is None:
+            assert x.grad is None or not bool(x.grad.any()), where
+            continue
+        assert x.grad.shape == x.shape and x.grad.stride() == x.stride(), f"{where}: strides {x.grad.stride()}"
+        torch.testing.assert_close(x.grad.double(), w.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
+        x.grad.mul_(0.5)  # writable, and no element aliases another
+        torch.testing.assert_close(x.grad.double(), w.grad * 0.5, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", utils.KERNEL_IMPLS)
+def test_fwd_op_constant_gradients(impl):
+    # gan_loss_<family>_fwd returns the gradient of a constant-gradient term 0-d: its value
+    # (1/N-scaled for "mean"), and 0 for real logits that a generator loss does not read.
+    device = impl_device(impl)
+    fwd = getattr(torch.ops.genkern, f"gan_loss_{impl}_fwd").default
+    real, fake = make_logits((8, 1), torch.float32, device, seed=64), make_logits((5, 1), torch.float32, device,
+                                                                                  seed=65)
+    w, h = KIND_CODE["wasserstein"], KIND_CODE["hinge"]
+    cases = [  # (args, grad_real, grad_fake); None: a full gradient
+        ((real, fake, w, RED_CODE["mean"], 1.0, False), -1 / 8, 1 / 5),
+        ((real, fake, w, RED_CODE["sum"], 1.0, False), -1.0, 1.0),
+        ((None, fake, w, RED_CODE["mean"], 1.0, True), "empty", -1 / 5),
+        ((real, fake, h, RED_CODE["sum"], 1.0, True), 0.0, -1.0),
+        ((real, fake, KIND_CODE["least_squares"], RED_CODE["mean"], 1.0, True), 0.0, None),
+        ((real, fake, h, RED_CODE["mean"], 1.0, False), None, None),
+        ((real, real, w, RED_CODE["none"], 1.0, False), -1.0, 1.0),
+    ]
+    for args, want_r, want_f in cases:
+        _, g_r, g_f = fwd(*args)
+        for got, want, x in ((g_r, want_r, args[0]), (g_f, want_f, args[1])):
+            if want == "empty":
+                assert got.shape == (0,)
+            elif want is None:
+                assert got.shape == x.shape
+            else:
+                assert got.shape == () and got.item() == pytest.approx(want, rel=1e-6), (args[2:], got)
 
 
 # --- gradcheck, opcheck, torch.compile ------------------------------------------------------
@@ -362,6 +450,11 @@ def _opcheck_samples(device, dtype, requires_grad):
         (mk((6, 1), 46), mk((6, 1), 47), KIND_CODE["relativistic"], RED_CODE["none"], 1.0, True),
         (None, mk((2, 1, 4, 4), 48), KIND_CODE["least_squares"], RED_CODE["none"], 1.0, True),
         (mk((4, 3), 49).t(), mk((4, 3), 50).t(), KIND_CODE["minimax"], RED_CODE["none"], 0.9, False),
+        # constant gradients (0-d from the kernels) for every reduction; unused real logits
+        (mk((7,), 51), mk((2, 1, 3, 3), 52), KIND_CODE["wasserstein"], RED_CODE["sum"], 1.0, False),
+        (mk((6, 1), 53), mk((6, 1), 54), KIND_CODE["wasserstein"], RED_CODE["none"], 1.0, False),
+        (None, mk((2, 1, 4, 4), 55), KIND_CODE["hinge"], RED_CODE["none"], 1.0, True),
+        (mk((3, 1), 56), mk((5, 1), 57), KIND_CODE["hinge"], RED_CODE["sum"], 1.0, True),
     ]
     return samples
 
@@ -384,7 +477,10 @@ def _compile_fn(impl):
         d_none = genkern.discriminator_loss(real, fake, "relativistic", reduction="none", impl=impl)
         g = genkern.generator_loss(fake, "relativistic", real_logits=real, impl=impl)
         g_sum = genkern.generator_loss(fake, "least_squares", reduction="sum", impl=impl)
-        return d + g, d_none * 2 + 1, g_sum
+        # constant gradients: expanded to the (possibly symbolic) logits' shapes in the backward
+        w = genkern.discriminator_loss(real, fake, "wasserstein", impl=impl)
+        g_hinge = genkern.generator_loss(fake, "hinge", reduction="sum", impl=impl)
+        return d + g + w, d_none * 2 + 1, g_sum + g_hinge
     return fn
 
 
@@ -420,6 +516,36 @@ def test_torch_compile_dynamic_shapes_cpp():
     # Batch sizes vary in training (the last batch of an epoch): dynamic shapes, forward and backward.
     utils.require_impl("cpp")
     _check_compiled_equals_eager("cpp", torch.device("cpu"), dynamic=True)
+
+
+def test_compiled_autograd_cpp():
+    # torch._dynamo.compiled_autograd records the backward node as one opaque call: the same
+    # gradients as eager, for full, constant (0-d) and relativistic-"none" saved gradients,
+    # dynamic sizes included.
+    utils.require_impl("cpp")
+    from torch._dynamo import compiled_autograd
+
+    cases = [("d", "nonsaturating", "mean"), ("d", "wasserstein", "mean"), ("g", "hinge", "sum"),
+             ("d", "relativistic", "none"), ("g", "wasserstein", "none")]
+    torch._dynamo.reset()
+    for loss, kind, reduction in cases:
+        for n in (5, 9):  # a second size: a recompile with dynamic shapes
+            real = make_logits((n, 1), torch.float32, seed=70 + n)
+            fake = make_logits((n, 1), torch.float32, seed=80 + n)
+            grads = []
+            for compiled in (False, True):
+                leaves = [t.clone().requires_grad_() for t in (real, fake)]
+                ctx = compiled_autograd._enable(torch.compile(backend="aot_eager", dynamic=True)) if compiled \
+                    else contextlib.nullcontext()
+                with ctx:
+                    (_op("cpp", loss, kind, reduction, *leaves) * 1.5).sum().backward()
+                grads.append([t.grad for t in leaves])
+            for e, c in zip(*grads):
+                assert (e is None) == (c is None), f"{loss} {kind} {reduction}"
+                if e is not None:
+                    torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7,
+                                               msg=lambda m: f"{loss} {kind} {reduction}: {m}")
+    torch._dynamo.reset()
 
 
 # --- numerics ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["genkern.triton.reparam_kl", "genkern.triton.gan_loss"]
+MODULES = ["genkern.triton.reparam_kl", "genkern.triton.gan_loss", "genkern.triton.attention"]
 MAX_STACK = 16  # bytes per thread
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # opt-in shared memory per block
 
@@ -54,8 +54,26 @@ def _gan_loss_coverage(module, rows):
     assert seen("_gan_loss_stats_kernel", "STAGE") == {(0,), (1,)}
 
 
+def _attention_coverage(module, rows):
+    # Every autotune config of each kernel at every BLOCK_D the launchers can pick, causal (the
+    # masked diagonal path) and non-causal at least once; the delta kernel at every BLOCK_D with
+    # and without grad_lse. Shared memory per config is in the printed report.
+    def seen(kernel, *keys, **where):
+        return {tuple(r["config"][k] for k in keys) for r in rows if r["kernel"] == kernel
+                and all(r["config"][k] == v for k, v in where.items())}
+
+    for name, per_d in module.CONFIGS.items():
+        assert set(per_d) == set(module.BLOCK_DS), name
+        want = {(d, *c) for d, configs in per_d.items() for c in configs}
+        assert seen(name, "BLOCK_D", "BLOCK_M", "BLOCK_N", "num_warps", "STAGES", CAUSAL=True) == want, name
+        assert seen(name, "CAUSAL") == {(True,), (False,)}, name
+    assert seen("_attention_bwd_pre_kernel", "BLOCK_D", "BLOCK_M", "HAS_GRAD_LSE") == {
+        (d, rows_, g) for d, rows_ in module.PRE_ROWS.items() for g in (False, True)}
+
+
 # What each module's cases must cover, beyond "every kernel".
-COVERAGE = {"genkern.triton.reparam_kl": _reparam_kl_coverage, "genkern.triton.gan_loss": _gan_loss_coverage}
+COVERAGE = {"genkern.triton.reparam_kl": _reparam_kl_coverage, "genkern.triton.gan_loss": _gan_loss_coverage,
+            "genkern.triton.attention": _attention_coverage}
 
 
 @pytest.mark.slow

@@ -104,12 +104,14 @@ def _fmt_worst(err, allowed, out, ref):
             f"err={err.flatten()[i].item():.3e} allowed={allowed.flatten()[i].item():.3e}")
 
 
-def assert_close_rule(out, ref64, same_dtype, *, extra_atol=None, name="out"):
+def assert_close_rule(out, ref64, same_dtype, *, extra_atol=None, name="out", absolute=True):
     """The low-precision rule: max |out - ref64| <= 2 * max |same_dtype - ref64| + floor.
 
     out: the impl's result; ref64: the float64 reference; same_dtype: the plain-PyTorch
     reference computed in out's dtype. floor = FLOOR[dtype] * max(1, max |ref64|).
     extra_atol: optional elementwise allowance added on top (e.g. the noise rounding).
+    absolute=False skips the ABS_TOL bound, for a float32 result computed from
+    float16/bfloat16 inputs (attention's lse), where only the rule applies.
     Overflow: where the float64 value rounded to out's dtype is inf (or NaN), out must
     hold that same value. Where it is finite, out must be finite too, unless plain
     PyTorch in out's dtype also overflows there (then out may equal that result).
@@ -142,7 +144,7 @@ def assert_close_rule(out, ref64, same_dtype, *, extra_atol=None, name="out"):
     allowed = 2 * base + FLOOR[out.dtype] * scale + extra
     err = (o - r).abs()
     assert bool((err <= allowed).all()), f"{name} ({out.dtype}): {_fmt_worst(err, allowed, o, r)}"
-    if out.dtype in ABS_TOL:
+    if absolute and out.dtype in ABS_TOL:
         tol = ABS_TOL[out.dtype] * scale + extra
         assert bool((err <= tol).all()), f"{name} ({out.dtype}, absolute): {_fmt_worst(err, tol, o, r)}"
 

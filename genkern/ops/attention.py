@@ -119,6 +119,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_of(bwd):
     def backward(ctx, grad_out, grad_lse):
+        # The backward kernels carry no graph: with create_graph=True the second
+        # derivative would silently be zero, so refuse it (as reparameterize_kl does).
+        if torch.is_grad_enabled():
+            raise RuntimeError("flash_attention: the fused kernels do not support double backward "
+                               "(create_graph=True); use impl='torch' for higher-order gradients")
         q, k, v, out, lse = ctx.saved_tensors
         if grad_out is None:  # only lse was differentiated
             grad_out = torch.zeros_like(out)

@@ -4,12 +4,14 @@ from __future__ import annotations
 import torch
 
 from genkern import _dispatch, _ext
-from genkern.ops._common import call_kernel_op, check_float_tensor
+from genkern.ops._common import FLOAT_DTYPES, check_float_tensor
 from genkern.reference import gan_loss as reference
 from genkern.reference.gan_loss import KINDS, LABEL_KINDS, REDUCTIONS
 
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
 _REDUCTION_CODE = {r: i for i, r in enumerate(REDUCTIONS)}
+_HINGE, _WASSERSTEIN, _RELATIVISTIC = _KIND_CODE["hinge"], _KIND_CODE["wasserstein"], _KIND_CODE["relativistic"]
+_NONE = _REDUCTION_CODE["none"]
 
 
 def discriminator_loss(real_logits, fake_logits, kind="nonsaturating", *, reduction="mean", real_label=1.0,
@@ -30,17 +32,19 @@ def discriminator_loss(real_logits, fake_logits, kind="nonsaturating", *, reduct
     Returns:
         The loss in the logits' dtype: a 0-d tensor, or real_logits' shape with "none".
         Float16/bfloat16 are computed in float32; NaN logits give a NaN loss.
+
+    Gradients: where a term's gradient is one constant (the "wasserstein" terms here, and the
+    generator's "wasserstein" and "hinge" terms), the cpp/triton impls hand autograd a
+    stride-0 (expanded) gradient, as torch's sum() does: torch.autograd.grad returns it as
+    such (read-only in place), and backward() accumulates it into an ordinary .grad.
     """
-    kind_code, red_code = _check_common(fake_logits, "fake_logits", kind, reduction)
-    check_float_tensor(real_logits, "real_logits", like=fake_logits, like_name="fake_logits")
-    _check_pair(real_logits, fake_logits, reduction)
-    real_label = check_settings(kind, reduction, real_label)
-    backend = _dispatch.resolve(impl, fake_logits.device, fake_logits.dtype, "discriminator_loss")
+    backend, kind_code, red_code, label = _prepare(real_logits, fake_logits, kind, reduction, real_label, impl,
+                                                   "discriminator_loss")
     if backend == "torch":
-        return reference.discriminator_loss(real_logits, fake_logits, kind, reduction=reduction,
-                                            real_label=real_label)
-    return call_kernel_op(_OPS, _ext.load()[0].gan_loss, backend, real_logits, fake_logits, kind_code, red_code,
-                          real_label, False)
+        return reference.discriminator_loss(real_logits, fake_logits, kind, reduction=reduction, real_label=label)
+    if _is_compiling():
+        return _OPS[backend](real_logits, fake_logits, kind_code, red_code, label, False)
+    return _eager(real_logits, fake_logits, kind_code, red_code, label, False, backend == "triton")
 
 
 def generator_loss(fake_logits, kind="nonsaturating", *, real_logits=None, reduction="mean", impl="auto"):
@@ -56,20 +60,16 @@ def generator_loss(fake_logits, kind="nonsaturating", *, real_logits=None, reduc
 
     Returns:
         The loss in the logits' dtype: a 0-d tensor, or fake_logits' shape with "none".
+        Gradients as for discriminator_loss ("wasserstein" and "hinge": stride-0).
     """
-    kind_code, red_code = _check_common(fake_logits, "fake_logits", kind, reduction)
-    if kind == "relativistic":
-        if real_logits is None:
-            raise ValueError("the relativistic generator loss needs real_logits")
-        check_float_tensor(real_logits, "real_logits", like=fake_logits, like_name="fake_logits")
-        _check_pair(real_logits, fake_logits, reduction)
-    else:
+    backend, kind_code, red_code, _ = _prepare(real_logits, fake_logits, kind, reduction, 1.0, impl, "generator_loss")
+    if kind_code != _RELATIVISTIC:
         real_logits = None  # the other generator losses do not depend on the real logits
-    backend = _dispatch.resolve(impl, fake_logits.device, fake_logits.dtype, "generator_loss")
     if backend == "torch":
         return reference.generator_loss(fake_logits, kind, real_logits=real_logits, reduction=reduction)
-    return call_kernel_op(_OPS, _ext.load()[0].gan_loss, backend, real_logits, fake_logits, kind_code, red_code,
-                          1.0, True)
+    if _is_compiling():
+        return _OPS[backend](real_logits, fake_logits, kind_code, red_code, 1.0, True)
+    return _eager(real_logits, fake_logits, kind_code, red_code, 1.0, True, backend == "triton")
 
 
 def check_settings(kind, reduction, real_label=1.0) -> float:
@@ -85,41 +85,95 @@ def check_settings(kind, reduction, real_label=1.0) -> float:
     return float(real_label)
 
 
-def _check_common(logits, name, kind, reduction):
-    check_float_tensor(logits, name)
-    check_settings(kind, reduction)
-    if logits.numel() == 0:
-        raise ValueError(f"{name} is empty; a GAN loss needs at least one logit")
-    return _KIND_CODE[kind], _REDUCTION_CODE[reduction]
+# The public functions run at every training step, often on a few hundred logits, where
+# microseconds of Python count: settings are validated once per distinct value, the impl
+# once per (explicit impl, device, dtype), and the extension's entry point and
+# torch.compiler.is_compiling are looked up once.
+_SETTINGS: dict = {}  # (kind, reduction, real_label) -> (kind code, reduction code, label)
+_BACKENDS: dict = {}  # (impl, device, dtype, op) -> backend, for impl "cpp" | "triton" | "torch"
+_MEMO_MAX = 64  # (a NaN real_label never equals its key: the memos stay bounded)
+_is_compiling = torch.compiler.is_compiling
+_eager = None  # genkern._C.gan_loss: gan_loss_<family> without torch.ops' argument parsing (see _common.py)
 
 
-def _check_pair(real_logits, fake_logits, reduction):
-    if real_logits.numel() == 0:
-        raise ValueError("real_logits is empty; a GAN loss needs at least one logit")
-    if reduction == "none" and real_logits.shape != fake_logits.shape:
-        raise ValueError(f'reduction="none" needs real_logits and fake_logits of one shape, got '
-                         f"{tuple(real_logits.shape)} and {tuple(fake_logits.shape)}")
+def _prepare(real_logits, fake_logits, kind, reduction, real_label, impl, op):
+    """Checks a call (real_logits only where the loss reads them); returns (backend, kind code,
+    reduction code, real_label as a float)."""
+    if not isinstance(fake_logits, torch.Tensor) or fake_logits.dtype not in FLOAT_DTYPES:
+        check_float_tensor(fake_logits, "fake_logits")  # raises, naming the argument
+    kind_code, red_code, label = _settings(kind, reduction, real_label)
+    if fake_logits.numel() == 0:
+        raise ValueError("fake_logits is empty; a GAN loss needs at least one logit")
+    device = fake_logits.device
+    if op == "discriminator_loss" or kind_code == _RELATIVISTIC:
+        if real_logits is None and op == "generator_loss":
+            raise ValueError("the relativistic generator loss needs real_logits")
+        if not isinstance(real_logits, torch.Tensor) or real_logits.dtype is not fake_logits.dtype or \
+                real_logits.device != device:
+            check_float_tensor(real_logits, "real_logits", like=fake_logits, like_name="fake_logits")  # raises
+        if real_logits.numel() == 0:
+            raise ValueError("real_logits is empty; a GAN loss needs at least one logit")
+        if red_code == _NONE and real_logits.shape != fake_logits.shape:
+            raise ValueError(f'reduction="none" needs real_logits and fake_logits of one shape, got '
+                             f"{tuple(real_logits.shape)} and {tuple(fake_logits.shape)}")
+    if impl is None or impl == "auto" or type(impl) is not str:  # GENKERN_IMPL is read on every call
+        return _dispatch.resolve(impl, device, fake_logits.dtype, op), kind_code, red_code, label
+    key = (impl, device, fake_logits.dtype, op)  # an explicit impl: GENKERN_IMPL does not apply
+    backend = _BACKENDS.get(key)
+    if backend is None:
+        backend = _dispatch.resolve(impl, device, fake_logits.dtype, op)  # raises if it cannot run
+        if len(_BACKENDS) < _MEMO_MAX:
+            _BACKENDS[key] = backend
+    return backend, kind_code, red_code, label
+
+
+def _settings(kind, reduction, real_label):
+    """check_settings, memoised: (kind code, reduction code, real_label as a float)."""
+    memo = type(kind) is str and type(reduction) is str and type(real_label) in (float, int)  # hashable keys
+    codes = _SETTINGS.get((kind, reduction, real_label)) if memo else None
+    if codes is None:
+        label = check_settings(kind, reduction, real_label)
+        codes = _KIND_CODE[kind], _REDUCTION_CODE[reduction], label
+        if memo and len(_SETTINGS) < _MEMO_MAX:
+            _SETTINGS[(kind, reduction, real_label)] = codes
+    return codes
 
 
 # --- registration: fake kernels of the fused forward ops -----------------------------
 
+def const_grads(kind: int, generator: bool):
+    """(grad_real, grad_fake) is 0-d: which gradients of gan_loss_<family>_fwd are one constant.
+
+    The kernels return such a gradient as a 0-d tensor (its value at every element; see
+    gan_loss_fwd in csrc/gan_loss.cpp): the wasserstein terms (D and G), the hinge generator
+    term, and real logits that a non-relativistic generator loss does not read (zero).
+    """
+    if generator:
+        return kind != _RELATIVISTIC, kind in (_WASSERSTEIN, _HINGE)
+    return kind == _WASSERSTEIN, kind == _WASSERSTEIN
+
+
 def _fake_fwd(real_logits, fake_logits, kind, reduction, real_label, generator):
-    """(loss, grad_real, grad_fake) of the right shapes: see csrc/genkern.cpp."""
-    if reduction == _REDUCTION_CODE["none"]:
-        loss = torch.empty_like(fake_logits, memory_format=torch.contiguous_format)
+    """(loss, grad_real, grad_fake) of the shapes the kernels return: see const_grads."""
+    const_real, const_fake = const_grads(kind, generator)
+    contiguous = torch.contiguous_format
+    loss = torch.empty_like(fake_logits, memory_format=contiguous) if reduction == _NONE else fake_logits.new_empty(())
+    if real_logits is None:
+        grad_real = fake_logits.new_empty(0)
     else:
-        loss = fake_logits.new_empty(())
-    grad_real = fake_logits.new_empty(0) if real_logits is None else \
-        torch.empty_like(real_logits, memory_format=torch.contiguous_format)
-    return loss, grad_real, torch.empty_like(fake_logits, memory_format=torch.contiguous_format)
+        grad_real = real_logits.new_empty(()) if const_real else torch.empty_like(real_logits, memory_format=contiguous)
+    grad_fake = fake_logits.new_empty(()) if const_fake else torch.empty_like(fake_logits, memory_format=contiguous)
+    return loss, grad_real, grad_fake
 
 
 _OPS = {}
 
 
 def _register():
+    global _eager
     if not _ext.available():
         return
+    _eager = _ext.load()[0].gan_loss
     for family in ("cpp", "triton"):
         torch.library.register_fake(getattr(torch.ops.genkern, f"gan_loss_{family}_fwd").default, _fake_fwd)
         _OPS[family] = getattr(torch.ops.genkern, f"gan_loss_{family}").default

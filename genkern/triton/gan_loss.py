@@ -18,6 +18,10 @@ Launches (all deterministic: partial sums in a fixed order, no atomics, no host 
                                          + _gan_loss_fwd_kernel (grads, loss)
 The grid kernels give program p the p-th chunk of each tensor (chunk a multiple of BLOCK) and
 write float32 per-program partials into part (NSTATS, PARTS); a reader sums a row in order.
+
+Constant gradients. The wasserstein terms (KIND 3) and the hinge generator term (GENERATOR and
+KIND 2) have one derivative for every logit: the kernels store no gradient for them and the
+launcher returns it 0-d (see _const_grads), the contract of csrc/gan_loss.cpp.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-RELATIVISTIC, NONE = 5, 2  # kind and reduction codes with their own code paths
+HINGE, WASSERSTEIN, RELATIVISTIC, NONE = 2, 3, 5, 2  # kind and reduction codes with their own code paths
 SMALL_MAX = 4096  # up to this many logits per tensor: one program, one launch
 SMALL_CONFIGS = {256: 2, 1024: 4, 4096: 8}  # BLOCK -> num_warps of the one-program kernel
 LARGE_BLOCK, LARGE_WARPS = 1024, 4  # grid kernels: 8 logits of each tensor per thread per step
@@ -162,10 +166,12 @@ def _gan_loss_small_kernel(
             g_f = g_f * scale_fake + scale_real * sum_a * inv_fake
         else:
             g_r = g_r * scale_real
-        tl.store(grad_real_ptr + offs, g_r.to(grad_real_ptr.dtype.element_ty), mask=ok_r)
+        if KIND != 3:  # else a constant gradient (see _const_grads)
+            tl.store(grad_real_ptr + offs, g_r.to(grad_real_ptr.dtype.element_ty), mask=ok_r)
     if not (KIND == 5 and REDUCTION != 2):
         g_f = g_f * scale_fake
-    tl.store(grad_fake_ptr + offs, g_f.to(grad_fake_ptr.dtype.element_ty), mask=ok_f)
+    if not (KIND == 3 or (GENERATOR and KIND == 2)):  # else constant (see _const_grads)
+        tl.store(grad_fake_ptr + offs, g_f.to(grad_fake_ptr.dtype.element_ty), mask=ok_f)
     if REDUCTION == 2:
         tl.store(loss_ptr + offs, loss_el.to(loss_ptr.dtype.element_ty), mask=ok_f)
     else:
@@ -250,12 +256,15 @@ def _gan_loss_fwd_kernel(
     while k * BLOCK < tl.maximum(chunk_real, chunk_fake):
         o_f, ok_f, f = _step(fake_ptr, pid, k, chunk_fake, n_fake, BLOCK)
         t_f, g_f = _term(f - shift_f, label, KIND, False, GENERATOR)
-        tl.store(grad_fake_ptr + o_f, (g_f * scale_fake + add_f).to(grad_fake_ptr.dtype.element_ty), mask=ok_f)
+        if not (KIND == 3 or (GENERATOR and KIND == 2)):  # else constant (see _const_grads)
+            tl.store(grad_fake_ptr + o_f, (g_f * scale_fake + add_f).to(grad_fake_ptr.dtype.element_ty), mask=ok_f)
         t = tl.where(ok_f, t_f, 0.0) * scale_fake
         if not GENERATOR:
             o_r, ok_r, r = _step(real_ptr, pid, k, chunk_real, n_real, BLOCK)
             t_r, g_r = _term(r - shift_r, label, KIND, True, False)
-            tl.store(grad_real_ptr + o_r, (g_r * scale_real + add_r).to(grad_real_ptr.dtype.element_ty), mask=ok_r)
+            if KIND != 3:  # else constant (see _const_grads)
+                tl.store(grad_real_ptr + o_r, (g_r * scale_real + add_r).to(grad_real_ptr.dtype.element_ty),
+                         mask=ok_r)
             t += tl.where(ok_r, t_r, 0.0) * scale_real
         if REDUCTION == 2:  # scales are 1
             tl.store(loss_ptr + o_f, t.to(loss_ptr.dtype.element_ty), mask=ok_f)
@@ -319,18 +328,29 @@ def _grid_launch(loss, g_x, g_y, x, y, n_x, n_y, scales, label, kind, reduction,
         _gan_loss_sum_kernel[(1,)](loss, part, progs, PARTS=PARTS, num_warps=LARGE_WARPS)
 
 
+def _const_grads(kind, gen):
+    """Which of the kernels' (real, fake) gradients are one constant, not stored per element:
+    the wasserstein terms and the hinge generator term (genkern.ops.gan_loss.const_grads;
+    the kernels test the same codes)."""
+    return not gen and kind == WASSERSTEIN, kind == WASSERSTEIN or (gen and kind == HINGE)
+
+
 def gan_loss_forward(real_logits, fake_logits, kind, reduction, real_label, generator):
     """(loss, grad_real, grad_fake) in the logits' dtype: loss 0-d (mean, sum) or fake's shape
-    (none), each grad its tensor's shape (grad_real empty (0,) without real_logits)."""
+    (none), each grad its tensor's shape, or 0-d where it is one constant (the value at every
+    element: see _const_grads; 0 for real_logits a generator loss does not read); grad_real
+    empty (0,) without real_logits. The contract of gan_loss_fwd in csrc/gan_loss.cpp."""
     x, y, swapped = _check(real_logits, fake_logits, kind, reduction, real_label, generator)
     gen = x is None
     x, y = (y if gen else x.contiguous()), y.contiguous()  # x = y: an unused pointer
     n_x, n_y = x.numel(), y.numel()
-    loss = torch.empty(fake_logits.shape if reduction == NONE else (), dtype=y.dtype, device=y.device)
-    g_y = torch.empty_like(y)
-    g_x = g_y if gen else torch.empty_like(x)
+    const_x, const_y = _const_grads(kind, gen)
     mean = reduction == 0
     scales = (1.0 / n_x, 1.0 / n_y, 1.0 / n_x if mean else 1.0, 1.0 / n_y if mean else 1.0)
+    full = lambda value: torch.full((), value, dtype=y.dtype, device=y.device)  # noqa: E731
+    loss = torch.empty(fake_logits.shape if reduction == NONE else (), dtype=y.dtype, device=y.device)
+    g_y = full(-scales[3] if gen else scales[3]) if const_y else torch.empty_like(y)
+    g_x = g_y if gen else full(-scales[2]) if const_x else torch.empty_like(x)
     if max(n_x, n_y) <= SMALL_MAX:
         block = min(b for b in SMALL_CONFIGS if b >= max(n_x, n_y))
         _gan_loss_small_kernel[(1,)](loss, g_x, g_y, x, y, n_x, n_y, *scales, float(real_label), KIND=kind,
@@ -340,8 +360,7 @@ def gan_loss_forward(real_logits, fake_logits, kind, reduction, real_label, gene
     if swapped:
         return loss, g_y, g_x
     if gen:  # real_logits given to a loss without a real term: its gradient is zero
-        return loss, (fake_logits.new_empty(0) if real_logits is None else torch.zeros_like(
-            real_logits, memory_format=torch.contiguous_format)), g_y
+        return loss, fake_logits.new_empty(0) if real_logits is None else full(0.0), g_y
     return loss, g_x, g_y
 
 

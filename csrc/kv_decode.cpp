@@ -1,0 +1,463 @@
+// CPU kernel of kv_decode: attention of the Tnew newest queries of each batch row
+// against a preallocated KV cache (split-K/V "flash decoding").
+//
+// Row b holds n_b visible positions; query i sees the positions j < n_b with
+// j <= i + n_b - Tnew. Positions >= n_b are stale (they may hold NaN or inf) and are
+// never loaded, so no mask has to neutralise them.
+//
+// Work items are (batch row, KV head, chunk of positions, tile of query rows). The
+// query rows of a KV head are its G = H / Hkv query heads times the Tnew queries
+// (row r = g * Tnew + i), so each K/V row of a chunk is loaded from memory once for
+// all of them: with Tnew = 1 streaming the cache is the whole cost. Within an item,
+// blocks of kBlk positions run the online softmax of every query row: block scores,
+// block max, running sum and accumulator rescaled by exp(m_old - m_new), then P V.
+//
+// An item leaves (acc, m, l) unnormalised; the combine pass merges the chunks of a
+// query row with M = max_c m_c (log-sum-exp rescaling: no exp overflows):
+//   out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c.
+// Rows are only split when there are too few items to feed the threads, into chunks
+// of at least kMinChunk positions so that the partials stay a small fraction of the
+// K/V traffic; unsplit items normalise and write out themselves. Items are handed
+// out dynamically, so ragged lengths do not leave a thread idle.
+//
+// float32 and float64 caches are read in place; float16/bfloat16 rows are widened to
+// float32 a block at a time into the thread's scratch (the cache is never copied).
+
+// GCC 12 reports its own AVX-512 intrinsics (their _mm512_undefined_* sources) as
+// maybe-uninitialized once inlined, a false positive; the pragma must precede the headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace genkern {
+namespace {
+
+constexpr int64_t kBlk = 64;              // positions per softmax block: a tile's scores stay in L1
+constexpr int64_t kMaxRows = 32;          // query rows per tile: Q and the accumulators stay in L1/L2
+constexpr int64_t kMinChunk = 512;        // positions per chunk at least (see above)
+constexpr int64_t kItemsPerThread = 4;    // split rows until there are this many items per thread
+constexpr int64_t kSerialWork = 1 << 16;  // flops below which threads cost more than they save
+
+GENKERN_INLINE float exp_(float x) { return exp_f32(x); }
+GENKERN_INLINE double exp_(double x) { return std::exp(x); }
+
+// Rows of the stream still to come (the V rows of this block, the K rows of the next),
+// prefetched into L2 a line at a time between the FMAs of the current block: issued in
+// one burst they fill the line-fill buffers and stall the core instead of overlapping.
+struct Ahead {
+  const char* row[kBlk];
+  int64_t n = 0, bytes = 0;  // rows and bytes per row
+  GENKERN_INLINE void line(int64_t j, int64_t o) const { if (j < n && o < bytes) __builtin_prefetch(row[j] + o, 0, 2); }
+  GENKERN_INLINE void whole(int64_t j) const { for (int64_t o = 0; o < bytes; o += 64) line(j, o); }
+};
+
+// --- block primitives ------------------------------------------------------------------
+// S[rr * kBlk + j] = Q_rr . K_j for the nr query rows (stride Dp) and nb rows kr[j].
+template <typename T>
+void block_scores(const T* Q, int64_t nr, const T* const* kr, int64_t nb, int64_t D, int64_t Dp, T* S,
+                  const Ahead& ahead) {
+  for (int64_t j = 0; j < nb; ++j) ahead.whole(j);
+  for (int64_t rr = 0; rr < nr; ++rr)
+    for (int64_t j = 0; j < nb; ++j) {
+      const T *__restrict__ q = Q + rr * Dp, *__restrict__ k = kr[j];
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += q[d] * k[d];
+      S[rr * kBlk + j] = s;
+    }
+}
+
+template <typename T>
+GENKERN_INLINE void axpy(T p, const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += p * x[d];
+}
+
+// acc_rr += sum_j P[rr * kBlk + j] V_j.
+template <typename T>
+void block_pv(const T* P, int64_t nr, const T* const* vr, int64_t nb, int64_t D, int64_t Dp, T* acc,
+              const Ahead& ahead) {
+  for (int64_t j = 0; j < nb; ++j) {
+    ahead.whole(j);
+    for (int64_t rr = 0; rr < nr; ++rr) axpy(P[rr * kBlk + j], vr[j], acc + rr * Dp, D);
+  }
+}
+
+template <typename T>
+GENKERN_INLINE T row_max(const T* s, int64_t n) {
+  T bm = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) bm = s[j] > bm ? s[j] : bm;
+  return bm;
+}
+
+#if defined(__AVX512F__)
+// float32 forms. Scores are made 16 positions at a time, with each dot product kept as
+// a vector and the 16 reduced together (3 shuffle-adds per score instead of ~10 for a
+// horizontal sum each); in P V the accumulators stay in registers across the block.
+GENKERN_INLINE __mmask16 lanes(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+}
+
+// GCC does not vectorise max reductions without -ffinite-math-only, and a scalar
+// max chain costs more than the rest of the softmax.
+GENKERN_INLINE float row_max(const float* s, int64_t n) {
+  __m512 bm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16)  // lanes past n (within the kBlk row) are masked out
+    bm = _mm512_mask_max_ps(bm, lanes(n - j), bm, _mm512_loadu_ps(s + j));
+  return _mm512_reduce_max_ps(bm);
+}
+
+// Lane t of the result is the sum of the lanes of a[t].
+GENKERN_INLINE __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int t = 0; t < 8; ++t)  // per 128-bit lane: (a2t, a2t+1, a2t, a2t+1) partials
+    b[t] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * t], a[2 * t + 1]), _mm512_unpackhi_ps(a[2 * t], a[2 * t + 1]));
+  for (int t = 0; t < 4; ++t) {  // per 128-bit lane: (a4t, .., a4t+3) partials
+    __m512d x = _mm512_castps_pd(b[2 * t]), y = _mm512_castps_pd(b[2 * t + 1]);
+    c[t] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+}
+
+template <>
+void block_scores(const float* Q, int64_t nr, const float* const* kr, int64_t nb, int64_t D, int64_t Dp, float* S,
+                  const Ahead& ahead) {
+  for (int64_t j0 = 0; j0 < nb; j0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, nb - j0);
+    const float* r[16];
+    for (int t = 0; t < 16; ++t) r[t] = kr[j0 + (t < cnt ? t : 0)];  // lanes past nb: any valid row, not stored
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      __m512 a[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = lanes(D - d);
+        const __m512 q = _mm512_maskz_loadu_ps(m, Q + rr * Dp + d);
+        if (rr == 0)  // one line of each of 16 rows per 16 FMAs (float32 rows: all of them)
+          for (int t = 0; t < 16; ++t) ahead.line(j0 + t, 4 * d);
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(q, _mm512_maskz_loadu_ps(m, r[t] + d), a[t]);
+      }
+      _mm512_mask_storeu_ps(S + rr * kBlk + j0, lanes(cnt), reduce16(a));
+    }
+  }
+}
+
+template <>
+void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t nb, int64_t D, int64_t Dp, float* acc,
+              const Ahead& ahead) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 64 columns (4 registers) of every row per pass
+    __mmask16 m[4];
+    __m512 a[4];
+    for (int u = 0; u < 4; ++u) m[u] = lanes(D - d0 - 16 * u);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      float* y = acc + rr * Dp + d0;
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) a[u] = _mm512_maskz_loadu_ps(m[u], y + 16 * u);
+      for (int64_t j = 0; j < nb; ++j) {
+        if (rr == 0 && d0 == 0) ahead.whole(j);
+        const __m512 w = _mm512_set1_ps(P[rr * kBlk + j]);
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) a[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[u], vr[j] + d0 + 16 * u), a[u]);
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(y + 16 * u, m[u], a[u]);
+    }
+  }
+}
+#endif
+
+// float16/bfloat16 -> float32 of one row.
+template <typename scalar_t>
+GENKERN_INLINE void widen(const scalar_t* s, int64_t n, float* d) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+    if constexpr (std::is_same_v<scalar_t, at::Half>) _mm512_storeu_ps(d + i, _mm512_cvtph_ps(h));
+    else  // bfloat16 is the top half of a float32
+      _mm512_storeu_ps(d + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  for (; i < n; ++i) d[i] = static_cast<float>(s[i]);
+}
+
+// A cache row as acc_t: in place when the types agree, else widened into `buf`.
+template <typename acc_t, typename scalar_t>
+GENKERN_INLINE const acc_t* row_as(const scalar_t* src, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) return src;
+  else return widen(src, n, buf), buf;
+}
+
+// Online softmax of one query row over a block of nb scores, of which the first
+// `vis` are visible (the causal limit only ever cuts a suffix). Turns the scores into
+// weights exp(s - m_new) (0 where masked), updates the running max m and sum l and
+// rescales the row's accumulator acc (D values) by exp(m_old - m_new).
+template <typename T>
+GENKERN_INLINE void softmax_block(T* __restrict__ s, int64_t nb, int64_t vis, T& m, T& l, T* __restrict__ acc,
+                                  int64_t D) {
+  for (int64_t j = vis; j < nb; ++j) s[j] = 0;
+  if (vis == 0) return;
+  const T bm = row_max(s, vis);
+  const T mnew = bm > m ? bm : m;
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < vis; ++j) {
+    T e = exp_(s[j] - mnew);
+    s[j] = e;
+    sum += e;
+  }
+  const T alpha = exp_(m - mnew);  // 0 while m = -inf: nothing accumulated yet
+  l = l * alpha + sum;
+  m = mnew;
+  if (alpha != T(1)) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+  }
+}
+
+// --- the problem --------------------------------------------------------------------
+template <typename scalar_t>
+struct Problem {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *q, *k, *v;
+  int64_t qs[3], ks[3], vs[3];  // element strides of q (b, h, t) and of the caches (b, hkv, s)
+  const int32_t* lens;          // L_b
+  int64_t Hkv, G, T, D, Dp;     // Dp: D rounded up to a cache line of acc_t
+  int64_t added;                // Tnew with k_new (n_b = L_b + Tnew), else 0
+  int64_t rows, tiles, chunk, nchunks;
+  acc_t scale;
+  scalar_t* out;                // (B, H, Tnew, D) contiguous = (B * Hkv * rows, D)
+  acc_t *po, *pm, *pl;          // partials (nchunks > 1): (B * Hkv * nchunks * rows) x (D | 1)
+
+  int64_t slot_size() const { return 2 * kMaxRows * Dp + kMaxRows * kBlk + kBlk * Dp; }
+};
+
+// One work item; `ws` is the calling thread's scratch of slot_size() elements.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
+  const int64_t tile = item % p.tiles, c = (item / p.tiles) % p.nchunks, bk = item / (p.tiles * p.nchunks);
+  const int64_t b = bk / p.Hkv, kvh = bk % p.Hkv, D = p.D, Dp = p.Dp, T = p.T;
+  const int64_t n = int64_t(p.lens[b]) + p.added;
+  const int64_t r0 = tile * kMaxRows, nr = std::min(kMaxRows, p.rows - r0);
+  const int64_t c0 = c * p.chunk, c1 = std::min(c0 + p.chunk, n);
+  acc_t *Q = ws, *acc = Q + kMaxRows * Dp, *S = acc + kMaxRows * Dp, *rowbuf = S + kMaxRows * kBlk;
+  acc_t m[kMaxRows], l[kMaxRows];
+  int64_t lim[kMaxRows];  // query row rr sees positions < lim[rr]
+  int64_t hi = c0;        // no query row of the tile sees positions >= hi in this chunk
+  for (int64_t rr = 0; rr < nr; ++rr) {
+    const int64_t g = (r0 + rr) / T, i = (r0 + rr) % T;
+    lim[rr] = std::clamp(i + n - T + 1, int64_t(0), n);
+    hi = std::max(hi, std::min(c1, lim[rr]));
+    m[rr] = -std::numeric_limits<acc_t>::infinity(), l[rr] = 0;
+    const scalar_t* qr = p.q + b * p.qs[0] + (kvh * p.G + g) * p.qs[1] + i * p.qs[2];
+    for (int64_t d = 0; d < D; ++d) {
+      Q[rr * Dp + d] = p.scale * static_cast<acc_t>(qr[d]);
+      acc[rr * Dp + d] = 0;
+    }
+  }
+  const scalar_t* kb = p.k + b * p.ks[0] + kvh * p.ks[1];
+  const scalar_t* vb = p.v + b * p.vs[0] + kvh * p.vs[1];
+  const acc_t* rp[kBlk];  // the block's K (then V) rows as acc_t
+  Ahead ahead;
+  ahead.bytes = D * int64_t(sizeof(scalar_t));
+  for (int64_t j0 = c0; j0 < hi; j0 += kBlk) {
+    const int64_t nb = std::min(kBlk, hi - j0);
+    ahead.n = nb;  // this block's V rows
+    for (int64_t j = 0; j < nb; ++j) {
+      rp[j] = row_as<acc_t>(kb + (j0 + j) * p.ks[2], D, rowbuf + j * Dp);
+      ahead.row[j] = reinterpret_cast<const char*>(vb + (j0 + j) * p.vs[2]);
+    }
+    block_scores(Q, nr, rp, nb, D, Dp, S, ahead);
+    for (int64_t rr = 0; rr < nr; ++rr)
+      softmax_block(S + rr * kBlk, nb, std::clamp(lim[rr] - j0, int64_t(0), nb), m[rr], l[rr], acc + rr * Dp, D);
+    ahead.n = std::clamp(hi - j0 - kBlk, int64_t(0), kBlk);  // the next block's K rows
+    for (int64_t j = 0; j < ahead.n; ++j) ahead.row[j] = reinterpret_cast<const char*>(kb + (j0 + kBlk + j) * p.ks[2]);
+    for (int64_t j = 0; j < nb; ++j) rp[j] = row_as<acc_t>(vb + (j0 + j) * p.vs[2], D, rowbuf + j * Dp);
+    block_pv(S, nr, rp, nb, D, Dp, acc, ahead);
+  }
+  for (int64_t rr = 0; rr < nr; ++rr) {
+    const acc_t* a = acc + rr * Dp;
+    if (p.nchunks == 1) {
+      const acc_t inv = l[rr] > 0 ? acc_t(1) / l[rr] : acc_t(0);  // a row that sees nothing gives zeros
+      scalar_t* o = p.out + (bk * p.rows + r0 + rr) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(a[d] * inv);
+    } else {
+      const int64_t x = (bk * p.nchunks + c) * p.rows + r0 + rr;
+      p.pm[x] = m[rr], p.pl[x] = l[rr];
+      std::copy(a, a + D, p.po + x * D);
+    }
+  }
+}
+
+// Merges the chunks of the query rows [x0, x1) (x = bk * rows + r, the output row).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void combine(const Problem<scalar_t>& p, int64_t x0, int64_t x1) {
+  std::vector<acc_t> o(p.D);
+  for (int64_t x = x0; x < x1; ++x) {
+    const int64_t bk = x / p.rows, r = x % p.rows;
+    const int64_t first = bk * p.nchunks * p.rows + r;  // partial of chunk c: first + c * rows
+    const acc_t none = -std::numeric_limits<acc_t>::infinity();
+    acc_t M = none, L = 0;
+    for (int64_t c = 0; c < p.nchunks; ++c) M = std::max(M, p.pm[first + c * p.rows]);
+    std::fill(o.begin(), o.end(), acc_t(0));
+    for (int64_t c = 0; c < p.nchunks; ++c) {
+      const int64_t y = first + c * p.rows;
+      if (p.pm[y] == none) continue;  // saw nothing: weight 0 (and -inf - M is NaN if M = -inf)
+      const acc_t w = exp_(p.pm[y] - M);
+      L += w * p.pl[y];
+      axpy(w, p.po + y * p.D, o.data(), p.D);
+    }
+    const acc_t inv = L > 0 ? acc_t(1) / L : acc_t(0);
+    scalar_t* out = p.out + x * p.D;
+    for (int64_t d = 0; d < p.D; ++d) out[d] = static_cast<scalar_t>(o[d] * inv);
+  }
+}
+
+// Writes k_new/v_new at positions L_b .. L_b + Tnew - 1 (bounds checked by the caller).
+template <typename scalar_t>
+void write_new(const at::Tensor& cache, const at::Tensor& src, const int32_t* lens) {
+  const int64_t B = src.size(0), Hkv = src.size(1), T = src.size(2), D = src.size(3);
+  scalar_t* c = cache.data_ptr<scalar_t>();
+  const scalar_t* s = src.data_ptr<scalar_t>();  // unit last-dim stride
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(D, 1));
+  at::parallel_for(0, B * Hkv * T, grain, [&](int64_t a, int64_t e) {
+    for (int64_t x = a; x < e; ++x) {
+      const int64_t t = x % T, kvh = (x / T) % Hkv, b = x / (T * Hkv);
+      scalar_t* dst = c + b * cache.stride(0) + kvh * cache.stride(1) + (lens[b] + t) * cache.stride(2);
+      // memmove: k_new may be a view of the very positions it is written to
+      std::memmove(dst, s + b * src.stride(0) + kvh * src.stride(1) + t * src.stride(2), D * sizeof(scalar_t));
+    }
+  });
+}
+
+template <typename scalar_t>
+void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const int32_t* lens, bool has_new,
+         double scale, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = kc.size(1);
+  constexpr int64_t line = 64 / sizeof(acc_t);
+  Problem<scalar_t> p{q.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>()};
+  for (int i = 0; i < 3; ++i) p.qs[i] = q.stride(i), p.ks[i] = kc.stride(i), p.vs[i] = vc.stride(i);
+  p.Hkv = Hkv, p.G = H / Hkv, p.T = T, p.D = D, p.Dp = (D + line - 1) / line * line;
+  p.lens = lens, p.added = has_new ? T : 0, p.rows = p.G * T, p.tiles = (p.rows + kMaxRows - 1) / kMaxRows;
+  p.scale = static_cast<acc_t>(scale), p.out = out.data_ptr<scalar_t>();
+
+  int64_t max_n = 0, total_n = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    max_n = std::max(max_n, int64_t(lens[b]) + p.added);
+    total_n += int64_t(lens[b]) + p.added;
+  }
+  const int64_t work = 4 * total_n * Hkv * p.rows * D;  // flops: QK^T and PV
+  const int64_t threads = work < kSerialWork ? 1 : at::get_num_threads();
+  const int64_t base = B * Hkv * p.tiles, want = kItemsPerThread * threads;
+  int64_t nchunks = 1;
+  if (base < want && max_n > kMinChunk)
+    nchunks = std::min((want + base - 1) / base, (max_n + kMinChunk - 1) / kMinChunk);
+  const int64_t per = (max_n + nchunks - 1) / nchunks;
+  p.chunk = std::max<int64_t>(kBlk, (per + kBlk - 1) / kBlk * kBlk);  // whole blocks
+  p.nchunks = std::max<int64_t>(1, (max_n + p.chunk - 1) / p.chunk);
+
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor part;
+  if (p.nchunks > 1) {
+    const int64_t np = B * Hkv * p.nchunks * p.rows;
+    part = at::empty({np * (D + 2)}, q.options().dtype(acc_type));
+    p.po = part.data_ptr<acc_t>(), p.pm = p.po + np * D, p.pl = p.pm + np;
+  }
+  const int64_t items = base * p.nchunks, slots = std::min(threads, items);
+  at::Tensor scratch = at::empty({slots, p.slot_size()}, q.options().dtype(acc_type));
+  std::atomic<int64_t> next{0};
+  // One call per thread, each pulling items until none are left (grain 1: slot = begin).
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t) {
+    acc_t* ws = scratch.data_ptr<acc_t>() + s0 * p.slot_size();
+    for (int64_t it = next++; it < items; it = next++) run_item(p, it, ws);
+  });
+  if (p.nchunks > 1) {
+    const int64_t grain = std::max<int64_t>(1, (1 << 14) / (p.nchunks * D));
+    at::parallel_for(0, B * Hkv * p.rows, grain, [&](int64_t x0, int64_t x1) { combine(p, x0, x1); });
+  }
+}
+
+// --- checks and entry point ------------------------------------------------------------
+void check_new(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t Hkv) {
+  check_cpu(t, name);
+  GENKERN_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ",
+                     q.scalar_type());
+  GENKERN_CHECK_VALUE(t.dim() == 4 && t.size(0) == q.size(0) && t.size(1) == Hkv && t.size(2) == q.size(2) &&
+                          t.size(3) == q.size(3),
+                      name, " must have shape (B, Hkv, Tnew, D) = (", q.size(0), ", ", Hkv, ", ", q.size(2), ", ",
+                      q.size(3), "), got ", t.sizes());
+}
+
+at::Tensor kv_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k_new,
+                     const c10::optional<at::Tensor>& v_new, double scale) {
+  check_cpu(q_in, "q");
+  check_float(q_in, "q");
+  GENKERN_CHECK_VALUE(q_in.dim() == 4, "q must be 4-d (B, H, Tnew, D), got shape ", q_in.sizes());
+  check_cpu(k_cache, "k_cache"), check_cpu(v_cache, "v_cache"), check_cpu(cache_seqlens, "cache_seqlens");
+  GENKERN_CHECK_TYPE(k_cache.scalar_type() == q_in.scalar_type(), "k_cache has dtype ", k_cache.scalar_type(),
+                     " but q has ", q_in.scalar_type());
+  GENKERN_CHECK_VALUE(k_cache.dim() == 4, "k_cache must be 4-d (B, Hkv, Smax, D), got shape ", k_cache.sizes());
+  check_same(v_cache, k_cache, "v_cache", "k_cache");
+  const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = k_cache.size(1), Smax = k_cache.size(2);
+  GENKERN_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(3) == D, "k_cache must be (B=", B, ", Hkv, Smax, D=", D,
+                      ") to match q of shape ", q_in.sizes(), ", got ", k_cache.sizes());
+  GENKERN_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, "q's heads H=", H, " must be a multiple of the cache's heads Hkv=",
+                      Hkv);
+  GENKERN_CHECK_VALUE(k_cache.stride(3) == 1 || D <= 1, "k_cache must have a contiguous last dim");
+  GENKERN_CHECK_VALUE(v_cache.stride(3) == 1 || D <= 1, "v_cache must have a contiguous last dim");
+  GENKERN_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be an int32 tensor, got ",
+                     cache_seqlens.scalar_type());
+  GENKERN_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
+                      "cache_seqlens must have shape (B,) = (", B, ",), got ", cache_seqlens.sizes());
+  GENKERN_CHECK_VALUE(k_new.has_value() == v_new.has_value(),
+                      "k_new and v_new must be given together (or both None)");
+  const bool has_new = k_new.has_value();
+  if (has_new) {
+    check_new(*k_new, "k_new", q_in, Hkv);
+    check_new(*v_new, "v_new", q_in, Hkv);
+    // Overlapping rows (an expanded cache) would make the write below a race.
+    GENKERN_CHECK_VALUE(at::has_internal_overlap(k_cache) != at::MemOverlap::Yes &&
+                            at::has_internal_overlap(v_cache) != at::MemOverlap::Yes,
+                        "k_cache and v_cache must not have overlapping elements (they are written in place)");
+  }
+  const at::Tensor lens_t = cache_seqlens.contiguous();
+  const int32_t* lens = lens_t.data_ptr<int32_t>();
+  const int64_t added = has_new ? T : 0;
+  for (int64_t b = 0; b < B; ++b) {  // every row, before anything is written or read
+    GENKERN_CHECK_VALUE(lens[b] >= 0, "cache_seqlens must be >= 0, got ", lens[b], " for row ", b);
+    GENKERN_CHECK_VALUE(int64_t(lens[b]) + added <= Smax, "the KV cache is full: row ", b, " of length ", lens[b],
+                        " plus ", added, " new tokens exceeds max_seq_len=", Smax);
+  }
+
+  at::Tensor out = at::empty({B, H, T, D}, q_in.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kv_decode_cpp", [&] {
+    if (has_new && k_new->numel() > 0) {
+      write_new<scalar_t>(k_cache, k_new->stride(3) == 1 ? *k_new : k_new->contiguous(), lens);
+      write_new<scalar_t>(v_cache, v_new->stride(3) == 1 ? *v_new : v_new->contiguous(), lens);
+    }
+    if (out.numel() > 0) run<scalar_t>(q, k_cache, v_cache, lens, has_new, scale, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genkern, CPU, m) { m.impl("kv_decode_cpp", &kv_decode); }
+
+}  // namespace genkern
