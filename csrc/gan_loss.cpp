@@ -153,16 +153,17 @@ Sums for_each_tile(int64_t numel, F&& f) {
 }
 
 // --- explicit AVX-512 path of the float32 softplus side pass --------------------------
-// GCC's vectorisation of softplus_sigmoid keeps an IEEE division and the generic
-// log_f32; here: exp(-|z|) by a range reduction finished with vscalefps (no clamps,
-// NaN propagates, underflow goes gradually to 0), 1/u by vrcp14ps and one Newton step
-// (~1 ulp), and log1p(e) for e in [0, 1] as log(1 + f) with f = e (e <= sqrt(2) - 1,
-// exact) or f = (e - 1) / 2 plus ln 2, so no rounding of u = 1 + e needs correcting.
+// GCC's vectorisation of softplus_sigmoid keeps an IEEE division and the generic log_f32;
+// here: e = exp(-|z|) by a range reduction finished with vscalefps (no clamps, NaN
+// propagates, underflow goes gradually to 0) and 1/(1 + e) by vrcp14ps and one Newton step
+// (~1 ulp). The loss needs only the sum of sp(z) = max(z, 0) + log1p(e), so no log is taken
+// per element: with u = 1 + e (in [1, 2]) rounded, log1p(e) = log(u) + (e - (u - 1)) / u
+// (u - 1 is exact), and each lane multiplies its u's over a tile (at most 2^32: no overflow;
+// each product rounding is as small as one log's) and takes one log of the product.
 #if defined(__AVX512F__)
 #define GENKERN_GAN_AVX512 1
-GENKERN_INLINE void softplus_sigmoid_v(__m512 z, __m512& sp, __m512& sg) {
-  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-  __m512 x = _mm512_sub_ps(zero, _mm512_abs_ps(z));  // -|z|
+GENKERN_INLINE __m512 exp_neg_abs_v(__m512 z) {
+  __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(z));  // -|z|
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -173,15 +174,20 @@ GENKERN_INLINE void softplus_sigmoid_v(__m512 z, __m512& sp, __m512& sg) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), one);
-  __m512 e = _mm512_scalef_ps(p, n);  // exp(-|z|) in [0, 1]
-  __m512 u = _mm512_add_ps(one, e);
-  __m512 r0 = _mm512_rcp14_ps(u);
-  __m512 inv = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(u, r0, one), r0);
-  __mmask16 pos = _mm512_cmp_ps_mask(z, zero, _CMP_GE_OQ);
-  sg = _mm512_mask_blend_ps(pos, _mm512_mul_ps(e, inv), inv);
-  __mmask16 big = _mm512_cmp_ps_mask(e, _mm512_set1_ps(0.41421356f), _CMP_GT_OQ);
-  __m512 f = _mm512_mask_mul_ps(e, big, _mm512_sub_ps(e, one), _mm512_set1_ps(0.5f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);  // in [0, 1]
+}
+
+// log(v) for v >= 1 (or NaN): v = 2^k m with m in (sqrt(1/2), sqrt(2)], log v = k ln 2 +
+// log(1 + f), f = m - 1, by the Cephes logf polynomial (~1 ulp).
+GENKERN_INLINE __m512 log_ge1_v(__m512 v) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  __m512 k = _mm512_getexp_ps(v);
+  __m512 m = _mm512_getmant_ps(v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);  // [1, 2)
+  __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  k = _mm512_mask_add_ps(k, big, k, one);
+  __m512 f = _mm512_sub_ps(m, one);
   __m512 f2 = _mm512_mul_ps(f, f);
   __m512 q = _mm512_set1_ps(7.0376836292e-2f);
   q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(-1.1514610310e-1f));
@@ -193,34 +199,41 @@ GENKERN_INLINE void softplus_sigmoid_v(__m512 z, __m512& sp, __m512& sg) {
   q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(-2.4999993993e-1f));
   q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(3.3333331174e-1f));
   __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(f, f2), q, _mm512_mul_ps(_mm512_set1_ps(-0.5f), f2));
-  __m512 l = _mm512_add_ps(f, y);
-  l = _mm512_mask_add_ps(l, big, l, _mm512_set1_ps(0.693147180559945309f));
-  sp = _mm512_add_ps(_mm512_max_ps(zero, z), l);  // max(0, NaN) = NaN
+  return _mm512_fmadd_ps(k, _mm512_set1_ps(0.693147180559945309f), _mm512_add_ps(f, y));
 }
 
 // side_pass<kSoftplus> for float32: sums of term and derivative, grad_k = d_k gs + gt.
 Sums softplus_pass_avx512(const float* x, int64_t numel, Term<float> p, float gscale, float gshift, float* grad) {
+  static_assert(kTile <= 32 * 16, "a lane multiplies at most 32 values of 1 + e in [1, 2] per tile");
   return for_each_tile(numel, [&](int64_t first, int64_t n, Sums& s) {
-    const __m512 sign = _mm512_set1_ps(p.sign), shift = _mm512_set1_ps(p.shift), scale = _mm512_set1_ps(p.scale);
-    const __m512 c1 = _mm512_set1_ps(p.c1), ds = _mm512_set1_ps(p.scale * p.sign), gs = _mm512_set1_ps(gscale),
-                 gt = _mm512_set1_ps(gshift);
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    const __m512 sign = _mm512_set1_ps(p.sign), shift = _mm512_set1_ps(p.shift), c1 = _mm512_set1_ps(p.c1),
+                 ds = _mm512_set1_ps(p.scale * p.sign), gs = _mm512_set1_ps(gscale), gt = _mm512_set1_ps(gshift);
     const bool smooth = p.c1 != 0.0f;
-    __m512 st = _mm512_setzero_ps(), sd = _mm512_setzero_ps();
+    // per lane: sum max(z, 0), product of u, sum of the rounding corrections, sum x, sum d
+    __m512 smax = zero, prod = one, corr = zero, sx = zero, sd = zero;
     const float* xs = x + first;
     float* g = grad ? grad + first : nullptr;
     for (int64_t j = 0; j < n; j += 16) {
       __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
       __m512 xv = _mm512_maskz_loadu_ps(m, xs + j);
-      __m512 sp, sg;
-      softplus_sigmoid_v(_mm512_mul_ps(sign, _mm512_sub_ps(xv, shift)), sp, sg);
-      __m512 t = _mm512_mul_ps(scale, sp);
-      if (smooth) t = _mm512_fmadd_ps(c1, xv, t);
+      __m512 z = _mm512_mul_ps(sign, _mm512_sub_ps(xv, shift));
+      __m512 e = exp_neg_abs_v(z);
+      __m512 u = _mm512_add_ps(one, e);
+      __m512 r0 = _mm512_rcp14_ps(u);
+      __m512 inv = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(u, r0, one), r0);
+      __m512 sg = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, zero, _CMP_GE_OQ), _mm512_mul_ps(e, inv), inv);
       __m512 d = _mm512_fmadd_ps(ds, sg, c1);
-      st = _mm512_mask_add_ps(st, m, st, t);
       sd = _mm512_mask_add_ps(sd, m, sd, d);
+      smax = _mm512_mask_add_ps(smax, m, smax, _mm512_max_ps(zero, z));  // max(0, NaN) = NaN
+      prod = _mm512_mask_mul_ps(prod, m, prod, u);
+      corr = _mm512_mask3_fmadd_ps(_mm512_sub_ps(e, _mm512_sub_ps(u, one)), inv, corr, m);
+      if (smooth) sx = _mm512_mask_add_ps(sx, m, sx, xv);
       if (g) _mm512_mask_storeu_ps(g + j, m, _mm512_fmadd_ps(d, gs, gt));
     }
-    s.term += _mm512_reduce_add_ps(st);
+    __m512 sp = _mm512_add_ps(_mm512_add_ps(smax, log_ge1_v(prod)), corr);
+    s.term += static_cast<double>(p.scale) * _mm512_reduce_add_ps(sp);
+    if (smooth) s.term += static_cast<double>(p.c1) * _mm512_reduce_add_ps(sx);  // no 0 * inf when unsmoothed
     s.deriv += _mm512_reduce_add_ps(sd);
   });
 }

@@ -13,8 +13,10 @@ positions j < n_b with j <= i + n_b - Tnew (causal, aligned to the row's last fi
 Decoding has few queries and a long cache: one program per (batch row, KV head) would leave most
 SMs idle, so the cache positions are cut into `num_splits` chunks, each its own program:
 
-    _kv_decode_append_kernel   (with k_new/v_new) cache[b, hk, L_b + t] = new[b, hk, t], first:
-                               the split programs then read every position from the cache.
+    _kv_decode_append_kernel   (with k_new/v_new) cache[b, hk, L_b + t] = new[b, hk, t], first,
+                               so the split programs read every position from the cache (reading
+                               k_new/v_new in the split kernel's pipelined loop instead would
+                               double its shared-memory buffers and spill its registers).
     _kv_decode_split_kernel    grid (B * Hkv, num_splits): the G * Tnew query rows of one KV group
                                (G = H // Hkv) form the M side of one tl.dot against each K block,
                                so a group reads each K/V block once; online softmax over the chunk
@@ -54,14 +56,16 @@ _WHILE_LOOPS = tl.constexpr(INTERPRETED)
 # float32 inputs: exact products, like torch.matmul's default (tf32 would cost ~1e-3 relative).
 _DOT = tl.constexpr("ieee")
 
-# Split-kernel autotune candidates (BLOCK_N, num_warps, num_stages) per BLOCK_D: the 12 of
-# BLOCK_N {32, 64, 128} x warps {4, 8} x stages {2, 3} that fit sm_80's 163 KB of shared memory in
-# float32. The compiler keeps stages - 1 float32 K and V blocks in flight plus up to 30 KB of
-# layout conversions, so those blocks get 128 KB. None spills registers (`python -m
-# genkern.triton._aot genkern.triton.kv_decode` prints the table; tests/test_kv_decode_triton.py
-# checks every entry for sm_80 and sm_90 in fp32, fp16, bf16).
+# Split-kernel autotune candidates (BLOCK_N, num_warps, num_stages) per BLOCK_D: of BLOCK_N
+# {32, 64, 128} x warps {4, 8} x stages {2, 3}, those that fit sm_80's 163 KB of shared memory in
+# float32 (the compiler keeps stages - 1 float32 K and V blocks in flight plus up to 30 KB of
+# layout conversions, so those blocks get 128 KB) and do not spill registers: float32 products
+# run on FMAs with whole K blocks in registers, and 4 warps spill from 8192-element blocks or
+# D >= 128 on. `python -m genkern.triton._aot genkern.triton.kv_decode` prints the table;
+# tests/test_kv_decode_triton.py checks every entry for sm_80 and sm_90 in fp32, fp16, bf16.
 _ALL = [(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
-CONFIGS = {bd: [c for c in _ALL if (c[2] - 1) * c[0] * bd * 4 * 2 <= 128 * 1024] for bd in BLOCK_DS}
+CONFIGS = {bd: [(bn, w, s) for bn, w, s in _ALL if (s - 1) * bn * bd * 4 * 2 <= 128 * 1024
+                and (w == 8 or (bn * bd < 8192 and bd < 128))] for bd in BLOCK_DS}
 INTERPRETER_CONFIG = (16, 4, 1)  # blocks smaller than a chunk: several blocks and splits run
 SMALL_WARPS = 4  # the append and combine kernels: a few KB per program
 
@@ -254,7 +258,7 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
         if t.stride(3) != 1 or t.stride(2) >= _MAX_STRIDE:
             raise ValueError(f"{name} must have a unit-stride last dim and a position stride below {_MAX_STRIDE} "
                              f"(it is written in place, never copied), got strides {t.stride()}")
-    if B * H * T >= 2**31:  # grid axis 0 of both kernels
+    if B * H * T >= 2**31:  # the combine kernel's grid (the split kernel's axis 0 is smaller)
         raise ValueError(f"q {tuple(q.shape)} has too many query rows for the kv_decode kernels")
     return B, H, T, D, Hkv, S
 
