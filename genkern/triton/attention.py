@@ -43,9 +43,9 @@ _DOT = tl.constexpr("ieee")
 
 # Autotune candidates (BLOCK_M, BLOCK_N, num_warps, STAGES) per kernel and BLOCK_D, for 16-bit
 # inputs (float32 caps them, see _block), from an ahead-of-time sweep: each compiles for sm_80
-# and sm_90 in float32/float16/bfloat16 within 163 KB of shared memory and without register
-# spills (tests/test_triton_aot.py; `python -m genkern.triton._aot genkern.triton.attention`
-# prints the table). Few per head dim: each is compiled at the first call of an autotune key.
+# and sm_90 in float32/float16/bfloat16 within the opt-in shared memory (163 KB, 227 KB) and
+# without register spills (tests/test_triton_aot.py; `python -m genkern.triton._aot
+# genkern.triton.attention` prints the table). Few per head dim: the AOT test compiles them all.
 _FWD_SMALL_D = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
 _DQ_SMALL_D = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
 _DKDV_SMALL_D = [(32, 128, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3)]
