@@ -40,8 +40,8 @@ import triton.language as tl
 LOG2E = math.log2(math.e)
 BLOCK_DS = (16, 32, 64, 128, 256)  # next power of two >= D, D in 16..256, D % 8 == 0
 # Query rows per program: tl.dot's minimum M, and G * Tnew <= 16 covers decoding (G <= 8 with
-# Tnew <= 2, G <= 4 with Tnew <= 4). Larger tiles would only pad: the split kernel is bound by
-# reading K and V, not by the products.
+# Tnew <= 2, G <= 4 with Tnew <= 4). More rows (a prefill chunk) take more programs, each reading
+# the chunk's K/V again, mostly from L2; one tile size keeps the compiled variants few.
 BLOCK_M = 16
 APPEND_ROWS = 16  # new positions per append program
 MAX_SPLITS = 128  # the combine kernel holds every split's lse in one tile
@@ -60,13 +60,16 @@ _DOT = tl.constexpr("ieee")
 # {32, 64, 128} x warps {4, 8} x stages {2, 3}, those that fit sm_80's 163 KB of shared memory in
 # float32 (the compiler keeps stages - 1 float32 K and V blocks in flight plus up to 30 KB of
 # layout conversions, so those blocks get 128 KB) and do not spill registers: float32 products
-# run on FMAs with whole K blocks in registers, and 4 warps spill from 8192-element blocks or
-# D >= 128 on. `python -m genkern.triton._aot genkern.triton.kv_decode` prints the table;
+# run on FMAs with whole K blocks in registers, and with 4 warps they spill once a K block holds
+# 8192 elements or D >= 128. `python -m genkern.triton._aot genkern.triton.kv_decode` prints the table;
 # tests/test_kv_decode_triton.py checks every entry for sm_80 and sm_90 in fp32, fp16, bf16.
 _ALL = [(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
 CONFIGS = {bd: [(bn, w, s) for bn, w, s in _ALL if (s - 1) * bn * bd * 4 * 2 <= 128 * 1024
                 and (w == 8 or (bn * bd < 8192 and bd < 128))] for bd in BLOCK_DS}
 INTERPRETER_CONFIG = (16, 4, 1)  # blocks smaller than a chunk: several blocks and splits run
+# An oddly strided cache (SU = 1, rare) loads element by element, one 64-bit address per element
+# in registers: one small config, not tuned (BLOCK_N 32 spills at D = 256 in float32).
+STRIDED_CONFIG = (16, 4, 2)
 SMALL_WARPS = 4  # the append and combine kernels: a few KB per program
 
 
@@ -122,9 +125,9 @@ def _softmax_step(acc, m_i, l_i, q, k_ptr, v_ptr, st_k, st_v, start, n, lim, off
                   SU: tl.constexpr):
     """One block of the online softmax in log2 units over positions j = start + offs_n < n, row r
     seeing j <= lim_r: s2 = qk_scale q k^T, m' = max(m, rowmax s2), l' = l 2^(m - m') + rowsum
-    2^(s2 - m'), acc' = acc 2^(m - m') + 2^(s2 - m') v. Rows j >= n are not loaded (may be NaN).
-    The masks cost a compare per element; splitting off the unmasked blocks would add a second
-    pipelined loop (its own shared-memory buffers) for no measurable gain on a memory-bound pass."""
+    2^(s2 - m'), acc' = acc 2^(m - m') + 2^(s2 - m') v. Positions j >= n are not loaded (they
+    may hold NaN). Every block is masked: a compare and select per score, small next to the loads
+    of this memory-bound pass, where a separate unmasked loop would need its own pipeline buffers."""
     j = start + offs_n
     ok = (j < n)[:, None] & d_ok[None, :]
     k = tl.load(k_ptr + tl.cast(start, tl.int64) * st_k * SU + (offs_n * (st_k * SU))[:, None] + offs_d[None, :],
@@ -215,7 +218,7 @@ def _kv_decode_combine_kernel(
     denom = tl.sum(tl.exp(lse - m), 0)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     s0 = tl.full((), 0, tl.int32)
-    while s0 < splits:  # one or two rounds: splits <= MAX_SPLITS, usually a few
+    while s0 < splits:  # CHUNK_S partials a round: one round for the usual few splits
         s = s0 + offs_c
         ls = tl.load(plse_ptr + row * splits + s, mask=s < splits, other=float("-inf"))
         o = tl.load(po_ptr + ((row * splits + s) * (D8 * 8))[:, None] + offs_d[None, :],
@@ -309,9 +312,12 @@ def kv_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
     splits, chunk = _split_plan(B * Hkv * m_tiles, S, q.device)
     part_o = torch.empty((B * H * T, splits, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((B * H * T, splits), dtype=torch.float32, device=q.device)
-    _kv_decode_split_kernel[(B * Hkv * m_tiles, splits)](
+    kernel, pinned = (_kv_decode_split_kernel, {}) if su == 8 else (_kv_decode_split_kernel.fn, dict(
+        BLOCK_N=STRIDED_CONFIG[0], num_warps=STRIDED_CONFIG[1], num_stages=STRIDED_CONFIG[2]))
+    kernel[(B * Hkv * m_tiles, splits)](
         part_o, part_lse, q, k_cache, v_cache, cache_seqlens, *sq, *sc, Hkv, H // Hkv, T,
-        0 if k_new is None else T, S, D // 8, m_tiles, chunk, scale * LOG2E, SU=su, BLOCK_M=BLOCK_M, BLOCK_D=block_d)
+        0 if k_new is None else T, S, D // 8, m_tiles, chunk, scale * LOG2E, SU=su, BLOCK_M=BLOCK_M, BLOCK_D=block_d,
+        **pinned)
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     _kv_decode_combine_kernel[(B * H * T,)](out, part_o, part_lse, splits, D // 8, BLOCK_S=MAX_SPLITS,
                                             CHUNK_S=_chunk_s(block_d), BLOCK_D=block_d, num_warps=SMALL_WARPS)
@@ -324,14 +330,13 @@ def _chunk_s(block_d):
 
 def aot_cases():
     """For genkern.triton._aot: the split kernel at every BLOCK_D x autotune config, and with an
-    oddly strided cache (SU = 1) at each BLOCK_D's first config; the append kernel (SU = 8, 1)
-    and the combine kernel at every BLOCK_D."""
+    oddly strided cache (SU = 1) at STRIDED_CONFIG; the append kernel (SU = 8, 1) and the combine
+    kernel at every BLOCK_D."""
     types = {"po_ptr": "*fp32", "plse_ptr": "*fp32", "seqlens_ptr": "*i32", "qk_scale": "fp32"}
     for bd, configs in CONFIGS.items():
-        for idx, (bn, w, s) in enumerate(configs):
-            for su in (8, 1) if idx == 0 else (8,):
-                yield dict(kernel=_kv_decode_split_kernel.fn, constexprs=dict(SU=su, BLOCK_M=BLOCK_M, BLOCK_D=bd,
-                           BLOCK_N=bn), num_warps=w, num_stages=s, types=types)
+        for su, (bn, w, s) in [(8, c) for c in configs] + [(1, STRIDED_CONFIG)]:
+            yield dict(kernel=_kv_decode_split_kernel.fn, constexprs=dict(SU=su, BLOCK_M=BLOCK_M, BLOCK_D=bd,
+                       BLOCK_N=bn), num_warps=w, num_stages=s, types=types)
     for bd in BLOCK_DS:
         for su in (8, 1):
             yield dict(kernel=_kv_decode_append_kernel, types=types, num_warps=SMALL_WARPS,
