@@ -86,13 +86,14 @@ def check_settings(kind, reduction, real_label=1.0) -> float:
 
 
 # The public functions run at every training step, often on a few hundred logits, where
-# microseconds of Python count: settings are validated once per distinct value, the impl
-# once per (explicit impl, device, dtype), and the extension's entry point and
-# torch.compiler.is_compiling are looked up once.
-_SETTINGS: dict = {}  # (kind, reduction, real_label) -> (kind code, reduction code, label)
-_BACKENDS: dict = {}  # (impl, device, dtype, op) -> backend, for impl "cpp" | "triton" | "torch"
-_MEMO_MAX = 64  # (a NaN real_label never equals its key: the memos stay bounded)
-_is_compiling = torch.compiler.is_compiling
+# microseconds of Python count: what does not depend on the tensors' values is checked once
+# per call signature (an explicit impl is resolved once too: GENKERN_IMPL does not apply to
+# it), and the extension's entry point is looked up once.
+_MEMO: dict = {}  # (kind, reduction, real_label, impl, op, device, dtype) -> (backend or None, codes, label)
+_MEMO_MAX = 256  # (a NaN real_label never equals its key: the memo stays bounded)
+# Under dynamo the pybind entry point cannot be traced: torch.ops' op is called instead
+# (elsewhere, e.g. in non-strict export, the entry point's dispatcher call is traced as that op).
+_is_compiling = torch.compiler.is_dynamo_compiling
 _eager = None  # genkern._C.gan_loss: gan_loss_<family> without torch.ops' argument parsing (see _common.py)
 
 
@@ -101,42 +102,33 @@ def _prepare(real_logits, fake_logits, kind, reduction, real_label, impl, op):
     reduction code, real_label as a float)."""
     if not isinstance(fake_logits, torch.Tensor) or fake_logits.dtype not in FLOAT_DTYPES:
         check_float_tensor(fake_logits, "fake_logits")  # raises, naming the argument
-    kind_code, red_code, label = _settings(kind, reduction, real_label)
+    device, dtype = fake_logits.device, fake_logits.dtype
+    hashable = type(kind) is str and type(reduction) is str and type(real_label) in (float, int) and \
+        (type(impl) is str or impl is None)
+    key = (kind, reduction, real_label, impl, op, device, dtype) if hashable else None
+    answer = _MEMO.get(key) if hashable else None
+    if answer is None:
+        label = check_settings(kind, reduction, real_label)
+        explicit = impl is not None and impl != "auto"
+        answer = (_dispatch.resolve(impl, device, dtype, op) if explicit else None,  # raises if it cannot run
+                  _KIND_CODE[kind], _REDUCTION_CODE[reduction], label)
+        if hashable and len(_MEMO) < _MEMO_MAX:
+            _MEMO[key] = answer
     if fake_logits.numel() == 0:
         raise ValueError("fake_logits is empty; a GAN loss needs at least one logit")
-    device = fake_logits.device
-    if op == "discriminator_loss" or kind_code == _RELATIVISTIC:
+    if op == "discriminator_loss" or answer[1] == _RELATIVISTIC:
         if real_logits is None and op == "generator_loss":
             raise ValueError("the relativistic generator loss needs real_logits")
-        if not isinstance(real_logits, torch.Tensor) or real_logits.dtype is not fake_logits.dtype or \
-                real_logits.device != device:
+        if not isinstance(real_logits, torch.Tensor) or real_logits.dtype is not dtype or real_logits.device != device:
             check_float_tensor(real_logits, "real_logits", like=fake_logits, like_name="fake_logits")  # raises
         if real_logits.numel() == 0:
             raise ValueError("real_logits is empty; a GAN loss needs at least one logit")
-        if red_code == _NONE and real_logits.shape != fake_logits.shape:
+        if answer[2] == _NONE and real_logits.shape != fake_logits.shape:
             raise ValueError(f'reduction="none" needs real_logits and fake_logits of one shape, got '
                              f"{tuple(real_logits.shape)} and {tuple(fake_logits.shape)}")
-    if impl is None or impl == "auto" or type(impl) is not str:  # GENKERN_IMPL is read on every call
-        return _dispatch.resolve(impl, device, fake_logits.dtype, op), kind_code, red_code, label
-    key = (impl, device, fake_logits.dtype, op)  # an explicit impl: GENKERN_IMPL does not apply
-    backend = _BACKENDS.get(key)
-    if backend is None:
-        backend = _dispatch.resolve(impl, device, fake_logits.dtype, op)  # raises if it cannot run
-        if len(_BACKENDS) < _MEMO_MAX:
-            _BACKENDS[key] = backend
-    return backend, kind_code, red_code, label
-
-
-def _settings(kind, reduction, real_label):
-    """check_settings, memoised: (kind code, reduction code, real_label as a float)."""
-    memo = type(kind) is str and type(reduction) is str and type(real_label) in (float, int)  # hashable keys
-    codes = _SETTINGS.get((kind, reduction, real_label)) if memo else None
-    if codes is None:
-        label = check_settings(kind, reduction, real_label)
-        codes = _KIND_CODE[kind], _REDUCTION_CODE[reduction], label
-        if memo and len(_SETTINGS) < _MEMO_MAX:
-            _SETTINGS[(kind, reduction, real_label)] = codes
-    return codes
+    if answer[0] is None:  # impl "auto": GENKERN_IMPL is read on every call
+        return (_dispatch.resolve(impl, device, dtype, op),) + answer[1:]
+    return answer
 
 
 # --- registration: fake kernels of the fused forward ops -----------------------------
