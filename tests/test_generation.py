@@ -18,21 +18,13 @@ import torch
 import genkern
 from genkern.generation import decode_one_token, prefill, sample_next
 from genkern.models import ModelArgs, TransformerLM
-from utils import assert_close_rule
+from utils import assert_close_rule, one_thread  # noqa: F401 (autouse fixture)
 
 V = 64
 N_NEW = 200
 PROMPTS = [[int(x) for x in torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n))] for n in (5, 11, 2)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, which costs 10-100x on a
-    # loaded shared machine (the threaded kernels are covered by their op tests).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _make_model(positions, seed):

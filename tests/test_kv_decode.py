@@ -23,7 +23,7 @@ import genkern
 import utils
 from genkern.reference import attention as ref_attention
 from genkern.reference import kv_decode as reference
-from utils import assert_close_rule
+from utils import assert_close_rule, one_thread  # noqa: F401 (autouse fixture)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 I32 = torch.int32
@@ -32,14 +32,6 @@ IMPLS = ("torch", "cpp")
 SMAX = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, which costs 10-100x on a
-    # loaded shared machine. test_threaded_kernel runs the kernels with several threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _seed(*key) -> int:

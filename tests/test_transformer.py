@@ -17,19 +17,11 @@ import torch
 
 import genkern
 from genkern.models import ModelArgs, TransformerLM
-from utils import assert_close_rule
+from utils import assert_close_rule, one_thread  # noqa: F401 (autouse fixture)
 
 V = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation, which costs 10-100x on a
-    # loaded shared machine (the threaded kernels are covered by their op tests).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_model(*, positions="rotary", n_heads=4, n_kv_heads=2, impl="torch", seed=0, perturb=True, **kw):

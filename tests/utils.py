@@ -237,3 +237,14 @@ def randn(shape, dtype=torch.float32, device="cpu", *, seed: int, scale: float =
 def interpreted(impl: str) -> bool:
     """True when `impl` runs under the (slow) Triton interpreter: keep its inputs small."""
     return impl == "triton" and not HAS_CUDA
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Imported by a test module: its tests run with one intra-op thread. On tiny tensors
+    extra threads only add synchronisation, which costs 10-100x on a loaded shared machine;
+    the threaded kernels keep their own tests with several threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
