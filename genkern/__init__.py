@@ -9,9 +9,9 @@ from genkern.ops import (attention_with_kvcache, discriminator_loss, flash_atten
 from genkern.kvcache import KVCache
 from genkern.generation import generate
 from genkern.profiling import profile_generation
-from genkern import functional, models, nn
+from genkern import data, eval, functional, models, nn, train
 
 __version__ = "0.1.0"
-__all__ = ["ImplUnavailableError", "KVCache", "attention_with_kvcache", "discriminator_loss", "flash_attention",
-           "functional", "generate", "generator_loss", "info", "models", "nn", "profile_generation",
-           "reparameterize_kl", "__version__"]
+__all__ = ["ImplUnavailableError", "KVCache", "attention_with_kvcache", "data", "discriminator_loss", "eval",
+           "flash_attention", "functional", "generate", "generator_loss", "info", "models", "nn",
+           "profile_generation", "reparameterize_kl", "train", "__version__"]

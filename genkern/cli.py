@@ -64,6 +64,85 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _setting(text: str) -> tuple:
+    """KEY=VALUE with VALUE read as JSON when it parses (numbers, true/false, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def _cmd_train(args) -> int:
+    from genkern.train.trainer import train
+
+    model = dict(args.set) if args.set else None
+    result = train(args.family, data=args.data, steps=args.steps, out=args.out, seed=args.seed,
+                   batch_size=args.batch_size, lr=args.lr, model=model, impl=args.impl, device=args.device,
+                   resume=args.resume, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                   log_every=args.log_every, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        final = result.summary.get("final", {})
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
+        print(f"{args.family}: step {result.step}, {shown}")
+        if result.out is not None:
+            print(f"wrote {result.out}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from genkern.train.trainer import load_trained
+
+    if args.n < 1:
+        raise ValueError(f"-n must be a positive integer, got {args.n}")
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out must name a .png file, got {args.out!r}")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out: directory {parent!r} does not exist")
+    model, fam, meta = load_trained(args.checkpoint, device=args.device, impl=args.impl)
+    samples = fam.samples(model, args.n, torch.Generator().manual_seed(args.seed))
+    fam.plot(samples, None, args.out, title=f"{fam.name}, step {meta['step']}")
+    print(f"wrote {args.out} ({args.n} samples of the {fam.name} at step {meta['step']})")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from genkern.train.families import FAMILY_NAMES
+
+    p = sub.add_parser("train", help="train a model family (VAE, GAN, ...) with checkpoints and logs")
+    p.add_argument("family", choices=FAMILY_NAMES, help="the model family")
+    p.add_argument("--data", help="digits (default), ring (2-D points) or text (language models); "
+                                  "on --resume, the run's own data")
+    p.add_argument("--steps", type=int, help="total optimizer steps (a resumed run continues up to it)")
+    p.add_argument("--out", help="run directory (new or empty) for checkpoints, logs and sample grids")
+    p.add_argument("--resume", help="a run directory to continue from its latest checkpoint")
+    p.add_argument("--seed", type=int, help="initialisation, data order and noise (default 0)")
+    p.add_argument("--batch-size", type=int, help="global batch size (split across torchrun processes)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: the family's)")
+    p.add_argument("--set", type=_setting, action="append", metavar="KEY=VALUE",
+                   help="a model config setting, e.g. --set latent_dim=8 (repeatable)")
+    p.add_argument("--impl", choices=("auto", "torch", "cpp", "triton"), help="kernels the model uses")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (default 500)")
+    p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log rows (default 50)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("sample", help="draw samples from a trained checkpoint into a PNG grid")
+    p.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints")
+    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--out", default="samples.png", help="the PNG to write (default samples.png)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--impl", choices=("auto", "torch", "cpp", "triton"), help="kernels the model uses")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    p.set_defaults(func=_cmd_sample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genkern", description="Fast kernels for generative models.")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -90,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="profile-results", help="directory for profile.json and profile.png")
     p.add_argument("--no-plot", action="store_true", help="skip the latency plot")
     p.set_defaults(func=_cmd_profile)
+    _add_train_parser(sub)
     return parser
 
 

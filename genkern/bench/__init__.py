@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 CASE_MODULES = ("genkern.bench.reparam_kl", "genkern.bench.gan_loss", "genkern.bench.attention",
-                "genkern.bench.kv_decode")
-DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+                "genkern.bench.kv_decode", "genkern.bench.training")
+# "step": one whole optimizer step of a model built on the ops (end to end, not one op).
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd", "step")
 FAST = "fast"  # stands for the op's fast impl on the device: cpp on CPU, triton on CUDA
 COMPILE = "torch.compile"  # torch.compile of the reference function
 SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention, for the attention cases
@@ -68,7 +69,8 @@ class Case:
     op = ""
     grad_inputs: tuple = ()  # names of the inputs that receive gradients
     baselines: tuple = ()  # impls timed besides torch, the fast impl and COMPILE (e.g. SDPA)
-    directions: tuple = DIRECTIONS  # what it has: ("fwd",) for an op without a backward
+    directions: tuple = ("fwd", "bwd", "fwd+bwd")  # what it has: ("fwd",) for an op without a backward
+    compiles: bool = True  # whether torch.compile of the reference is a baseline
 
     def __init__(self, sizes: dict, dtype=torch.float32, targets=(), quick=False, devices=("cpu", "cuda")):
         self.sizes = dict(sizes)

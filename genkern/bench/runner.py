@@ -131,7 +131,8 @@ def case_impls(case, impls) -> list:
     """`impls` with the case's own baselines (e.g. sdpa) added before torch.compile."""
     extra = [b for b in case.baselines if b not in impls]
     at = impls.index(COMPILE) if COMPILE in impls else len(impls)
-    return list(impls[:at]) + extra + list(impls[at:])
+    tail = list(impls[at:]) if case.compiles else [i for i in impls[at:] if i != COMPILE]
+    return list(impls[:at]) + extra + tail
 
 
 def fast_impl(device, impl="auto") -> str:
@@ -263,6 +264,9 @@ def prepare(case, impl, direction, device, inputs=None):
 
 
 def _prepare(fn, case, direction, inputs):
+    if direction == "step":  # fn runs a whole training step itself
+        fn(inputs)
+        return lambda: fn(inputs)
     if direction == "fwd":
         def fwd():
             with torch.no_grad():
@@ -318,11 +322,11 @@ def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmu
     """Median, quartiles, ratio, GB/s (and TFLOP/s when `flops` is given) of one impl's times (s)."""
     ms = sorted(t * 1e3 for t in times)
     q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
-    gbps = nbytes / (med / 1e3) / 1e9
+    gbps = nbytes / (med / 1e3) / 1e9 if nbytes else None  # no byte count: a whole training step
     out = {"status": "ok", "median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "n": len(ms),
            "ratio": speedup(ref_ms if ref_ms is not None else med, med), "gbps": gbps,
-           "frac_copy_bw": gbps / copy_gbps if copy_gbps else None,
-           "frac_read_bw": gbps / read_gbps if read_gbps else None}
+           "frac_copy_bw": gbps / copy_gbps if copy_gbps and gbps else None,
+           "frac_read_bw": gbps / read_gbps if read_gbps and gbps else None}
     if flops is not None:
         out["tflops"] = flops / (med / 1e3) / 1e12
         out["frac_matmul"] = out["tflops"] / matmul_tflops if matmul_tflops else None

@@ -1,0 +1,70 @@
+"""End-to-end training steps: the models built on genkern's ops, default impl against plain PyTorch.
+
+One "step" is what the trainer runs per batch (forward, backward, optimizer
+update; for a GAN the discriminator and the generator updates and the EMA),
+with the model's ops on the fast impl or on "torch". Both models start from
+the same weights and see the same batch and noise.
+"""
+from __future__ import annotations
+
+import torch
+
+from genkern.bench import Case, Target
+
+OP = "train_step"
+
+
+class TrainStepCase(Case):
+    """A family's model on a dataset's shape, one global batch of size B."""
+
+    op = OP
+    directions = ("step",)
+    compiles = False
+
+    def __init__(self, family: str, data: str, B: int, model: dict | None = None, targets=(), quick=False):
+        super().__init__({"model": f"{family}-{data}", "B": B}, torch.float32, targets, quick)
+        self.family, self.data, self.model = family, data, dict(model or {})
+
+    def _setup(self):
+        from genkern.train.families import get_family
+        from genkern.train.trainer import _model_config, load_data
+        fam = get_family(self.family)
+        train, _, _ = load_data(self.data)
+        return fam, train, _model_config(fam, self.model, train)
+
+    def make_inputs(self, device) -> dict:
+        fam, train, config = self._setup()
+        gen = torch.Generator().manual_seed(0)
+        idx = torch.randperm(len(train.x), generator=gen)[:self.sizes["B"]]
+        return {"x": train.x[idx].to(device)}
+
+    def impl_fn(self, impl: str):
+        from genkern.train.trainer import build_model
+        fam, _, config = self._setup()
+        state = {}
+
+        def step(inputs):
+            if not state:  # built on first use, on the inputs' device
+                device = inputs["x"].device
+                model = build_model(fam, config, 0, impl, device)
+                noise = fam.noise(model, torch.Generator().manual_seed(1), self.sizes["B"])
+                state.update(model=model, opts=fam.optimizers(model, fam.lr, fam.betas),
+                             noise={k: v.to(device) for k, v in noise.items()})
+            model = state["model"]
+            out = fam.step(model, model, state["opts"], {"x": inputs["x"]}, state["noise"])
+            return tuple(out.values())
+        return step
+
+    def bytes_moved(self, direction: str) -> int:
+        return 0
+
+
+_NEVER_SLOWER = (Target("cpu", "step", "speedup", 1.0), Target("cuda", "step", "speedup", 1.0))
+
+CASES = [
+    TrainStepCase("vae", "digits", 128, targets=_NEVER_SLOWER, quick=True),
+    TrainStepCase("vae", "digits", 1024, targets=_NEVER_SLOWER),
+    TrainStepCase("gan", "digits", 128, targets=_NEVER_SLOWER, quick=True),
+    TrainStepCase("gan", "digits", 1024, targets=_NEVER_SLOWER),
+    TrainStepCase("gan", "ring", 512, targets=_NEVER_SLOWER),
+]
