@@ -1,0 +1,435 @@
+"""ARIMA(p, d, q) models for univariate series, fitted by exact Gaussian maximum likelihood.
+
+The model follows statsmodels' ``tsa.arima.model.ARIMA`` (regression with ARIMA errors)::
+
+    y_t = x_t' beta + u_t,   (1 - L)^d u_t = w_t,
+    w_t = phi_1 w_{t-1} + ... + phi_p w_{t-p} + e_t + theta_1 e_{t-1} + ... + theta_q e_{t-q},
+
+with ``e_t ~ N(0, sigma2)`` and the sign convention of ``genkern.data.arma``. The trend
+``x_t`` holds powers of the time index ``t = 1, ..., n``: ``"n"`` none, ``"c"`` a constant, ``"t"``
+a linear trend, ``"ct"`` both. So for ``d = 0`` the ``"const"`` parameter is the *mean* of the
+series, not the intercept of the ARMA recursion, and for ``d = 1`` the ``"trend"`` coefficient
+(statsmodels' ``"x1"``) is the mean of the differenced series (the drift). As in statsmodels,
+trend terms of order below ``d`` are rejected (differencing would remove them).
+
+Fitting works on the d-times differenced series ``Δ^d y = Δ^d x' beta + w``. The likelihood of
+``w`` is exact: a Kalman filter on Harvey's state-space form, started from the stationary
+covariance (discrete Lyapunov equation). Once the filtered covariance has vanished (the
+innovations then equal the ARMA residuals) the rest of the series is filtered with
+``scipy.signal.lfilter``, which makes long series cheap. ``beta`` and ``sigma2`` are
+concentrated out in closed form (GLS on the innovations), so L-BFGS-B only searches the ARMA
+coefficients, through the PACF (Monahan / Jones) transform that keeps every iterate stationary
+and invertible. Start values come from Hannan-Rissanen. The log-likelihood is that of the
+``n - d`` differenced values (the exact diffuse limit; statsmodels starts the integrated states
+with variance 1e6 instead, so for d > 0 its llf differs from this one by about 1e-6).
+
+Inputs may be lists, numpy arrays or tensors; the computation is numpy/scipy float64, and every
+series returned (``forecast``, ``simulate``) is a 1-D torch.float64 CPU tensor.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy import linalg, optimize, signal, stats
+
+from genkern.data.arma import (ar_from_pacf, as_coefficients, check_invertible, check_stationary, pacf_from_ar,
+                               psi_weights)
+
+__all__ = ["AR", "ARIMA", "Forecast"]
+
+_TREND_TERMS = {"n": (), "c": (0,), "t": (1,), "ct": (0, 1)}
+_TREND_NAMES = {0: "const", 1: "trend"}
+
+
+class Forecast(NamedTuple):
+    """Forecasts for steps 1..h ahead: each field an (h,) torch.float64 tensor."""
+    mean: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    se: torch.Tensor       # standard error of the forecast (prediction error std)
+
+
+def _as_series(y, name: str = "y") -> np.ndarray:
+    """y as a 1-D finite float64 array (copy-free where possible)."""
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().to(torch.float64).numpy()
+    try:
+        arr = np.asarray(y, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a 1-D array of real numbers") from exc
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return arr
+
+
+def _lags(x: np.ndarray, k: int, start: int) -> np.ndarray:
+    """(len(x) - start, k) matrix whose row for t holds x[t-1], ..., x[t-k]."""
+    return np.column_stack([x[start - j:len(x) - j] for j in range(1, k + 1)]) if k else \
+        np.empty((len(x) - start, 0))
+
+
+def _state_space(phi: np.ndarray, theta: np.ndarray):
+    """Harvey form: alpha_t = T alpha_{t-1} + R e_t, w_t = alpha_t[0]; r = max(p, q + 1)."""
+    p, q = len(phi), len(theta)
+    r = max(p, q + 1)
+    T = np.eye(r, k=1)
+    T[:p, 0] = phi
+    R = np.zeros(r)
+    R[0], R[1:q + 1] = 1.0, theta
+    return T, np.outer(R, R)
+
+
+def _kalman(Y: np.ndarray, phi: np.ndarray, theta: np.ndarray, tol: float = 1e-14):
+    """Innovations of the zero-mean, unit-variance-shock ARMA model for each column of Y.
+
+    Y: (m, k). Returns V (m, k) innovations, f (m,) their variances (in units of sigma2),
+    and the one-step prediction a (r, k), P (r, r) for time m + 1. The gains do not depend on
+    the data, so all columns share one filter pass. ``tol < 0`` disables the steady-state switch.
+    """
+    T, RR = _state_space(phi, theta)
+    P = linalg.solve_discrete_lyapunov(T, RR)
+    scale = max(1.0, float(np.abs(P).max()))      # rounding noise in P grows with its size
+    m, k = Y.shape
+    V, f = np.empty((m, k)), np.ones(m)
+    a = np.zeros((T.shape[0], k))
+    t = 0
+    while t < m:
+        F = P[0, 0]
+        V[t], f[t] = Y[t] - a[0], F
+        K = P[:, 0] / F
+        Pf = P - np.outer(K, P[0])
+        a = T @ (a + np.outer(K, V[t]))
+        P = T @ Pf @ T.T + RR
+        t += 1
+        # AR(p) states are known exactly after p values; otherwise wait for Pf to vanish.
+        if tol >= 0 and ((len(theta) == 0 and t >= len(phi)) or np.abs(Pf).max() <= tol * scale):
+            break
+    if t < m:
+        # Steady state: innovations are the ARMA residuals phi(L) w / theta(L). lfilter's
+        # transposed direct-form state is then minus the predicted Harvey state.
+        s = max(len(phi), len(theta))
+        V[t:], zf = signal.lfilter(np.r_[1.0, -phi], np.r_[1.0, theta], Y[t:], axis=0, zi=-a[:s])
+        a = np.zeros_like(a)
+        a[:s] = -zf
+        P = RR
+    return V, f, a, P
+
+
+def _ols(target: np.ndarray, design: np.ndarray) -> np.ndarray:
+    return np.linalg.lstsq(design, target, rcond=None)[0]
+
+
+def _hannan_rissanen(u: np.ndarray, p: int, q: int):
+    """Start values for ARMA(p, q) on a zero-mean series u; zeros where they are unusable."""
+    m = len(u)
+    phi, theta = np.zeros(p), np.zeros(q)
+    if q == 0:
+        if m - p > p:
+            phi = _ols(u[p:], _lags(u, p, p))
+    else:
+        # A long autoregression estimates the shocks, then y is regressed on its lags and them.
+        L = min(max(int(math.log(m) ** 2), 2 * max(p, q)), (m - 1) // 3)
+        start = max(p, L + q)
+        if L >= 1 and m - start > p + q:
+            # Yule-Walker (a Toeplitz solve) keeps the long AR cheap: least squares on an
+            # (m, L) lag matrix costs O(m L^2), and these are only start values.
+            acov = np.array([u[:m - j] @ u[j:] for j in range(L + 1)]) / m
+            e = np.zeros(m)
+            e[L:] = u[L:] - _lags(u, L, L) @ linalg.solve_toeplitz(acov[:L], acov[1:])
+            coef = _ols(u[start:], np.column_stack([_lags(u, p, start), _lags(e, q, start)]))
+            phi, theta = coef[:p], coef[p:]
+    try:
+        check_stationary(phi)
+    except ValueError:
+        phi = np.zeros(p)
+    try:
+        check_invertible(theta)
+    except ValueError:
+        theta = np.zeros(q)
+    return phi, theta
+
+
+class ARIMA:
+    """ARIMA(p, d, q) with an optional deterministic trend, fitted by exact maximum likelihood.
+
+    Args:
+        order: ``(p, d, q)`` non-negative ints.
+        trend: ``"n"``, ``"c"``, ``"t"`` or ``"ct"`` (see the module docstring). Default ``"c"``
+            when ``d == 0`` and ``"n"`` otherwise, as in statsmodels.
+
+    After ``fit(y)``: ``params`` (dict: ``const``/``trend``, ``ar.L1``.., ``ma.L1``..,
+    ``sigma2``), ``sigma2``, ``llf``, ``aic``, ``bic`` (the parameter count includes sigma2; BIC
+    uses the ``n - d`` differenced values, as statsmodels), ``nobs``.
+    """
+
+    def __init__(self, order=(1, 0, 0), trend: str | None = None):
+        if (not isinstance(order, (tuple, list)) or len(order) != 3 or
+                any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in order)):
+            raise ValueError(f"order must be (p, d, q) with non-negative ints, got {order!r}")
+        self.p, self.d, self.q = (int(v) for v in order)
+        self.trend = ("c" if self.d == 0 else "n") if trend is None else trend
+        if self.trend not in _TREND_TERMS:
+            raise ValueError(f"trend must be one of 'n', 'c', 't', 'ct' or None, got {trend!r}")
+        self._terms = _TREND_TERMS[self.trend]
+        if self._terms and min(self._terms) < self.d:
+            raise ValueError(f"trend={self.trend!r} has terms of lower order than d={self.d}; differencing "
+                             "removes them (use trend='t' with d=1, or 'n')")
+        self.param_names = ([_TREND_NAMES[k] for k in self._terms] + [f"ar.L{i}" for i in range(1, self.p + 1)]
+                            + [f"ma.L{j}" for j in range(1, self.q + 1)] + ["sigma2"])
+        self._fitted = False
+
+    # ---- data preparation -------------------------------------------------------------
+    def _differenced(self, y: np.ndarray, extra: int = 0):
+        """Δ^d y (m,) and Δ^d of the trend columns for t = 1..len(y)+extra, ((m + extra), k)."""
+        t = np.arange(1, len(y) + extra + 1, dtype=np.float64)
+        X = np.column_stack([t ** k for k in self._terms]) if self._terms else np.empty((len(t), 0))
+        return np.diff(y, n=self.d), np.diff(X, n=self.d, axis=0)
+
+    def _check_length(self, y: np.ndarray, need: int):
+        if len(y) < need:
+            raise ValueError(f"y has {len(y)} values; ARIMA{(self.p, self.d, self.q)} with trend={self.trend!r} "
+                             f"needs at least {need}")
+
+    # ---- estimation --------------------------------------------------------------------
+    def _profile(self, phi, theta, w, X):
+        """Concentrated log-likelihood, GLS beta and sigma2 for given ARMA coefficients."""
+        V, f, _, _ = _kalman(np.column_stack([w, X]), phi, theta)
+        V = V / np.sqrt(f)[:, None]                       # standardised innovations
+        beta = _ols(V[:, 0], V[:, 1:]) if X.shape[1] else np.empty(0)
+        resid = V[:, 0] - V[:, 1:] @ beta
+        sigma2 = float(resid @ resid) / len(w)
+        llf = -0.5 * len(w) * (math.log(2 * math.pi * sigma2) + 1.0) - 0.5 * float(np.log(f).sum())
+        return llf, beta, sigma2
+
+    def fit(self, y, *, start_params=None, maxiter: int = 1000) -> "ARIMA":
+        """Exact maximum-likelihood fit to the series ``y`` ((n,) array or tensor). Returns self.
+
+        start_params: optional ARMA start values, either ``[ar..., ma...]`` (p + q values) or a
+            full vector in ``param_names`` order (only its AR and MA entries are used). They must
+            be stationary and invertible. Default: Hannan-Rissanen.
+        """
+        y = _as_series(y)
+        self._check_length(y, self.d + len(self._terms) + self.p + self.q + 2)
+        w, X = self._differenced(y)
+        detrended = w - X @ _ols(w, X) if X.shape[1] else w
+        if np.ptp(detrended) == 0.0:
+            raise ValueError("y has no variation left after differencing and removing the trend")
+        p, q = self.p, self.q
+        if start_params is None:
+            phi0, theta0 = _hannan_rissanen(detrended, p, q)
+        else:
+            sp = as_coefficients(start_params, "start_params")
+            if len(sp) not in (p + q, len(self.param_names)):
+                raise ValueError(f"start_params must have {p + q} (ar, ma) or {len(self.param_names)} values, "
+                                 f"got {len(sp)}")
+            sp = sp[len(self._terms):len(self._terms) + p + q] if len(sp) != p + q else sp
+            phi0 = check_stationary(sp[:p], "start_params (AR part)")
+            theta0 = check_invertible(sp[p:], "start_params (MA part)")
+
+        def split(x):
+            return ar_from_pacf(x[:p]), -ar_from_pacf(x[p:])   # theta(z) = 1 + ... as an AR-type polynomial
+
+        def objective(x):
+            return -self._profile(*split(x), w, X)[0] / len(w)
+
+        x = np.concatenate((pacf_from_ar(phi0), pacf_from_ar(-theta0)))
+        self.optimizer_result = None
+        if p + q:
+            # Bounds keep the PACFs a hair inside (-1, 1), where the Lyapunov solve stays finite.
+            self.optimizer_result = optimize.minimize(
+                objective, x, method="L-BFGS-B", bounds=[(-1e3, 1e3)] * (p + q),
+                options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-9})
+            x = self.optimizer_result.x
+            if not self.optimizer_result.success:
+                warnings.warn(f"ARIMA{(p, self.d, q)} fit: L-BFGS-B did not converge "
+                              f"({self.optimizer_result.message})", RuntimeWarning, stacklevel=2)
+        phi, theta = split(x)
+        _, beta, sigma2 = self._profile(phi, theta, w, X)
+        self._set_fit(y, phi, theta, beta, sigma2)
+        return self
+
+    def _set_fit(self, y, phi, theta, beta, sigma2):
+        """Store the parameters and the filter state at the end of y (for forecasts)."""
+        self._phi, self._theta = np.asarray(phi, float), np.asarray(theta, float)
+        self._beta, self._sigma2 = np.asarray(beta, float), float(sigma2)
+        self._fitted = True
+        w, X = self._differenced(y)
+        V, f, a, P = _kalman((w - X @ self._beta)[:, None], self._phi, self._theta)
+        self._a_end, self._P_end = a[:, 0], P
+        # Last value of each Δ^j y (j < d): the anchors for integrating forecasts back.
+        self._levels = [float(np.diff(y, n=j)[-1]) for j in range(self.d)]
+        self.nobs = len(y)
+        self._llf_value = self._llf(V[:, 0], f)
+
+    def _llf(self, v, f):
+        return float(-0.5 * np.sum(np.log(2 * math.pi * self._sigma2 * f) + v * v / (self._sigma2 * f)))
+
+    def _require_fit(self, what: str):
+        if not self._fitted:
+            raise RuntimeError(f"{type(self).__name__}.{what} needs a fitted model; call .fit(y) first")
+
+    # ---- results -----------------------------------------------------------------------
+    @property
+    def params(self) -> dict:
+        """Fitted parameters by name, in ``param_names`` order (floats)."""
+        self._require_fit("params")
+        values = np.concatenate((self._beta, self._phi, self._theta, [self._sigma2]))
+        return dict(zip(self.param_names, (float(v) for v in values)))
+
+    @property
+    def llf(self) -> float:
+        """Exact log-likelihood of the fitted series (its n - d differenced values)."""
+        self._require_fit("llf")
+        return self._llf_value
+
+    @property
+    def sigma2(self) -> float:
+        self._require_fit("sigma2")
+        return self._sigma2
+
+    @property
+    def aic(self) -> float:
+        self._require_fit("aic")
+        return -2.0 * self.llf + 2.0 * len(self.param_names)
+
+    @property
+    def bic(self) -> float:
+        self._require_fit("bic")
+        return -2.0 * self.llf + len(self.param_names) * math.log(self.nobs - self.d)
+
+    def log_likelihood(self, y) -> float:
+        """Exact Gaussian log-likelihood of the series ``y`` ((n,), time index 1..n) under the
+        fitted parameters; like ``llf``, it is the density of the n - d differenced values."""
+        self._require_fit("log_likelihood")
+        y = _as_series(y)
+        self._check_length(y, self.d + 1)
+        w, X = self._differenced(y)
+        V, f, _, _ = _kalman((w - X @ self._beta)[:, None], self._phi, self._theta)
+        return self._llf(V[:, 0], f)
+
+    def _integrate(self, w_new: np.ndarray) -> np.ndarray:
+        """Future Δ^d values -> future levels of y, continuing from the fitted series' end."""
+        for level in reversed(self._levels):
+            w_new = level + np.cumsum(w_new)
+        return w_new
+
+    def forecast(self, steps: int, alpha: float = 0.05) -> Forecast:
+        """Forecast ``steps`` values past the end of the fitted series.
+
+        Mean: the Kalman prediction of the differenced series plus its trend, integrated back
+        ``d`` times from the last observed values. Variance (exact, known past):
+        ``sigma2 * (g_h P g_h' + sum_{i < h-1} psi_i^2)``, where P is the state prediction
+        covariance at n + 1, g_h the integrated loading of that state, and psi the ARIMA
+        psi-weights of theta(z) / (phi(z) (1 - z)^d). Interval: mean -/+ z_{1 - alpha/2} * se.
+        Returns a ``Forecast`` of (steps,) float64 tensors.
+        """
+        self._require_fit("forecast")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        T, _ = _state_space(self._phi, self._theta)
+        G = np.empty((steps, T.shape[0]))                  # row h-1: Z T^(h-1)
+        G[0] = np.eye(T.shape[0])[0]
+        for h in range(1, steps):
+            G[h] = G[h - 1] @ T
+        X = self._differenced(np.zeros(self.nobs), extra=steps)[1][-steps:]
+        mean = self._integrate(X @ self._beta + G @ self._a_end)
+        for _ in range(self.d):
+            G = np.cumsum(G, axis=0)
+        psi = psi_weights(self._phi, self._theta, steps, self.d)
+        shocks = np.concatenate(([0.0], np.cumsum(psi[:-1] ** 2)))
+        se = np.sqrt(self._sigma2 * (np.einsum("hi,ij,hj->h", G, self._P_end, G) + shocks))
+        z = stats.norm.ppf(1.0 - alpha / 2.0)
+        out = [torch.from_numpy(np.ascontiguousarray(v)) for v in (mean, mean - z * se, mean + z * se, se)]
+        return Forecast(*out)
+
+    def simulate(self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
+                 initial: str = "stationary") -> torch.Tensor:
+        """Draw ``n`` values from the fitted model; returns an (n,) torch.float64 tensor.
+
+        initial: ``"stationary"`` starts the ARMA state from its stationary distribution, with
+            the trend at t = 1..n and (for d > 0) the integration starting from 0;
+            ``"continue"`` draws the state from its distribution given the fitted series and
+            continues it (times n_fit + 1 ..., integrated from the last observed values).
+        seed / generator: reproducible draws (a fresh ``torch.Generator``, or the one given).
+        """
+        self._require_fit("simulate")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if initial not in ("stationary", "continue"):
+            raise ValueError(f"initial must be 'stationary' or 'continue', got {initial!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("give at most one of seed and generator")
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(int(seed)) if seed is not None else generator.seed()
+        T, RR = _state_space(self._phi, self._theta)
+        r, scale = T.shape[0], math.sqrt(self._sigma2)
+        z = torch.randn(r + n - 1, generator=generator, dtype=torch.float64).numpy()
+        if initial == "continue":
+            mean0, cov0 = self._a_end, self._P_end
+            X = self._differenced(np.zeros(self.nobs), extra=n)[1][-n:]
+        else:
+            mean0, cov0 = np.zeros(r), linalg.solve_discrete_lyapunov(T, RR)
+            X = self._differenced(np.zeros(n + self.d))[1]
+        # cov0 may be singular (e.g. R R'), so draw through its eigen-decomposition.
+        lam, U = np.linalg.eigh(cov0)
+        alpha1 = mean0 + scale * (U @ (np.sqrt(np.clip(lam, 0.0, None)) * z[:r]))
+        w = np.empty(n)
+        w[0] = alpha1[0]
+        if n > 1:  # after alpha_1 the lfilter state is T alpha_1 (transposed direct form = Harvey form)
+            w[1:] = signal.lfilter(np.r_[1.0, self._theta], np.r_[1.0, -self._phi], scale * z[r:],
+                                   zi=(T @ alpha1)[:max(self.p, self.q)])[0]
+        w = w + X @ self._beta
+        if initial == "continue":
+            w = self._integrate(w)
+        else:
+            for _ in range(self.d):
+                w = np.cumsum(w)
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+
+class AR(ARIMA):
+    """AR(p) fitted in closed form by ordinary least squares (conditional on the first p values).
+
+    ``y_t = c + phi_1 y_{t-1} + ... + phi_p y_{t-p} + e_t`` is regressed on its lags (and a
+    constant when ``trend="c"``); ``sigma2 = SSR / (n - p)``, as statsmodels' ``AutoReg``.
+    ``intercept`` holds c; ``params["const"]`` is the mean ``c / (1 - sum(phi))``, as in ARIMA,
+    so forecasts, simulation and ``llf`` (the *exact* Gaussian log-likelihood at the OLS
+    estimates) are those of the ARIMA(p, 0, 0) model with these parameters.
+    """
+
+    def __init__(self, p: int, trend: str = "c"):
+        if trend not in ("n", "c"):
+            raise ValueError(f"trend must be 'n' or 'c' for AR, got {trend!r}")
+        super().__init__(order=(p, 0, 0), trend=trend)
+
+    def fit(self, y) -> "AR":
+        """Least-squares fit to ``y`` ((n,) array or tensor). Returns self."""
+        y = _as_series(y)
+        p, k = self.p, len(self._terms)
+        self._check_length(y, 2 * p + k + 1)
+        design = np.column_stack([np.ones((len(y) - p, k)), _lags(y, p, p)])
+        coef = _ols(y[p:], design)
+        resid = y[p:] - design @ coef
+        self.intercept = float(coef[0]) if k else 0.0
+        phi = coef[k:]
+        try:
+            check_stationary(phi, "ar")
+        except ValueError as exc:
+            raise ValueError(f"y: the least-squares AR estimates are not stationary ({exc}); difference the "
+                             "series or fit ARIMA by maximum likelihood") from None
+        sigma2 = float(resid @ resid) / (len(y) - p)
+        if sigma2 == 0.0:
+            raise ValueError("y is fitted exactly by the AR recursion (zero residual variance)")
+        beta = [self.intercept / (1.0 - phi.sum())] if k else []
+        self._set_fit(y, phi, np.empty(0), beta, sigma2)
+        return self
