@@ -99,15 +99,19 @@ def _cmd_sample(args) -> int:
 
     if args.n < 1:
         raise ValueError(f"-n must be a positive integer, got {args.n}")
-    if not args.out.lower().endswith(".png"):
-        raise ValueError(f"--out must name a .png file, got {args.out!r}")
+    if not args.out.lower().endswith((".png", ".txt")):
+        raise ValueError(f"--out must name a .png file (or a .txt file for a text model), got {args.out!r}")
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         raise ValueError(f"--out: directory {parent!r} does not exist")
     model, fam, meta = load_trained(args.checkpoint, device=args.device, impl=args.impl)
+    is_text = meta["config"].get("data", {}).get("name") == "text"
+    if args.out.lower().endswith(".txt") and not is_text:
+        raise ValueError(f"--out must name a .png file for a model trained on images or points, got {args.out!r}")
     samples = fam.samples(model, args.n, torch.Generator().manual_seed(args.seed))
-    fam.plot(samples, None, args.out, title=f"{fam.name}, step {meta['step']}")
-    print(f"wrote {args.out} ({args.n} samples of the {fam.name} at step {meta['step']})")
+    # A text model writes decoded text: to a .txt --out as given, else beside the .png name.
+    written = fam.plot(samples, None, args.out, title=f"{fam.name}, step {meta['step']}") or args.out
+    print(f"wrote {written} ({args.n} samples of the {fam.name} at step {meta['step']})")
     return 0
 
 
@@ -136,7 +140,8 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained checkpoint into a PNG grid")
     p.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints")
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--out", default="samples.png", help="the PNG to write (default samples.png)")
+    p.add_argument("--out", default="samples.png", help="the PNG to write (default samples.png); a text "
+                   "model writes text, to this name with .txt for .png, or to a .txt name")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--impl", choices=("auto", "torch", "cpp", "triton"), help="kernels the model uses")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")

@@ -253,7 +253,8 @@ def test_cli_train_sample_and_errors(tmp_path):
 
 
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
-    common = ["vae", "--steps", "6", "--batch-size", "64", "--set", "hidden=32", "--eval-every", "6", "--quiet"]
+    common = ["vae", "--steps", "6", "--batch-size", "64", "--set", "hidden=32", "--eval-every", "6",
+              "--log-every", "2", "--quiet"]
     one = _cli("train", *common, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -267,6 +268,12 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+    # The logged losses are the global batch's, not one shard's.
+    logs = [json.loads((tmp_path / d / "log.json").read_text()) for d in ("one", "two")]
+    for a_row, b_row in zip(*logs):
+        for key in ("loss", "recon", "kl"):
+            if key in a_row:
+                assert b_row[key] == pytest.approx(a_row[key], rel=1e-5), key
     # ... and training moved the weights well beyond that tolerance.
     stored = json.loads((tmp_path / "one" / "run.json").read_text())
     init = build_model(get_family("vae"), stored["model"], stored["seed"], None, "cpu").state_dict()

@@ -334,6 +334,11 @@ def _train(fam, run, train_ds, test_ds, out, dev, dist, impl, meta, cdir, eval_e
         if done % log_every == 0 or last:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
+            if dist.world > 1:  # log the whole global batch's losses, not this shard's
+                keys = sorted(sums)
+                packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in keys]).to(dev)
+                torch.distributed.all_reduce(packed)
+                sums = dict(zip(keys, (packed / dist.world).tolist()))
             now = time.perf_counter()
             row = {"step": done, **{k: float(v) / window for k, v in sums.items()},
                    "step_ms": 1e3 * (now - t_window) / window}
