@@ -148,6 +148,15 @@ def _add_train_parser(sub) -> None:
     p.set_defaults(func=_cmd_sample)
 
 
+def _cmd_compare(args) -> int:
+    from genkern.compare import compare
+
+    compare(quick=args.quick, large=True if args.large else None, out=args.out, seeds=args.seeds,
+            steps=args.steps, device=args.device, threads=args.threads, progress=True)
+    print(f"wrote {os.path.join(args.out, 'compare.json')} and samples.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genkern", description="Fast kernels for generative models.")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -175,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="skip the latency plot")
     p.set_defaults(func=_cmd_profile)
     _add_train_parser(sub)
+    p = sub.add_parser("compare", help="VAE vs GAN vs Transformer on the digits under one training budget")
+    p.add_argument("--quick", action="store_true", help="2 seeds x 80 steps: well under a minute on a CPU")
+    p.add_argument("--large", action="store_true", help="bigger models and budget (the default on CUDA)")
+    p.add_argument("--out", default="compare-results", help="directory for compare.json and samples.png "
+                                                            "(default compare-results)")
+    p.add_argument("--seeds", type=int, help="number of seeds per family (default 3, --quick 2)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run, the same for every family")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default 1 on a CPU device: small models)")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -278,3 +278,10 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     stored = json.loads((tmp_path / "one" / "run.json").read_text())
     init = build_model(get_family("vae"), stored["model"], stored["seed"], None, "cpu").state_dict()
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3
+
+
+def test_gan_without_ema_trains():
+    res = train("gan", steps=3, batch_size=32, model={**SMALL["gan"], "ema_decay": 0.0}, progress=False,
+                eval_every=3)
+    assert res.model.generator_ema is None and res.step == 3
+    assert res.history[-1]["classes_covered"] >= 1

@@ -195,7 +195,8 @@ class GANFamily(Family):
         g = net("g", real=batch["x"], z=noise["z_g"])
         g["loss"].backward()
         opt_g.step()
-        model.update_ema()
+        if model.generator_ema is not None:
+            model.update_ema()
         out = {"d_loss": d["d_loss"].detach(), "g_loss": g["g_loss"].detach()}
         if "r1" in d:
             out["r1"] = d["r1"].detach()
