@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,6 +311,10 @@ def _train(fam, run, train_ds, test_ds, out, dev, dist, impl, meta, cdir, eval_e
         (out / "samples").mkdir(parents=True, exist_ok=True)
         write_atomic(out / "run.json", json.dumps(run, indent=1) + "\n")
     net = model
+    if dist.world > 1 and run["model"].get("loss") == "relativistic" and dist.rank == 0:
+        warnings.warn("the relativistic average GAN loss takes its means over each process's shard of the "
+                      "batch, so a sharded run differs from a single-process one (the other losses do not)",
+                      stacklevel=2)
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
