@@ -51,7 +51,7 @@ _LARGE = {"vae": {"hidden": 512, "depth": 2, "latent_dim": 32}, "gan": {"hidden"
           "transformer": {"dim": 128, "n_layers": 4, "n_heads": 4}}
 PRESETS = {
     "quick": Settings(steps=80, batch_size=32, seeds=[0, 1], num_samples=20, models=_SMALL, preset="quick"),
-    "default": Settings(steps=600, batch_size=64, seeds=[0, 1, 2], num_samples=100, models=_SMALL),
+    "default": Settings(steps=1500, batch_size=64, seeds=[0, 1, 2], num_samples=100, models=_SMALL),
     "large": Settings(steps=3000, batch_size=128, seeds=[0, 1, 2], num_samples=100, models=_LARGE,
                       preset="large"),
 }

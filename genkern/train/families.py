@@ -155,8 +155,9 @@ class VAEFamily(Family):
 
 class GANFamily(Family):
     name = "gan"
-    lr = 2e-4
+    lr = 1e-3
     betas = (0.5, 0.999)
+    batch_size = 256
 
     def model_config(self, overrides, data):
         from genkern.models.gan import GANConfig
