@@ -1,7 +1,8 @@
 """End-to-end training steps: the models built on genkern's ops, default impl against plain PyTorch.
 
 One "step" is what the trainer runs per batch (forward, backward, optimizer
-update; for a GAN the discriminator and the generator updates and the EMA),
+update; for a GAN the discriminator and the generator updates and the EMA;
+for the Transformer one batch of windows through flash-attention),
 with the model's ops on the fast impl or on "torch". Both models start from
 the same weights and see the same batch and noise.
 """
@@ -33,10 +34,10 @@ class TrainStepCase(Case):
         return fam, train, _model_config(fam, self.model, train)
 
     def make_inputs(self, device) -> dict:
+        from genkern.train.trainer import build_model
         fam, train, config = self._setup()
-        gen = torch.Generator().manual_seed(0)
-        idx = torch.randperm(len(train.x), generator=gen)[:self.sizes["B"]]
-        return {"x": train.x[idx].to(device)}
+        model = build_model(fam, config, 0, "torch", "cpu")  # only for the batch's shape (LM windows)
+        return {k: v.to(device) for k, v in fam.batch(model, train, 0, 0, self.sizes["B"]).items()}
 
     def impl_fn(self, impl: str):
         from genkern.train.trainer import build_model
@@ -45,13 +46,13 @@ class TrainStepCase(Case):
 
         def step(inputs):
             if not state:  # built on first use, on the inputs' device
-                device = inputs["x"].device
+                device = next(iter(inputs.values())).device
                 model = build_model(fam, config, 0, impl, device)
                 noise = fam.noise(model, torch.Generator().manual_seed(1), self.sizes["B"])
                 state.update(model=model, opts=fam.optimizers(model, fam.lr, fam.betas),
                              noise={k: v.to(device) for k, v in noise.items()})
             model = state["model"]
-            out = fam.step(model, model, state["opts"], {"x": inputs["x"]}, state["noise"])
+            out = fam.step(model, model, state["opts"], inputs, state["noise"])
             return tuple(out.values())
         return step
 
@@ -67,4 +68,7 @@ CASES = [
     TrainStepCase("gan", "digits", 128, targets=_NEVER_SLOWER, quick=True),
     TrainStepCase("gan", "digits", 1024, targets=_NEVER_SLOWER),
     TrainStepCase("gan", "ring", 512, targets=_NEVER_SLOWER),
+    # The Transformer trains through genkern.flash_attention (forward and backward).
+    TrainStepCase("transformer", "digits", 64, targets=_NEVER_SLOWER, quick=True),
+    TrainStepCase("transformer", "text", 32, targets=_NEVER_SLOWER),
 ]
