@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("profile", help="time autoregressive generation: prefill, per-token latency, tokens/s")
     p.add_argument("--model", default="small",
-                   help="a preset (tiny, small: 6 layers x 256, medium) or a TransformerLM checkpoint directory")
+                   help="a preset (tiny, small: 6 layers x 256, medium), a TransformerLM checkpoint directory "
+                        "or a `genkern train transformer` run directory")
     p.add_argument("--batch", type=_ints, default=(1,), help="comma-separated batch sizes (default 1)")
     p.add_argument("--context", type=_ints, default=(128, 512, 1024),
                    help="comma-separated prompt lengths (default 128,512,1024)")

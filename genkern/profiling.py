@@ -33,7 +33,8 @@ _IMPL = {"genkern": "auto", "torch": "torch", "no_cache": "torch"}
 
 def load_model(model, device=None, dtype=torch.float32) -> TransformerLM:
     """A TransformerLM from a preset name, a checkpoint directory (config.json with the
-    model's ModelArgs under "args", weights in model.safetensors) or a model itself."""
+    model's ModelArgs under "args", weights in model.safetensors), a `genkern train
+    transformer` run directory or checkpoint, or a model itself."""
     if isinstance(model, TransformerLM):
         return model.to(device=device, dtype=dtype).eval()
     if isinstance(model, str) and model in PRESETS:
@@ -42,6 +43,8 @@ def load_model(model, device=None, dtype=torch.float32) -> TransformerLM:
     path = Path(str(model))
     if not path.is_dir():
         raise ValueError(f"model must be one of {', '.join(PRESETS)} or a checkpoint directory, got {model!r}")
+    if (path / "latest.json").is_file() or _is_training_checkpoint(path):
+        return _from_training_run(path, device, dtype)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
@@ -50,6 +53,22 @@ def load_model(model, device=None, dtype=torch.float32) -> TransformerLM:
         net.load_state_dict(load_file(str(path / "model.safetensors")))
     except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ValueError(f"{path} is not a readable TransformerLM checkpoint: {exc}") from exc
+    return net.to(device=device, dtype=dtype).eval()
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == "genkern-checkpoint"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _from_training_run(path: Path, device, dtype) -> TransformerLM:
+    """The TransformerLM of a `genkern train transformer` run directory or checkpoint."""
+    from genkern.train.trainer import load_trained
+    net, fam, _ = load_trained(path, device="cpu")
+    if not isinstance(net, TransformerLM):
+        raise ValueError(f"{path} holds a {fam.name} model, not a TransformerLM")
     return net.to(device=device, dtype=dtype).eval()
 
 

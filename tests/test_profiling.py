@@ -71,6 +71,19 @@ def test_checkpoint_directory(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_training_run_directory(tmp_path):
+    from genkern.train import train
+    res = train("transformer", data="digits", steps=2, batch_size=8, out=tmp_path / "run", progress=False,
+                model={"dim": 32, "n_layers": 1, "n_heads": 2})
+    for where in (tmp_path / "run", next((tmp_path / "run" / "checkpoints").iterdir())):
+        loaded = load_model(str(where))
+        for (k, a), (_, b) in zip(res.model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), k
+    train("vae", data="digits", steps=2, batch_size=8, out=tmp_path / "vae", progress=False, model={"hidden": 8})
+    with pytest.raises(ValueError, match="holds a vae model, not a TransformerLM"):
+        load_model(str(tmp_path / "vae"))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"modes": ("fast",)}, "modes must be among"),
     ({"batch_sizes": (0,)}, "batch_sizes must be positive"),
