@@ -1,4 +1,5 @@
 """The embedded datasets: the digits and their fixed split, the ring of Gaussians and count_modes."""
+import importlib
 import math
 import sys
 
@@ -6,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from genkern.data import digits as digits_module
 from genkern.data.base import Dataset
 from genkern.data.digits import digits, split_indices
 from genkern.data.toy import count_modes, mode_centres, ring_of_gaussians
+
+digits_module = importlib.import_module("genkern.data.digits")  # the module: genkern.data.digits is the function
 
 # --- Dataset ------------------------------------------------------------------------------
 
