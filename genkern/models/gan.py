@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from genkern._dispatch import IMPLS
+from genkern.models._config import ConfigDict
 from genkern.ops.gan_loss import discriminator_loss, generator_loss
 from genkern.reference.gan_loss import KINDS
 
@@ -27,7 +28,7 @@ MODES = ("d", "g")
 
 
 @dataclass
-class GANConfig:
+class GANConfig(ConfigDict):
     """Defaults: the MLP GAN that trains on the 8x8 digits in ~2,000 steps (Adam lr 1e-3,
     betas (0.5, 0.999), batch 256); the ring of Gaussians needs data_shape=(2,), output="linear"."""
     data_shape: tuple = (1, 8, 8)
@@ -77,21 +78,6 @@ class GANConfig:
     def dim(self) -> int:
         """D, the number of data dimensions."""
         return math.prod(self.data_shape)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["data_shape"] = list(self.data_shape)  # JSON has no tuples
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GANConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"GANConfig.from_dict needs a dict, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in names:
-                raise ValueError(f"unknown GANConfig key {key!r} (known: {', '.join(sorted(names))})")
-        return cls(**d)
 
 
 _OUTPUT = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "linear": nn.Identity}

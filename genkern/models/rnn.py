@@ -6,17 +6,18 @@ token costs O(1) in the sequence length, where the Transformer needs a KV cache.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genkern.generation import sample_next
+from genkern.models._config import ConfigDict
 
 
 @dataclass
-class RNNConfig:
+class RNNConfig(ConfigDict):
     vocab_size: int = 256
     kind: str = "gru"             # "gru" | "lstm"
     dim: int = 128                # embedding width
@@ -45,19 +46,6 @@ class RNNConfig:
                                            or not 0 <= self.bos_token < self.vocab_size):
             raise ValueError(f"bos_token must be None or an int in [0, vocab_size={self.vocab_size}), got "
                              f"{self.bos_token!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RNNConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"d must be a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown RNNConfig keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
 
 
 def check_tokens(tokens, vocab_size: int, *, name: str = "tokens", min_len: int = 1) -> None:

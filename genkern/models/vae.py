@@ -14,7 +14,7 @@ D = prod(data_shape). Two architectures: "mlp" (flattened x) and "conv" for (C, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkern._dispatch import IMPLS
+from genkern.models._config import ConfigDict
 from genkern.ops.reparam_kl import reparameterize_kl
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
@@ -33,7 +34,7 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(ConfigDict):
     """Defaults: the categorical MLP VAE of the 8x8 digits (Adam lr 1e-3, batch 128, ~1,000 steps
     reach ~2.1 bits/dim on the test split; longer runs overfit the 1,438 training images)."""
     data_shape: tuple = (1, 8, 8)
@@ -75,14 +76,6 @@ class VAEConfig:
         """D, the number of data dimensions."""
         return math.prod(self.data_shape)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["data_shape"] = list(self.data_shape)  # JSON has no tuples
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        return cls(**_known_keys(cls, d))
 
 
 def _check_choice(name, value, choices):
@@ -90,14 +83,6 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _known_keys(cls, d):
-    if not isinstance(d, dict):
-        raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
-    names = {f.name for f in fields(cls)}
-    for key in d:
-        if key not in names:
-            raise ValueError(f"unknown {cls.__name__} key {key!r} (known: {', '.join(sorted(names))})")
-    return d
 
 
 class ELBO(NamedTuple):
