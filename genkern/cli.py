@@ -78,6 +78,8 @@ def _setting(text: str) -> tuple:
 def _cmd_train(args) -> int:
     from genkern.train.trainer import train
 
+    if args.out is None and args.resume is None:
+        raise ValueError("--out DIR is required for a new run (or --resume DIR to continue one)")
     model = dict(args.set) if args.set else None
     result = train(args.family, data=args.data, steps=args.steps, out=args.out, seed=args.seed,
                    batch_size=args.batch_size, lr=args.lr, model=model, impl=args.impl, device=args.device,

@@ -241,12 +241,15 @@ def test_cli_train_sample_and_errors(tmp_path):
     for args, word in [(("train", "vae", "--steps", "8", "--resume", str(out), "--lr", "0.3"), "lr"),
                        (("train", "vae", "--steps", "8", "--out", str(out)), "already exists"),
                        (("sample", "--checkpoint", str(tmp_path / "missing")), "does not exist"),
-                       (("train", "vae", "--steps", "2", "--set", "latent_dim=-1"), "latent_dim")]:
+                       (("train", "vae", "--steps", "2", "--out", str(tmp_path / "new"), "--set", "latent_dim=-1"),
+                        "latent_dim"),
+                       (("train", "vae", "--steps", "2"), "--out DIR is required")]:
         r = _cli(*args)
         assert r.returncode == 1, (args, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and word in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert _tree_digest(out) == before
+    assert not (tmp_path / "new").exists()
 
 
 # --- distributed ----------------------------------------------------------------------------------
