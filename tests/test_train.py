@@ -289,6 +289,14 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, family, sett
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3
 
 
+def test_sample_command_on_a_ring_gan(tmp_path):
+    out = tmp_path / "ring"
+    train("gan", data="ring", steps=2, batch_size=32, out=out, model=SMALL["gan"], progress=False)
+    r = _cli("sample", "--checkpoint", str(out), "-n", "32", "--out", str(tmp_path / "ring.png"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ring.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_gan_without_ema_trains():
     res = train("gan", steps=3, batch_size=32, model={**SMALL["gan"], "ema_decay": 0.0}, progress=False,
                 eval_every=3)

@@ -19,3 +19,11 @@ class ConfigDict:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+def check_data_shape(shape) -> tuple:
+    """The shape of one example as a tuple of positive ints (JSON gives lists), or ValueError."""
+    if not isinstance(shape, (tuple, list)) or not shape or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {shape!r}")
+    return tuple(shape)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from genkern._dispatch import IMPLS
-from genkern.models._config import ConfigDict
+from genkern.models._config import ConfigDict, check_data_shape
 from genkern.ops.gan_loss import discriminator_loss, generator_loss
 from genkern.reference.gan_loss import KINDS
 
@@ -44,11 +44,7 @@ class GANConfig(ConfigDict):
     impl: str = "auto"             # GAN loss impl: "auto" | "torch" | "cpp" | "triton"
 
     def __post_init__(self):
-        shape = self.data_shape
-        if not isinstance(shape, (tuple, list)) or not shape or \
-                not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-            raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {shape!r}")
-        self.data_shape = tuple(shape)
+        self.data_shape = check_data_shape(self.data_shape)
         for name, choices in (("arch", ARCHS), ("loss", KINDS), ("output", OUTPUTS), ("impl", IMPLS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

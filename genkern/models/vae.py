@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkern._dispatch import IMPLS
-from genkern.models._config import ConfigDict
+from genkern.models._config import ConfigDict, check_data_shape
 from genkern.ops.reparam_kl import reparameterize_kl
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
@@ -48,11 +48,7 @@ class VAEConfig(ConfigDict):
     impl: str = "auto"               # reparameterize_kl impl: "auto" | "torch" | "cpp" | "triton"
 
     def __post_init__(self):
-        shape = self.data_shape
-        if not isinstance(shape, (tuple, list)) or not shape or \
-                not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-            raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {shape!r}")
-        self.data_shape = tuple(shape)
+        self.data_shape = check_data_shape(self.data_shape)
         _check_choice("likelihood", self.likelihood, LIKELIHOODS)
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("impl", self.impl, IMPLS)

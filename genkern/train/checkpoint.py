@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from genkern._io import write_atomic
+from genkern._io import current_umask, write_atomic
 
 FORMAT = "genkern-checkpoint"
 VERSION = 1
@@ -107,7 +107,7 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizers: dict
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         meta = {"format": FORMAT, "version": VERSION, "step": step, "config": config, "optimizers": opt_json}
         (tmp / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private
         _fsync_tree(tmp)
         if final.exists():  # the same step saved again (a resumed run re-reaching it)
             shutil.rmtree(final)
@@ -119,12 +119,6 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizers: dict
     write_atomic(run_dir / "latest.json", json.dumps({"checkpoint": f"checkpoints/{name}", "step": step}) + "\n")
     _prune(root, keep, final)
     return final
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:

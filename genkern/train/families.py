@@ -71,7 +71,7 @@ class Family:
         if samples.dim() == 4:
             plots.image_grid(samples, path, title=title)
         elif samples.dim() == 2 and samples.shape[1] == 2:
-            plots.scatter(samples, data.x, path, title=title)
+            plots.scatter(samples, None if data is None else data.x, path, title=title)
 
 
 def adam(params, lr: float, betas) -> torch.optim.Adam:
