@@ -52,11 +52,19 @@ def impl_state() -> dict:
     return {"torch": "", "cpp": _ext.reason(), "triton": _triton_reason()}
 
 
-def default_impl() -> str:
-    impl = os.environ.get("GENKERN_IMPL", "auto") or "auto"
-    if impl not in IMPLS:
-        raise ValueError(f"GENKERN_IMPL={impl!r} is not one of {', '.join(IMPLS)}")
+def check_impl(impl, name: str = "impl") -> str:
+    """Returns `impl` ("auto" for None) if it names an impl, else raises ValueError naming `name`.
+
+    The one place impl names are validated: the ops, the CLI, the models and their configs call it.
+    """
+    impl = "auto" if impl is None else impl
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"{name} must be one of {', '.join(IMPLS)}, got {impl!r}")
     return impl
+
+
+def default_impl() -> str:
+    return check_impl(os.environ.get("GENKERN_IMPL", "auto") or "auto", "GENKERN_IMPL")
 
 
 _warned: set = set()
@@ -96,10 +104,9 @@ def resolve(impl, device: torch.device, dtype: torch.dtype, op: str, triton_dtyp
 
 
 def _resolve(impl, device: torch.device, dtype: torch.dtype, op: str, dtypes: dict) -> str:
-    if impl is None or impl == "auto":
+    impl = check_impl(impl)
+    if impl == "auto":
         impl = default_impl()
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     if impl == "torch":
         return impl
     if impl != "auto":
