@@ -1,13 +1,15 @@
-// Autograd of reparam_kl in C++, for both kernel families.
+// Autograd of reparam_kl_<family>_fwd in C++, for both kernel families.
 //
-// reparam_kl_cpp and reparam_kl_triton are the differentiable ops: their forward
-// calls <family>_fwd below autograd and keeps the inputs (never the noise, which
-// the backward draws again from the seed); their backward calls <family>_bwd once.
-// Doing this in C++ rather than through a Python autograd.Function keeps the
-// per-call overhead to a few microseconds, which matters at VAE batch sizes.
+// The forward runs the op's own kernel below autograd and keeps the inputs (never
+// the noise, which the backward draws again from the seed); the backward calls
+// reparam_kl_<family>_bwd once. genkern/ops/reparam_kl.py holds the same autograd in
+// Python, registered where this extension is not loaded; here it costs a few
+// microseconds per call instead of tens (genkern bench --op reparameterize_kl).
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+
+#include <initializer_list>
 
 #include "common.h"
 
@@ -83,32 +85,33 @@ class ReparamKL : public torch::autograd::Function<ReparamKL<Family>> {
   }
 };
 
+bool wants_grad(std::initializer_list<const Tensor*> ts, std::initializer_list<const OptTensor*> opts) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : ts)
+    if (t->requires_grad()) return true;
+  for (const OptTensor* t : opts)
+    if (t->has_value() && (*t)->requires_grad()) return true;
+  return false;
+}
+
 template <typename Family>
 std::tuple<Tensor, Tensor> with_autograd(const Tensor& mu, const Tensor& logvar, const OptTensor& eps,
                                          const OptTensor& prior_mu, const OptTensor& prior_logvar,
                                          const OptTensor& seed) {
+  if (!wants_grad({&mu, &logvar}, {&eps, &prior_mu, &prior_logvar})) {
+    // No graph to record (no_grad, inputs that need no gradient): the kernel alone.
+    at::AutoDispatchBelowADInplaceOrView below;
+    return fwd_op<Family>().call(mu, logvar, eps, prior_mu, prior_logvar, seed);
+  }
   auto out = ReparamKL<Family>::apply(mu, logvar, eps, prior_mu, prior_logvar, seed);
   return {out[0], out[1]};
-}
-
-// Below autograd (inference mode, fake tensors, tracing): just the forward.
-template <typename Family>
-std::tuple<Tensor, Tensor> without_autograd(const Tensor& mu, const Tensor& logvar, const OptTensor& eps,
-                                            const OptTensor& prior_mu, const OptTensor& prior_logvar,
-                                            const OptTensor& seed) {
-  return fwd_op<Family>().call(mu, logvar, eps, prior_mu, prior_logvar, seed);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(genkern, Autograd, m) {
-  m.impl("reparam_kl_cpp", &with_autograd<CppFamily>);
-  m.impl("reparam_kl_triton", &with_autograd<TritonFamily>);
-}
-
-TORCH_LIBRARY_IMPL(genkern, CompositeExplicitAutograd, m) {
-  m.impl("reparam_kl_cpp", &without_autograd<CppFamily>);
-  m.impl("reparam_kl_triton", &without_autograd<TritonFamily>);
+  m.impl("reparam_kl_cpp_fwd", &with_autograd<CppFamily>);
+  m.impl("reparam_kl_triton_fwd", &with_autograd<TritonFamily>);
 }
 
 }  // namespace genkern

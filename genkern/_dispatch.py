@@ -40,8 +40,6 @@ def _triton_reason() -> str:
 def _find_triton_reason() -> str:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if not _ext.available():
-        return "the genkern op schemas live in genkern._C, which is unavailable: " + _ext.reason()
     if not (torch.cuda.is_available() or triton_interpret()):
         return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
     return ""

@@ -436,17 +436,9 @@ def _sdpa_inputs(lq, lk, d, heads, dtype, mask, kw, seed):
     return (q, k, v), kw
 
 
-class _KernelSpy:
+def _KernelSpy(monkeypatch):
     """Counts the calls that reach the C++ kernel through genkern.flash_attention."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        op = attention_op._OPS["cpp"]
-
-        def spy(*args):
-            self.calls += 1
-            return op(*args)
-        monkeypatch.setitem(attention_op._OPS, "cpp", spy)
+    return utils.KernelCalls(monkeypatch, attention_op.ATTENTION, "cpp")
 
 
 @pytest.mark.parametrize("lq,lk,d,heads,dtype,mask,kw,fast", SDPA_CASES)

@@ -248,3 +248,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class KernelCalls:
+    """Counts the calls that reach kernel family `family` of a genkern.ops KernelOp (e.g.
+    genkern.ops.attention.ATTENTION): proof that genkern's kernel, not a fallback, ran."""
+
+    def __init__(self, monkeypatch, op, family: str):
+        self.calls = 0
+        kernel = op._fwd[family]
+
+        def counting(*args):
+            self.calls += 1
+            return kernel(*args)
+        monkeypatch.setitem(op._fwd, family, counting)

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from genkern import _dispatch, _ext
-from genkern.ops._common import FLOAT_DTYPES, check_float_tensor, check_same_device
+from genkern import _dispatch
+from genkern.ops._common import FLOAT_DTYPES, KernelOp, check_float_tensor, refuse_double_backward
 from genkern.reference import attention as reference
 
 HEAD_DIMS = range(16, 257, 8)  # head dims the C++ and Triton kernels take
@@ -47,11 +47,11 @@ def flash_attention(q, k, v, *, causal=True, scale=None, return_lse=False, impl=
     attention weights from lse, FlashAttention-2 style).
     """
     _check_args(q, k, v)
-    scale = _check_scale(scale, q.shape[-1])
-    backend = _backend(impl, q, "flash_attention")
+    scale = check_scale(scale, q.shape[-1])
+    backend = head_dim_backend(ATTENTION, impl, q)
     if backend == "torch":
         return reference.attention(q, k, v, bool(causal), scale, return_lse)
-    out, lse = _OPS[backend](q, k, v, bool(causal), scale)
+    out, lse = ATTENTION(backend, q, k, v, bool(causal), scale)
     return (out, lse) if return_lse else out
 
 
@@ -75,7 +75,7 @@ def _check_args(q, k, v):
         raise ValueError(f"q and k need T, S, D >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
 
 
-def _check_scale(scale, d):
+def check_scale(scale, d):
     if scale is None:
         return 1.0 / math.sqrt(d)
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
@@ -85,21 +85,21 @@ def _check_scale(scale, d):
     return float(scale)
 
 
-def _backend(impl, q, op):
-    """The impl for q's device and dtype; head dims the kernels do not take go to
-    "torch" under "auto" (said once) and are an error for an explicit impl."""
-    backend = _dispatch.resolve(impl, q.device, q.dtype, op, cpp_dtypes=CPP_DTYPES)
+def head_dim_backend(op: KernelOp, impl, q) -> str:
+    """op.resolve for q; head dims the kernels do not take go to "torch" under "auto"
+    (said once) and are an error for an explicit impl."""
+    backend = op.resolve(impl, q)
     d = q.shape[-1]
     if backend == "torch" or d in HEAD_DIMS:
         return backend
     why = f"head dim {d} is not one of 16, 24, ..., 256 (multiples of 8)"
     if _dispatch.explicit(impl):
-        raise ValueError(f"{op}: impl={backend!r} does not take q of shape {tuple(q.shape)}: {why}")
-    _dispatch.fall_back(op, backend, why)
+        raise ValueError(f"{op.public}: impl={backend!r} does not take q of shape {tuple(q.shape)}: {why}")
+    _dispatch.fall_back(op.public, backend, why)
     return "torch"
 
 
-# --- op registration: autograd and fake kernels, once per kernel family -------------
+# --- the op: fake kernels and autograd ------------------------------------------------
 
 def _fake_fwd(q, k, v, causal, scale):
     b, h, t, d = q.shape
@@ -117,36 +117,15 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.scale = causal, scale
 
 
-def _backward_of(bwd):
-    def backward(ctx, grad_out, grad_lse):
-        # The backward kernels carry no graph: with create_graph=True the second
-        # derivative would silently be zero, so refuse it (as reparameterize_kl does).
-        if torch.is_grad_enabled():
-            raise RuntimeError("flash_attention: the fused kernels do not support double backward "
-                               "(create_graph=True); use impl='torch' for higher-order gradients")
-        q, k, v, out, lse = ctx.saved_tensors
-        if grad_out is None:  # only lse was differentiated
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, grad_lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
-    return backward
+def _backward(ctx, grad_out, grad_lse):
+    refuse_double_backward("flash_attention")
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:  # only lse was differentiated
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = ATTENTION.op(ctx.family, "bwd")(grad_out, q, k, v, out, lse, grad_lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
 
 
-_OPS = {}
-
-
-def _register():
-    if not _ext.available():
-        return
-    for family in ("cpp", "triton"):
-        fwd = getattr(torch.ops.genkern, f"attention_{family}_fwd").default
-        bwd = getattr(torch.ops.genkern, f"attention_{family}_bwd").default
-        torch.library.register_fake(fwd, _fake_fwd)
-        torch.library.register_fake(bwd, _fake_bwd)
-        torch.library.register_autograd(fwd, _backward_of(bwd), setup_context=_setup_context)
-        _OPS[family] = fwd
-    from genkern.triton import register_attention
-    register_attention()
-
-
-_register()
+ATTENTION = KernelOp("attention", "flash_attention", fake=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward,
+                     setup_context=_setup_context, cpp_dtypes=CPP_DTYPES)
+ATTENTION.register()

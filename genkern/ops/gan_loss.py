@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from genkern import _dispatch, _ext
-from genkern.ops._common import FLOAT_DTYPES, check_float_tensor
+from genkern.ops._common import FLOAT_DTYPES, KernelOp, check_float_tensor, refuse_double_backward
 from genkern.reference import gan_loss as reference
 from genkern.reference.gan_loss import KINDS, LABEL_KINDS, REDUCTIONS
 
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
 _REDUCTION_CODE = {r: i for i, r in enumerate(REDUCTIONS)}
 _HINGE, _WASSERSTEIN, _RELATIVISTIC = _KIND_CODE["hinge"], _KIND_CODE["wasserstein"], _KIND_CODE["relativistic"]
-_NONE = _REDUCTION_CODE["none"]
+_MEAN, _NONE = _REDUCTION_CODE["mean"], _REDUCTION_CODE["none"]
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def discriminator_loss(real_logits, fake_logits, kind="nonsaturating", *, reduction="mean", real_label=1.0,
@@ -42,9 +42,7 @@ def discriminator_loss(real_logits, fake_logits, kind="nonsaturating", *, reduct
                                                    "discriminator_loss")
     if backend == "torch":
         return reference.discriminator_loss(real_logits, fake_logits, kind, reduction=reduction, real_label=label)
-    if _is_compiling():
-        return _OPS[backend](real_logits, fake_logits, kind_code, red_code, label, False)
-    return _eager(real_logits, fake_logits, kind_code, red_code, label, False, backend == "triton")
+    return _fused(backend, real_logits, fake_logits, kind_code, red_code, label, False)
 
 
 def generator_loss(fake_logits, kind="nonsaturating", *, real_logits=None, reduction="mean", impl="auto"):
@@ -67,9 +65,7 @@ def generator_loss(fake_logits, kind="nonsaturating", *, real_logits=None, reduc
         real_logits = None  # the other generator losses do not depend on the real logits
     if backend == "torch":
         return reference.generator_loss(fake_logits, kind, real_logits=real_logits, reduction=reduction)
-    if _is_compiling():
-        return _OPS[backend](real_logits, fake_logits, kind_code, red_code, 1.0, True)
-    return _eager(real_logits, fake_logits, kind_code, red_code, 1.0, True, backend == "triton")
+    return _fused(backend, real_logits, fake_logits, kind_code, red_code, 1.0, True)
 
 
 def check_settings(kind, reduction, real_label=1.0) -> float:
@@ -91,10 +87,20 @@ def check_settings(kind, reduction, real_label=1.0) -> float:
 # it), and the extension's entry point is looked up once.
 _MEMO: dict = {}  # (kind, reduction, real_label, impl, op, device, dtype) -> (backend or None, codes, label)
 _MEMO_MAX = 256  # (a NaN real_label never equals its key: the memo stays bounded)
-# Under dynamo the pybind entry point cannot be traced: torch.ops' op is called instead
-# (elsewhere, e.g. in non-strict export, the entry point's dispatcher call is traced as that op).
-_is_compiling = torch.compiler.is_dynamo_compiling
-_eager = None  # genkern._C.gan_loss: gan_loss_<family> without torch.ops' argument parsing (see _common.py)
+
+
+def _fused(backend, real_logits, fake_logits, kind, reduction, label, generator):
+    """The loss from the fused kernel op (its gradients stay with the autograd node)."""
+    dtype = fake_logits.dtype
+    if reduction == _MEAN and dtype in _HALF and torch.is_grad_enabled() and \
+            (fake_logits.requires_grad or (real_logits is not None and real_logits.requires_grad)):
+        # Half "mean" logits that need a gradient go to the kernel as float32: the saved
+        # gradients d/N (below float16's normal range for N >~ 2^14) keep their bits until the
+        # backward has applied the upstream gradient (AMP's loss scale) and the casts' backward
+        # rounds once, as torch does.
+        real32 = None if real_logits is None else real_logits.float()
+        return GAN_LOSS(backend, real32, fake_logits.float(), kind, reduction, label, generator)[0].to(dtype)
+    return GAN_LOSS(backend, real_logits, fake_logits, kind, reduction, label, generator)[0]
 
 
 def _prepare(real_logits, fake_logits, kind, reduction, real_label, impl, op):
@@ -110,7 +116,7 @@ def _prepare(real_logits, fake_logits, kind, reduction, real_label, impl, op):
     if answer is None:
         label = check_settings(kind, reduction, real_label)
         explicit = impl is not None and impl != "auto"
-        answer = (_dispatch.resolve(impl, device, dtype, op) if explicit else None,  # raises if it cannot run
+        answer = (GAN_LOSS.resolve(impl, fake_logits, op) if explicit else None,  # raises if it cannot run
                   _KIND_CODE[kind], _REDUCTION_CODE[reduction], label)
         if hashable and len(_MEMO) < _MEMO_MAX:
             _MEMO[key] = answer
@@ -127,11 +133,12 @@ def _prepare(real_logits, fake_logits, kind, reduction, real_label, impl, op):
             raise ValueError(f'reduction="none" needs real_logits and fake_logits of one shape, got '
                              f"{tuple(real_logits.shape)} and {tuple(fake_logits.shape)}")
     if answer[0] is None:  # impl "auto": GENKERN_IMPL is read on every call
-        return (_dispatch.resolve(impl, device, dtype, op),) + answer[1:]
+        return (GAN_LOSS.resolve(impl, fake_logits, op),) + answer[1:]
     return answer
 
 
-# --- registration: fake kernels of the fused forward ops -----------------------------
+# --- the op: fake kernel and autograd ------------------------------------------------
+# csrc/gan_loss_autograd.cpp registers the same autograd in C++ where genkern._C is loaded.
 
 def const_grads(kind: int, generator: bool):
     """(grad_real, grad_fake) is 0-d: which gradients of gan_loss_<family>_fwd are one constant.
@@ -158,19 +165,28 @@ def _fake_fwd(real_logits, fake_logits, kind, reduction, real_label, generator):
     return loss, grad_real, grad_fake
 
 
-_OPS = {}
+def _setup_context(ctx, inputs, output):
+    real_logits, fake_logits, kind, reduction, _, generator = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mix = kind == _RELATIVISTIC and reduction == _NONE
+    ctx.shapes = (None if real_logits is None else real_logits.shape, fake_logits.shape)
 
 
-def _register():
-    global _eager
-    if not _ext.available():
-        return
-    _eager = _ext.load()[0].gan_loss
-    for family in ("cpp", "triton"):
-        torch.library.register_fake(getattr(torch.ops.genkern, f"gan_loss_{family}_fwd").default, _fake_fwd)
-        _OPS[family] = getattr(torch.ops.genkern, f"gan_loss_{family}").default
-    from genkern.triton import register_gan_loss
-    register_gan_loss()
+def _backward(ctx, grad_loss, _grad_real, _grad_fake):
+    refuse_double_backward("gan_loss")
+    saved = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    if ctx.mix:  # relativistic "none": grad_x = g gx - mean(g gy), grad_y = g gy - mean(g gx)
+        tr, tf = grad_loss * saved[0], grad_loss * saved[1]
+        return tr - tf.mean(), tf - tr.mean(), None, None, None, None
+    # A constant (0-d) gradient reaches autograd as a stride-0 view, as torch's sum() gives.
+    grads = [None if shape is None else (grad_loss * g).expand(shape) if g.dim() == 0 and len(shape) else
+             grad_loss * g for g, shape in zip(saved, ctx.shapes)]
+    return grads[0], grads[1], None, None, None, None
 
 
-_register()
+GAN_LOSS = KernelOp("gan_loss", "gan_loss", fake=_fake_fwd, backward=_backward, setup_context=_setup_context,
+                    eager="gan_loss")
+GAN_LOSS.register()

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from genkern import _ext
-from genkern.ops._common import check_float_tensor, check_same_device
-from genkern.ops.attention import _backend, _check_scale
+from genkern.ops._common import KernelOp, check_float_tensor, check_same_device
+from genkern.ops.attention import CPP_DTYPES, check_scale, head_dim_backend
 from genkern.reference import kv_decode as reference
 
 
@@ -43,12 +42,11 @@ def _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, sc
     """attention_with_kvcache; `max_len`, when the caller knows it, bounds max(cache_seqlens)."""
     _check_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     _check_room(cache_seqlens, 0 if k_new is None else k_new.shape[2], k_cache.shape[2], max_len)
-    scale = _check_scale(scale, q.shape[-1])
-    backend = _backend(impl, q, "attention_with_kvcache")
+    scale = check_scale(scale, q.shape[-1])
+    backend = head_dim_backend(KV_DECODE, impl, q)
     if backend == "torch":
         return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
-    op = torch.ops.genkern.kv_decode_triton if backend == "triton" else torch.ops.genkern.kv_decode_cpp
-    return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+    return KV_DECODE(backend, q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
 
 
 def _check_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
@@ -110,19 +108,11 @@ def _check_room(cache_seqlens, tnew, smax, max_len):
                          f"max_seq_len={smax}")
 
 
-# --- op registration: fake kernels -----------------------------------------------------
+# --- the op: fake kernel (inference only: no autograd) --------------------------------
 
 def _fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
     return q.new_empty(q.shape)
 
 
-def _register():
-    if not _ext.available():
-        return
-    for family in ("cpp", "triton"):
-        torch.library.register_fake(getattr(torch.ops.genkern, f"kv_decode_{family}").default, _fake)
-    from genkern.triton import register_kv_decode
-    register_kv_decode()
-
-
-_register()
+KV_DECODE = KernelOp("kv_decode", "attention_with_kvcache", fake=_fake, cpp_dtypes=CPP_DTYPES)
+KV_DECODE.register()

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from genkern import _dispatch, _ext
-from genkern.ops._common import call_kernel_op, check_float_tensor
+from genkern.ops._common import KernelOp, check_float_tensor, refuse_double_backward
 from genkern.reference import reparam_kl as reference
-
-
 
 
 def reparameterize_kl(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None, generator=None, impl="auto"):
@@ -34,13 +31,13 @@ def reparameterize_kl(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
     draws with torch.randn.
     """
     _check_args(mu, logvar, eps, prior_mu, prior_logvar)
-    backend = _dispatch.resolve(impl, mu.device, mu.dtype, "reparameterize_kl")
+    backend = REPARAM_KL.resolve(impl, mu)
     if backend == "torch":
         return reference.reparameterize_kl(mu, logvar, eps, prior_mu=prior_mu, prior_logvar=prior_logvar,
                                            generator=generator)
     pm, plv = _broadcast_prior(mu, prior_mu, prior_logvar)
     seed = None if eps is not None else _draw_seed(generator, mu.device)
-    return call_kernel_op(_OPS, _ext.load()[0].reparam_kl, backend, mu, logvar, eps, pm, plv, seed)
+    return REPARAM_KL(backend, mu, logvar, eps, pm, plv, seed)
 
 
 def _check_args(mu, logvar, eps, prior_mu, prior_logvar):
@@ -85,7 +82,8 @@ def _draw_seed(generator, device):
     return seed if seed.device == device else seed.to(device, non_blocking=True)
 
 
-# --- op registration: fake kernels, once per kernel family ---------------------------
+# --- the op: fake kernels and autograd ------------------------------------------------
+# csrc/reparam_kl_autograd.cpp registers the same autograd in C++ where genkern._C is loaded.
 
 def _fake_fwd(mu, logvar, eps, prior_mu, prior_logvar, seed):
     return torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(mu.shape[:-1])
@@ -97,20 +95,30 @@ def _fake_bwd(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, seed):
     return like(), like(), like() if has_prior else mu.new_empty(0), like() if has_prior else mu.new_empty(0)
 
 
-_OPS = {}
+def _setup_context(ctx, inputs, output):
+    # The inputs only: never the noise, which the backward draws again from the seed.
+    ctx.save_for_backward(*(t for t in inputs if t is not None))
+    ctx.given = tuple(t is not None for t in inputs)  # which optional inputs (eps, priors, seed) were passed
 
 
-def _register():
-    # Autograd is registered in C++ (csrc/reparam_kl_autograd.cpp) on the differentiable
-    # ops reparam_kl_<family>; here only the fake kernels of the kernels they call.
-    if not _ext.available():
-        return
-    for family in ("cpp", "triton"):
-        torch.library.register_fake(getattr(torch.ops.genkern, f"reparam_kl_{family}_fwd").default, _fake_fwd)
-        torch.library.register_fake(getattr(torch.ops.genkern, f"reparam_kl_{family}_bwd").default, _fake_bwd)
-        _OPS[family] = getattr(torch.ops.genkern, f"reparam_kl_{family}").default
-    from genkern.triton import register_reparam_kl
-    register_reparam_kl()
+def _backward(ctx, grad_z, grad_kl):
+    refuse_double_backward("reparameterize_kl")
+    saved = iter(ctx.saved_tensors)
+    mu, logvar, eps, prior_mu, prior_logvar, seed = (next(saved) if given else None for given in ctx.given)
+    # An output that did not reach the loss has no gradient: it contributes zero.
+    grad_z = torch.zeros_like(mu, memory_format=torch.contiguous_format) if grad_z is None else grad_z
+    grad_kl = mu.new_zeros(mu.shape[:-1]) if grad_kl is None else grad_kl
+    g_mu, g_logvar, g_pm, g_plv = REPARAM_KL.op(ctx.family, "bwd")(grad_z, grad_kl, mu, logvar, eps, prior_mu,
+                                                                    prior_logvar, seed)
+    g_eps = None
+    if eps is not None and ctx.needs_input_grad[2]:
+        # d z / d eps = exp(logvar / 2), in float32 for half inputs like the kernels.
+        ct = torch.promote_types(mu.dtype, torch.float32)
+        g_eps = (grad_z.to(ct) * torch.exp(0.5 * logvar.to(ct))).to(mu.dtype)
+    has_prior = prior_mu is not None
+    return g_mu, g_logvar, g_eps, g_pm if has_prior else None, g_plv if has_prior else None, None
 
 
-_register()
+REPARAM_KL = KernelOp("reparam_kl", "reparameterize_kl", fake=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward,
+                      setup_context=_setup_context, eager="reparam_kl")
+REPARAM_KL.register()
