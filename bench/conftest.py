@@ -56,6 +56,8 @@ def bench_case(benchmark, bench_device, bench_impl, bench_mem_limit):
         name = bench_impl if impl == FAST else impl
         if impl == FAST and name == "torch":
             pytest.skip("the fast impl is torch here (GENKERN_BENCH_IMPL=torch)")
+        if direction not in case.directions:  # like `genkern bench`: e.g. no backward for inference-only ops
+            pytest.skip(f"{case.op} has no {direction}")
         if not case.runs_on(bench_device.type):
             pytest.skip(f"a {'/'.join(case.devices)} case")
         too_big = memory.guard(case, name, direction, bench_mem_limit)
