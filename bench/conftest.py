@@ -11,7 +11,9 @@ import os
 import pytest
 import torch
 
-from genkern.bench import COMPILE, FAST, memory, runner
+from genkern.bench import COMPILE, FAST, memory
+from genkern.bench.arguments import fast_impl
+from genkern.bench.timing import ImplError, prepare, time_once
 
 SLOW_CALL_S = 0.05  # calls slower than this get 3 fixed rounds instead of calibration
 
@@ -23,7 +25,7 @@ def bench_device():
 
 @pytest.fixture(scope="session")
 def bench_impl(bench_device):
-    return runner.fast_impl(bench_device, os.environ.get("GENKERN_BENCH_IMPL", "auto"))
+    return fast_impl(bench_device, os.environ.get("GENKERN_BENCH_IMPL", "auto"))
 
 
 @pytest.fixture(scope="session")
@@ -54,19 +56,21 @@ def bench_case(benchmark, bench_device, bench_impl, bench_mem_limit):
         name = bench_impl if impl == FAST else impl
         if impl == FAST and name == "torch":
             pytest.skip("the fast impl is torch here (GENKERN_BENCH_IMPL=torch)")
+        if direction not in case.directions:  # like `genkern bench`: e.g. no backward for inference-only ops
+            pytest.skip(f"{case.op} has no {direction}")
         if not case.runs_on(bench_device.type):
             pytest.skip(f"a {'/'.join(case.devices)} case")
         too_big = memory.guard(case, name, direction, bench_mem_limit)
         if too_big:
             pytest.skip(too_big)
         try:
-            call = runner.prepare(case, name, direction, bench_device)
-        except runner.ImplError as exc:
+            call = prepare(case, name, direction, bench_device)
+        except ImplError as exc:
             if exc.status == "unavailable" or name == COMPILE:
                 pytest.skip(f"{name} {exc.status}: {exc}")
             raise
         timed = _synced(call, bench_device)
-        first = min(runner.time_once(call, bench_device) for _ in range(2))  # warm-up, and the cost per call
+        first = min(time_once(call, bench_device) for _ in range(2))  # warm-up, and the cost per call
         benchmark.group = f"{case.op} {case.key(direction)}"
         flops = case.flops(direction)
         benchmark.extra_info.update(op=case.op, case=case.name, impl=name, direction=direction,

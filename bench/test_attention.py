@@ -9,11 +9,11 @@ Run: .venv/bin/python -m pytest bench/test_attention.py --benchmark-only
 """
 import pytest
 
-from genkern.bench import COMPILE, DIRECTIONS, FAST, SDPA
+from genkern.bench import COMPILE, FAST, SDPA, Case
 from genkern.bench.attention import CASES
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", Case.directions)  # an op's: fwd, bwd, fwd+bwd (no "step")
 @pytest.mark.parametrize("impl", ["torch", FAST, SDPA, COMPILE])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_attention(bench_case, case, impl, direction):

@@ -6,11 +6,11 @@ Run: .venv/bin/python -m pytest bench/test_gan_loss.py --benchmark-only
 """
 import pytest
 
-from genkern.bench import COMPILE, DIRECTIONS, FAST
+from genkern.bench import COMPILE, FAST, Case
 from genkern.bench.gan_loss import CASES
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", Case.directions)  # an op's: fwd, bwd, fwd+bwd (no "step")
 @pytest.mark.parametrize("impl", ["torch", FAST, COMPILE])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_gan_loss(bench_case, case, impl, direction):

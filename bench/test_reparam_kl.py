@@ -5,11 +5,11 @@ Run: .venv/bin/python -m pytest bench/ --benchmark-only
 """
 import pytest
 
-from genkern.bench import COMPILE, DIRECTIONS, FAST
+from genkern.bench import COMPILE, FAST, Case
 from genkern.bench.reparam_kl import CASES
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", Case.directions)  # an op's: fwd, bwd, fwd+bwd (no "step")
 @pytest.mark.parametrize("impl", ["torch", FAST, COMPILE])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_reparameterize_kl(bench_case, case, impl, direction):

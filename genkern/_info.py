@@ -10,7 +10,8 @@ import genkern
 from genkern import _dispatch, _ext
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution `dist` (e.g. "triton"), or None when it is not installed."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -42,7 +43,7 @@ def info() -> dict:
         "genkern": genkern.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "cuda": torch.version.cuda,
         "devices": devices,
         "default_impl": _default_impl(),

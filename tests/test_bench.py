@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from genkern.bench import COMPILE, SDPA, Target, memory, runner, select_cases
+from genkern.bench import COMPILE, SDPA, Target, memory, runner, select_cases, timing
 from genkern.bench import attention as attn_bench
 from genkern.bench.reparam_kl import ReparamKLCase
 
@@ -90,7 +90,7 @@ class _BrokenCase(ReparamKLCase):
 
 
 def test_unavailable_and_failed_impls_are_recorded_not_raised(monkeypatch):
-    monkeypatch.setattr(runner, "_compiled", {})
+    monkeypatch.setattr(timing, "_compiled", {})
     monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
     entry = runner.bench_case(_BrokenCase(4, 8), "fwd+bwd", torch.device("cpu"),
                               ["torch", "cpp", "triton", COMPILE], budget_s=0.0, max_rounds=3)

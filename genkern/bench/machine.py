@@ -1,0 +1,101 @@
+"""The machine a benchmark ran on: its name, the versions, and its measured limits.
+
+The limits (copy and read bandwidth, matmul rate) are what a kernel's GB/s and
+TFLOP/s are compared with in the report: measured, not taken from a data sheet,
+so that a share of them means the same on every machine.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+
+import torch
+
+from genkern._info import package_version
+from genkern.bench.timing import time_once
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_slug(device) -> str:
+    """File-name form: "cpu-intel-xeon-processor", "nvidia-h100-80gb-hbm3"."""
+    name = re.sub(r"\((r|tm|c)\)", "", device_name(device).lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return slug if torch.device(device).type == "cuda" else f"cpu-{slug}"
+
+
+def machine_header(device, quick=False) -> dict:
+    """The device, versions, date, threads, load and measured limits: the head of a results file."""
+    import genkern
+    device = torch.device(device)
+    dtypes = ("float32", "bfloat16") if device.type == "cuda" else ("float32",)
+    return {
+        "device": _device_info(device),
+        "versions": {"genkern": genkern.__version__, "torch": torch.__version__,
+                     "triton": package_version("triton"), "cuda": torch.version.cuda,
+                     "python": platform.python_version()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "copy_gbps": copy_bandwidth(device, quick),
+        "read_gbps": read_bandwidth(device, quick),
+        "matmul_tflops": {dt: matmul_rate(device, getattr(torch, dt), quick) for dt in dtypes},
+    }
+
+
+def _device_info(device) -> dict:
+    info = {"type": device.type, "name": device_name(device), "slug": device_slug(device)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(capability=f"sm_{p.major}{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
+    return info
+
+
+def copy_bandwidth(device, quick=False) -> float:
+    """GB/s of a large tensor copy, counting the bytes read and written."""
+    src = torch.ones(_probe_numel(device, quick), device=device)
+    dst = torch.empty_like(src)
+    t = _best(lambda: dst.copy_(src), device, 3 if quick else 10)
+    return 2 * src.numel() * src.element_size() / t / 1e9
+
+
+def read_bandwidth(device, quick=False) -> float:
+    """GB/s of reading a large tensor (a sum over it): the limit of read-bound kernels."""
+    src = torch.ones(_probe_numel(device, quick), device=device)
+    t = _best(lambda: src.sum(), device, 3 if quick else 10)
+    return src.numel() * src.element_size() / t / 1e9
+
+
+def matmul_rate(device, dtype, quick=False) -> float:
+    """TFLOP/s of a square matmul (TF32 off unless torch's settings allow it)."""
+    n = 256 if quick else (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = _best(lambda: torch.mm(a, b), device, 3 if quick else 10)
+    return 2 * n**3 / t / 1e12
+
+
+def _probe_numel(device, quick) -> int:
+    # Large, so the probes measure memory rather than cache bandwidth (a quick run trades that for time).
+    return 2**22 if quick else (2**28 if device.type == "cuda" else 2**26)
+
+
+def _best(call, device, repeats) -> float:
+    # The limit is what the device can reach: the fastest of a few runs.
+    call()
+    return min(time_once(call, device) for _ in range(repeats))
