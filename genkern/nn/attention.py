@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from genkern.nn.rotary import apply_rotary
@@ -71,16 +70,19 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope=None, cache=None, layer: int = 0, impl: str | None = None):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, T, dim={self.dim}), got shape {tuple(x.shape)}")
+        b, t, _ = x.shape
         hd, h, hkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
-        # Heads split off as strided views, which the kernels take as they are.
-        q = rearrange(q, "b t (h d) -> b h t d", h=h)
-        k = rearrange(k, "b t (h d) -> b h t d", h=hkv)
-        v = rearrange(v, "b t (h d) -> b h t d", h=hkv)
+        # (B, T, H*hd) -> (B, H, T, hd): strided views, which the kernels take as they are.
+        # view/transpose rather than einops: this runs once per layer per decoded token, where
+        # einops' per-call cost measured ~9% of a small model's decode step on a CPU.
+        q = q.view(b, t, h, hd).transpose(1, 2)
+        k = k.view(b, t, hkv, hd).transpose(1, 2)
+        v = v.view(b, t, hkv, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = self.attend(q, k, v, cache, layer, self.impl if impl is None else impl)
-        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+        y = self.attend(q, k, v, cache, layer, self.impl if impl is None else impl)  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))                   # (B, T, dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, impl={self.impl!r}"
