@@ -6,6 +6,7 @@ impl="torch" both are the plain-PyTorch versions (the baseline).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,6 +76,14 @@ def _from_saved_names(module, state_dict, prefix, *args):
             state_dict[prefix + name + key[len(prefix + saved):]] = state_dict.pop(key)
 
 
+def _report_saved_names(model, incompatible):
+    """load_state_dict's missing keys named as a checkpoint names them."""
+    for i, key in enumerate(incompatible.missing_keys):
+        for name, saved in _SAVED_NAMES:
+            key = re.sub(r"(^|\.)(blocks\.\d+\.attn\.)" + re.escape(name), r"\1\2" + saved, key)
+        incompatible.missing_keys[i] = key
+
+
 class Attention(CausalSelfAttention):
     """genkern.nn.CausalSelfAttention as a TransformerLM block holds it.
 
@@ -140,6 +149,7 @@ class TransformerLM(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
+        self.register_load_state_dict_post_hook(_report_saved_names)
 
     @staticmethod
     def _init(m):
