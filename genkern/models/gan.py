@@ -19,8 +19,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from genkern._dispatch import check_impl
 from genkern.models._config import ConfigDict, check_data_shape
-from genkern.ops.gan_loss import discriminator_loss, generator_loss
-from genkern.reference.gan_loss import KINDS
+from genkern.ops.gan_loss import KINDS, discriminator_loss, generator_loss
 
 ARCHS = ("mlp", "dcgan")
 OUTPUTS = ("sigmoid", "tanh", "linear")
