@@ -64,6 +64,22 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _impl(text: str) -> str:
+    """An --impl value, checked where every impl name is (genkern._dispatch.check_impl)."""
+    from genkern._dispatch import check_impl
+
+    try:
+        return check_impl(text, "--impl")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_impl_argument(p) -> None:
+    from genkern._dispatch import IMPLS
+
+    p.add_argument("--impl", type=_impl, metavar="{" + ",".join(IMPLS) + "}", help="kernels the model uses")
+
+
 def _setting(text: str) -> tuple:
     """KEY=VALUE with VALUE read as JSON when it parses (numbers, true/false, lists), else a string."""
     key, sep, value = text.partition("=")
@@ -132,7 +148,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the family's)")
     p.add_argument("--set", type=_setting, action="append", metavar="KEY=VALUE",
                    help="a model config setting, e.g. --set latent_dim=8 (repeatable)")
-    p.add_argument("--impl", choices=("auto", "torch", "cpp", "triton"), help="kernels the model uses")
+    _add_impl_argument(p)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (default 500)")
     p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (default 500)")
@@ -145,7 +161,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--out", default="samples.png", help="the PNG to write (default samples.png); a text "
                    "model writes text, to this name with .txt for .png, or to a .txt name")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--impl", choices=("auto", "torch", "cpp", "triton"), help="kernels the model uses")
+    _add_impl_argument(p)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_sample)
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from genkern.ops.kv_decode import _attention_with_kvcache
+from genkern.ops.kv_decode import attention_with_kvcache
+from genkern.reference.kv_decode import write_new
 
 
 class KVCache:
@@ -18,10 +19,12 @@ class KVCache:
         k, v: the buffers, zero-initialised.
         seqlens: (batch_size,) int32 on `device`, the filled length of each row; rows
             may differ (ragged batches).
+        max_len: max(seqlens) as an int, kept on the host so that no step synchronises.
 
     One decoding step: for each layer i, `cache.attend(i, q, k_new, v_new)` (or
-    `genkern.attention_with_kvcache(q, *cache.layer(i), cache.seqlens, k_new, v_new)`),
-    then `cache.advance(Tnew)` once.
+    `genkern.attention_with_kvcache(q, *cache.layer(i), cache.seqlens, k_new, v_new,
+    max_seqlen=cache.max_len)`), then `cache.advance(Tnew)` once. A prefill that attends
+    by other means stores its keys and values with `cache.write(i, k_new, v_new)`.
     """
 
     def __init__(self, num_layers, batch_size, num_kv_heads, max_seq_len, head_dim, *, dtype=torch.float32,
@@ -46,10 +49,42 @@ class KVCache:
             raise IndexError(f"layer {i} out of range for {self.num_layers} layers")
         return self.k[i], self.v[i]
 
+    @property
+    def max_len(self) -> int:
+        """max(seqlens), known on the host (read-only: `advance` and `reset` change it)."""
+        return self._max_len
+
     def attend(self, i: int, q, k_new=None, v_new=None, *, scale=None, impl="auto"):
         """genkern.attention_with_kvcache on layer i (writes k_new/v_new; lengths unchanged)."""
         k, v = self.layer(i)
-        return _attention_with_kvcache(q, k, v, self.seqlens, k_new, v_new, scale, impl, self._max_len)
+        return attention_with_kvcache(q, k, v, self.seqlens, k_new, v_new, scale=scale, impl=impl,
+                                      max_seqlen=self._max_len)
+
+    def write(self, i: int, k_new, v_new):
+        """Stores k_new/v_new (B, Hkv, Tnew, D) in layer i at each row's positions seqlens[b] ..
+        seqlens[b] + Tnew - 1, attending to nothing (lengths unchanged: `advance` afterwards).
+
+        For a prefill whose attention runs without the cache (genkern.flash_attention over
+        the prompt). Writing past max_seq_len raises before anything is written.
+        """
+        k, v = self.layer(i)
+        self._check_new(k, k_new, v_new)
+        write_new(k, v, self.seqlens, k_new, v_new)
+
+    def _check_new(self, k, k_new, v_new):
+        b, hkv, _, d = k.shape
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (b, hkv, d) or t.shape != k_new.shape:
+                raise ValueError(f"{name} must have shape (B={b}, Hkv={hkv}, Tnew, D={d}), k_new's, got "
+                                 f"{tuple(t.shape)}")
+            if t.device != k.device:
+                raise ValueError(f"{name} must be on the cache's device {k.device}, got {t.device}")
+        if self._max_len + k_new.shape[2] > self.max_seq_len:
+            raise ValueError(f"the KV cache is full: a row of length {self._max_len} plus {k_new.shape[2]} new "
+                             f"tokens exceeds max_seq_len={self.max_seq_len}")
 
     def advance(self, n):
         """Adds n filled positions to every row (int), or n[b] to row b ((B,) tensor)."""

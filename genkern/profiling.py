@@ -20,7 +20,8 @@ import torch
 
 from genkern._io import atomic_path, write_atomic
 from genkern.generation import decode_one_token, prefill, sample_next
-from genkern.models.transformer import Attention, ModelArgs, TransformerLM
+from genkern.models.transformer import ModelArgs, TransformerLM
+from genkern.nn.attention import CausalAttention
 
 PRESETS = {
     "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=4096),
@@ -86,27 +87,33 @@ def _timed(fn, device):
 
 
 class _Timer:
-    """Adds up the wall time spent inside it (synchronising CUDA at both ends)."""
+    """Adds up the wall time between start() and stop() (synchronising CUDA at both ends)."""
 
     def __init__(self, device):
         self.device, self.total = device, 0.0
 
-    def __enter__(self):
+    def start(self, *hook_args):
         _sync(self.device)
         self.t0 = time.perf_counter()
 
-    def __exit__(self, *exc):
+    def stop(self, *hook_args):
         _sync(self.device)
         self.total += time.perf_counter() - self.t0
 
 
-def _attention_share(step, device) -> float:
-    """Fraction of one step's time spent in the model's attention calls."""
-    timer = Attention.timer = _Timer(device)
+def _attention_share(model, step, device) -> float:
+    """Fraction of one step's time spent in the model's attention calls (its CausalAttention
+    modules, timed by forward hooks: the projections around them are not counted)."""
+    timer = _Timer(device)
+    handles = []
+    for m in model.modules():
+        if isinstance(m, CausalAttention):
+            handles += [m.register_forward_pre_hook(timer.start), m.register_forward_hook(timer.stop)]
     try:
         _, total = _timed(step, device)
     finally:
-        Attention.timer = None
+        for h in handles:
+            h.remove()
     return min(1.0, timer.total / total) if total > 0 else float("nan")
 
 
@@ -121,7 +128,7 @@ def _run_cached(model, ids, new_tokens, device):
         logits, dt = _timed(lambda: decode_one_token(model, tok, cache), device)
         tok = sample_next(logits, do_sample=False)
         latencies.append(dt)
-    share = _attention_share(lambda: decode_one_token(model, tok, cache), device)
+    share = _attention_share(model, lambda: decode_one_token(model, tok, cache), device)
     return prefill_s, latencies, share, cache.nbytes
 
 
@@ -135,7 +142,7 @@ def _run_no_cache(model, ids, new_tokens, device):
         else:
             latencies.append(dt)
         tokens = torch.cat([tokens, sample_next(logits, do_sample=False)[:, None]], dim=1)
-    share = _attention_share(lambda: model(tokens), device)
+    share = _attention_share(model, lambda: model(tokens), device)
     return prefill_s, latencies, share, 0
 
 

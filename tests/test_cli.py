@@ -57,3 +57,21 @@ def test_error_is_one_line_and_nonzero_exit(args):
 def test_usage_errors_exit_nonzero(args):
     out = _run(*args)
     assert out.returncode == 2 and "usage: genkern" in out.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_bad_impl_is_a_usage_error(command):
+    from genkern import cli
+    argv = {"train": ["train", "vae", "--out", "unused"], "sample": ["sample", "--checkpoint", "unused"]}[command]
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(argv + ["--impl", "fast"])
+    assert info.value.code == 2
+    args = cli.build_parser().parse_args(argv + ["--impl", "cpp"])
+    assert args.impl == "cpp"
+
+
+def test_bad_impl_message(capsys):
+    from genkern import cli
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "vae", "--impl", "fast"])
+    assert "--impl must be one of auto, torch, cpp, triton, got 'fast'" in capsys.readouterr().err

@@ -327,6 +327,23 @@ def test_writing_past_smax_raises_before_writing(impl, with_new):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_max_seqlen_bounds_the_lengths(impl):
+    # A caller-known bound replaces the host read of cache_seqlens: the same results when
+    # it holds, and the room check uses it (a bound past the real lengths can refuse).
+    q, kc, vc, sl, kn, vn = make_case("gqa", 4, 16, F32, lengths=[0, 1, SMAX - 4, 5], seed=52)
+    want = check(impl, q, kc.clone(), vc.clone(), sl, kn, vn)
+    got = run_op(impl, q, kc.clone(), vc.clone(), sl, kn, vn, max_seqlen=SMAX - 4)
+    assert torch.equal(got, want)
+    kc3 = kc.clone()
+    with pytest.raises(ValueError, match=r"a row of length 37 plus 4 new tokens exceeds max_seq_len=40"):
+        run_op(impl, q, kc3, vc.clone(), torch.zeros_like(sl), kn, vn, max_seqlen=SMAX - 3)
+    assert_same_bits(kc3, kc, "k_cache")
+    for bad in (-1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match=r"^max_seqlen must be an int >= 0 or None"):
+            run_op(impl, q, kc.clone(), vc.clone(), sl, kn, vn, max_seqlen=bad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_negative_length_raises(impl):
     q, kc, vc, sl, kn, vn = _full_case()
     kc0 = kc.clone()
@@ -614,6 +631,49 @@ def test_kvcache_advance_bad_type(n, exc):
     with pytest.raises(exc):
         c.advance(n)
     assert c.seqlens.tolist() == [0, 0, 0]
+
+
+def test_kvcache_max_len():
+    c = genkern.KVCache(1, 3, 1, 10, 16)
+    assert c.max_len == 0
+    c.advance(torch.tensor([2, 0, 5]))
+    assert c.max_len == 5
+    c.advance(3)
+    assert c.max_len == 8
+    c.advance(torch.tensor([0, 0, -6]))
+    assert c.max_len == 5 and c.seqlens.tolist() == [5, 3, 2]
+    with pytest.raises(AttributeError):
+        c.max_len = 1  # read-only: the lengths move with advance and reset
+    c.reset()
+    assert c.max_len == 0
+
+
+def test_kvcache_write():
+    # write stores k_new/v_new where attend would, attends to nothing and keeps the lengths.
+    b, hkv, smax, d = 3, 2, 12, 16
+    c = genkern.KVCache(2, b, hkv, smax, d)
+    c.advance(torch.tensor([0, 4, 7]))
+    k_mirror, v_mirror = c.k.clone(), c.v.clone()
+    kn = utils.randn((b, hkv, 5, d), F32, seed=81)
+    vn = utils.randn((b, hkv, 5, d), F32, seed=82)
+    c.write(1, kn, vn)
+    reference.write_new(k_mirror[1], v_mirror[1], c.seqlens, kn, vn)
+    assert_same_bits(c.k, k_mirror, "k")
+    assert_same_bits(c.v, v_mirror, "v")
+    assert c.seqlens.tolist() == [0, 4, 7] and c.max_len == 7
+    with pytest.raises(ValueError, match=r"the KV cache is full: a row of length 7 plus 6 new tokens"):
+        c.write(0, utils.randn((b, hkv, 6, d), F32, seed=83), utils.randn((b, hkv, 6, d), F32, seed=84))
+    assert_same_bits(c.k, k_mirror, "k after a refused write")
+    bad = [((b, hkv + 1, 2, d), (b, hkv + 1, 2, d), ValueError, r"^k_new must have shape \(B=3, Hkv=2, Tnew, D=16\)"),
+           ((b, hkv, 2, d), (b, hkv, 3, d), ValueError, r"^v_new must have shape"),
+           ((b, hkv, 2), (b, hkv, 2), ValueError, r"^k_new must have shape")]
+    for ks, vs, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            c.write(0, torch.randn(ks), torch.randn(vs))
+    with pytest.raises(TypeError, match=r"^v_new must be a floating-point tensor"):
+        c.write(0, kn, torch.ones(kn.shape, dtype=torch.int64))
+    with pytest.raises(IndexError, match="layer 2 out of range"):
+        c.write(2, kn, vn)
 
 
 def test_kvcache_reset():

@@ -51,6 +51,22 @@ def test_speedups_and_files(report):
     assert sorted(os.listdir(out)) == ["profile.json", "profile.png"]  # no temporary files left
 
 
+def test_attention_share_hooks_the_attention_modules():
+    # The share is timed by forward hooks on the model's attention modules, removed afterwards.
+    from genkern.nn.attention import CausalAttention
+    from genkern.profiling import _attention_share
+    net = TransformerLM(ModelArgs(vocab_size=32, dim=32, n_layers=2, n_heads=2, max_seq_len=64, impl="torch"))
+    attn = [m for m in net.modules() if isinstance(m, CausalAttention)]
+    assert len(attn) == 2
+    idx = torch.randint(0, 32, (1, 16))
+    with torch.no_grad():
+        share = _attention_share(net, lambda: net(idx), "cpu")
+    assert 0 < share < 1
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in attn)
+    with torch.no_grad():
+        assert _attention_share(torch.nn.Linear(2, 2), lambda: net(idx), "cpu") == 0.0  # nothing hooked
+
+
 def test_model_impl_restored(tmp_path):
     net = TransformerLM(ModelArgs(vocab_size=32, dim=32, n_layers=1, n_heads=2, max_seq_len=64))
     profile_generation(net, context_lengths=(4,), new_tokens=2, modes=("torch", "no_cache"), progress=False)

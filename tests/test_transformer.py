@@ -243,8 +243,9 @@ def test_cached_forward_ragged(config, impl):
     (dict(n_heads=4, n_kv_heads=3), r"n_heads of n_kv_heads=3"),
     (dict(positions="alibi"), r"^positions must be 'rotary' or 'learned', got 'alibi'"),
     (dict(dim=12, n_heads=4), r"^rotary positions need an even head dim, got 3"),
+    (dict(impl="fast"), r"^impl must be one of auto, torch, cpp, triton, got 'fast'"),
 ], ids=("vocab-0", "dim-neg", "layers-float", "heads-str", "kv-heads-0", "len-0", "mlp-0", "dim-heads",
-        "heads-kv-heads", "positions", "rotary-odd"))
+        "heads-kv-heads", "positions", "rotary-odd", "impl"))
 def test_model_args_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         ModelArgs(**kw)
@@ -254,3 +255,32 @@ def test_model_args_defaults():
     a = ModelArgs(dim=64, n_heads=4)
     assert a.n_kv_heads == 4 and a.mlp_hidden == 256 and a.head_dim == 16
     ModelArgs(dim=12, n_heads=4, positions="learned")  # odd head dims are fine without rotary
+    assert ModelArgs(impl=None).impl == "auto" and ModelArgs(impl="cpp").impl == "cpp"
+
+
+def test_attention_is_the_nn_module_under_the_checkpoint_names():
+    # One attention implementation: genkern.nn's module, whose state_dict names are the
+    # TransformerLM's own (wqkv, wo), so checkpoints written before it still load.
+    model = make_model()
+    attn = model.blocks[0].attn
+    assert isinstance(attn, genkern.nn.CausalSelfAttention)
+    assert attn.wqkv is attn.qkv and attn.wo is attn.proj
+    sd = model.state_dict()
+    assert [k for k in sd if k.startswith("blocks.0.attn.")] == ["blocks.0.attn.wqkv.weight", "blocks.0.attn.wo.weight"]
+    other = make_model(seed=1)
+    other.load_state_dict(sd)
+    idx = tokens(2, 9)
+    assert torch.equal(other(idx), model(idx))
+    with pytest.raises(RuntimeError, match="blocks.0.attn.wqkv.weight"):
+        other.load_state_dict({k: v for k, v in sd.items() if k != "blocks.0.attn.wqkv.weight"})
+
+
+def test_impl_follows_the_model_args():
+    # Callers switch a built model's impl through its args (genkern profile does).
+    model = make_model(impl="cpp")
+    idx = tokens(1, 5)
+    with torch.no_grad():
+        model(idx)
+        model.args.impl = "bogus"
+        with pytest.raises(ValueError, match="impl must be one of"):
+            model(idx)

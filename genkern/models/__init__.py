@@ -5,4 +5,5 @@ from genkern.models.rnn import RNNLM, RNNConfig
 from genkern.models.transformer import ModelArgs, TransformerLM
 from genkern.models.vae import ELBO, VAE, VAEConfig
 
-__all__ = ["AR", "ARIMA", "ELBO", "GAN", "GANConfig", "ModelArgs", "RNNConfig", "RNNLM", "TransformerLM", "VAE", "VAEConfig"]
+__all__ = ["AR", "ARIMA", "ELBO", "GAN", "GANConfig", "ModelArgs", "RNNConfig", "RNNLM", "TransformerLM", "VAE",
+           "VAEConfig"]

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from genkern._dispatch import IMPLS
+from genkern._dispatch import check_impl
 from genkern.models._config import ConfigDict, check_data_shape
-from genkern.ops.gan_loss import discriminator_loss, generator_loss
-from genkern.reference.gan_loss import KINDS
+from genkern.ops.gan_loss import KINDS, discriminator_loss, generator_loss
 
 ARCHS = ("mlp", "dcgan")
 OUTPUTS = ("sigmoid", "tanh", "linear")
@@ -45,9 +44,10 @@ class GANConfig(ConfigDict):
 
     def __post_init__(self):
         self.data_shape = check_data_shape(self.data_shape)
-        for name, choices in (("arch", ARCHS), ("loss", KINDS), ("output", OUTPUTS), ("impl", IMPLS)):
+        for name, choices in (("arch", ARCHS), ("loss", KINDS), ("output", OUTPUTS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        self.impl = check_impl(self.impl)
         for name in ("latent_dim", "hidden", "depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -6,16 +6,18 @@ impl="torch" both are the plain-PyTorch versions (the baseline).
 """
 from __future__ import annotations
 
-import contextlib
+import re
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genkern._dispatch import check_impl
 from genkern.kvcache import KVCache
-from genkern.ops.attention import flash_attention
-from genkern.reference.kv_decode import write_new
+from genkern.nn.attention import CausalSelfAttention
+from genkern.nn.rotary import apply_rotary  # noqa: F401 (importable from here, as it always was)
+from genkern.nn.rotary import rotary_tables as _rotary_tables
 
 
 @dataclass
@@ -42,6 +44,7 @@ class ModelArgs:
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}, and n_heads of "
                              f"n_kv_heads={self.n_kv_heads}")
+        self.impl = check_impl(self.impl)
         if self.positions not in ("rotary", "learned"):
             raise ValueError(f"positions must be 'rotary' or 'learned', got {self.positions!r}")
         if self.positions == "rotary" and (self.dim // self.n_heads) % 2:
@@ -54,51 +57,58 @@ class ModelArgs:
 
 def rotary_tables(args: ModelArgs):
     """cos, sin: (max_seq_len, head_dim / 2) float32 tables of the rotary angles."""
-    half = args.head_dim // 2
-    inv_freq = args.rope_base ** (-torch.arange(half, dtype=torch.float64) / half)
-    angles = torch.arange(args.max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().float(), angles.sin().float()
+    return _rotary_tables(args.head_dim, args.max_seq_len, args.rope_base)
 
 
-def apply_rotary(x, cos, sin):
-    """Rotates pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D) by angles cos/sin (B, 1, T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+# TransformerLM checkpoints name the attention's projections wqkv and wo; genkern.nn's are qkv and proj.
+_SAVED_NAMES = (("qkv.", "wqkv."), ("proj.", "wo."))
 
 
-_nothing = contextlib.nullcontext()
+def _to_saved_names(module, state_dict, prefix, local_metadata):
+    for name, saved in _SAVED_NAMES:
+        for key in [k for k in state_dict if k.startswith(prefix + name)]:
+            state_dict[prefix + saved + key[len(prefix + name):]] = state_dict.pop(key)
 
 
-class Attention(nn.Module):
-    timer = None  # a context manager around every attention call, set by the profiler
+def _from_saved_names(module, state_dict, prefix, *args):
+    for name, saved in _SAVED_NAMES:
+        for key in [k for k in state_dict if k.startswith(prefix + saved)]:
+            state_dict[prefix + name + key[len(prefix + saved):]] = state_dict.pop(key)
+
+
+def _report_saved_names(model, incompatible):
+    """load_state_dict's missing keys named as a checkpoint names them."""
+    for i, key in enumerate(incompatible.missing_keys):
+        for name, saved in _SAVED_NAMES:
+            key = re.sub(r"(^|\.)(blocks\.\d+\.attn\.)" + re.escape(name), r"\1\2" + saved, key)
+        incompatible.missing_keys[i] = key
+
+
+class Attention(CausalSelfAttention):
+    """genkern.nn.CausalSelfAttention as a TransformerLM block holds it.
+
+    Its impl is the model's `args.impl` at every call (callers switch it on a built model).
+    The projections are genkern.nn's `qkv` and `proj`; TransformerLM checkpoints have always
+    called them `wqkv` and `wo` (also attributes here), and still do: the state_dict names
+    are renamed on the way out and back on the way in, so every checkpoint loads.
+    """
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
+        super().__init__(args.dim, args.n_heads, args.n_kv_heads, impl=args.impl)
         self.args = args
-        hd = args.head_dim
-        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * hd, bias=False)
-        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+        self.register_state_dict_post_hook(_to_saved_names)
+        self.register_load_state_dict_pre_hook(_from_saved_names)
+
+    @property
+    def wqkv(self) -> nn.Linear:
+        return self.qkv
+
+    @property
+    def wo(self) -> nn.Linear:
+        return self.proj
 
     def forward(self, x, rope, cache: KVCache | None, layer: int):
-        a, (b, t, _) = self.args, x.shape
-        hd = a.head_dim
-        q, k, v = self.wqkv(x).split([a.n_heads * hd, a.n_kv_heads * hd, a.n_kv_heads * hd], dim=-1)
-        q = q.view(b, t, a.n_heads, hd).transpose(1, 2)                  # (B, H, T, hd)
-        k = k.view(b, t, a.n_kv_heads, hd).transpose(1, 2)               # (B, Hkv, T, hd)
-        v = v.view(b, t, a.n_kv_heads, hd).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        # The attention alone, timed when genkern.profile_generation measures its share.
-        with self.timer or _nothing:
-            if cache is None:
-                y = flash_attention(q, k, v, causal=True, impl=a.impl)
-            elif cache._max_len == 0:
-                # Prefill of an empty cache: flash-attention over the chunk, and store its K/V.
-                y = flash_attention(q, k, v, causal=True, impl=a.impl)
-                write_new(*cache.layer(layer), cache.seqlens, k, v)
-            else:
-                y = cache.attend(layer, q, k.contiguous(), v.contiguous(), impl=a.impl)
-        return self.wo(y.transpose(1, 2).reshape(b, t, a.n_heads * hd))  # (B, T, dim)
+        return super().forward(x, rope, cache, layer, impl=self.args.impl)
 
 
 class Block(nn.Module):
@@ -139,6 +149,7 @@ class TransformerLM(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
+        self.register_load_state_dict_post_hook(_report_saved_names)
 
     @staticmethod
     def _init(m):
@@ -156,7 +167,7 @@ class TransformerLM(nn.Module):
     def forward(self, idx, cache: KVCache | None = None):
         b, t = idx.shape
         start = 0 if cache is None else cache.seqlens.long()                   # (B,) or 0
-        cached = 0 if cache is None else cache._max_len
+        cached = 0 if cache is None else cache.max_len
         # The cache may be shorter than the model's context (generate sizes it to the request).
         limit = self.args.max_seq_len if cache is None else min(self.args.max_seq_len, cache.max_seq_len)
         if cached + t > limit:

@@ -19,9 +19,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import nn
 
-from genkern._dispatch import IMPLS
+from genkern._dispatch import check_impl
 from genkern.models._config import ConfigDict, check_data_shape
 from genkern.ops.reparam_kl import reparameterize_kl
 
@@ -51,7 +52,7 @@ class VAEConfig(ConfigDict):
         self.data_shape = check_data_shape(self.data_shape)
         _check_choice("likelihood", self.likelihood, LIKELIHOODS)
         _check_choice("arch", self.arch, ARCHS)
-        _check_choice("impl", self.impl, IMPLS)
+        self.impl = check_impl(self.impl)
         for name, low in (("levels", 2), ("hidden", 1), ("depth", 1), ("latent_dim", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -166,8 +167,8 @@ class VAE(nn.Module):
         cfg, n = self.config, z.shape[0]
         out = self.decoder(z)
         if cfg.arch == "conv" and self._per_dim > 1:
-            c, h, w = cfg.data_shape
-            out = out.view(n, c, self._per_dim, h, w).permute(0, 1, 3, 4, 2)  # (N, C, H, W, levels)
+            # Output channel c * levels + k holds the logit of level k for every pixel of channel c.
+            return rearrange(out, "n (c k) h w -> n (c h w) k", k=self._per_dim)
         return out.reshape(n, cfg.dim, self._per_dim) if self._per_dim > 1 else out.reshape(n, cfg.dim)
 
     def _log_std(self):
@@ -244,9 +245,9 @@ class VAE(nn.Module):
                 z = mu[:, None] + std[:, None] * eps                      # (nb, kc, L)
                 log_q = -(0.5 * eps * eps + 0.5 * logvar[:, None] + 0.5 * _LOG_2PI).sum(-1)  # (nb, kc)
                 log_pz = -(0.5 * z * z + 0.5 * _LOG_2PI).sum(-1)
-                x_rep = x_flat[:, None].expand(nb, kc, -1).reshape(nb * kc, -1)  # (nb*kc, D)
-                z_flat = z.reshape(nb * kc, ld).to(self._dtype())
-                log_px = self.log_prob(x_rep, self.decode(z_flat)).view(nb, kc)
+                x_rep = repeat(x_flat, "n d -> (n k) d", k=kc)           # (nb*kc, D)
+                z_flat = rearrange(z, "n k l -> (n k) l").to(self._dtype())
+                log_px = rearrange(self.log_prob(x_rep, self.decode(z_flat)), "(n k) -> n k", k=kc)
                 log_w.append(log_px.double() + log_pz.double() - log_q.double())
             log_w = torch.cat(log_w, dim=1)                               # (nb, K)
             out.append(torch.logsumexp(log_w, dim=1) - math.log(k))

@@ -9,7 +9,7 @@ from genkern.reference import kv_decode as reference
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None,
-                           impl="auto"):
+                           impl="auto", max_seqlen=None):
     """Appends new keys/values to a KV cache in place and attends to the filled part.
 
     Args:
@@ -23,6 +23,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
             then holds n_b = L_b + Tnew positions; without them n_b = L_b.
         scale: multiplies the scores; default 1 / sqrt(D).
         impl: "auto" | "torch" | "cpp" | "triton" (default from GENKERN_IMPL).
+        max_seqlen: an int the caller knows to be >= max(cache_seqlens) (genkern.KVCache
+            passes its `max_len`), or None. Given, the bound check uses it instead of
+            reading cache_seqlens on the host, and negative lengths go unchecked.
 
     Returns:
         out: (B, H, Tnew, D) in q's dtype. Query i of row b attends to the positions
@@ -32,10 +35,12 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
 
     Inference only: there is no backward, and inputs that require grad (with grad
     mode on) are refused. Writing past Smax raises before anything is written (this
-    reads cache_seqlens on the host, one synchronisation on CUDA; genkern.KVCache
-    knows its lengths and skips it).
+    reads cache_seqlens on the host, one synchronisation on CUDA, unless max_seqlen
+    is given).
     """
-    return _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, impl, None)
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise ValueError(f"max_seqlen must be an int >= 0 or None, got {max_seqlen!r}")
+    return _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, impl, max_seqlen)
 
 
 def _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, impl, max_len):
