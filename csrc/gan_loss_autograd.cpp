@@ -130,8 +130,8 @@ constexpr const char* kHasReal = "has_real";  // real_logits given: autograd's i
 // The differentiable loss. The kernel's gradients are kept as saved variables of the node, not
 // outputs of it (compiled autograd takes no non-differentiable outputs); `grads` hands them to
 // the caller, which returns them as the op's other outputs.
-template <class Family>
-struct GanLoss : public torch::autograd::Function<GanLoss<Family>> {
+template <class Family, class Self>
+struct GanLoss : public torch::autograd::Function<Self> {
   static variable_list forward(AutogradContext* ctx, const OptTensor& real, const Tensor& fake, int64_t kind,
                                int64_t reduction, double label, bool generator, FwdOut* grads) {
     auto [loss, gr, gf] = run_fwd<Family>(real, fake, kind, reduction, label, generator);
@@ -183,21 +183,25 @@ struct GanLoss : public torch::autograd::Function<GanLoss<Family>> {
   }
 };
 
-template <class Family>
+// The autograd nodes (named for grad_fn and error messages).
+struct GanLossCppBackward final : GanLoss<CppFamily, GanLossCppBackward> {};
+struct GanLossTritonBackward final : GanLoss<TritonFamily, GanLossTritonBackward> {};
+
+template <class Family, class Node>
 FwdOut gan_loss_autograd(const OptTensor& real, const Tensor& fake, int64_t kind, int64_t reduction, double label,
                          bool generator) {
   bool grad = at::GradMode::is_enabled() && (fake.requires_grad() || (real.has_value() && real->requires_grad()));
   if (!grad) return run_fwd<Family>(real, fake, kind, reduction, label, generator);  // no graph to record
   FwdOut grads;
-  auto loss = GanLoss<Family>::apply(real, fake, kind, reduction, label, generator, &grads);
+  auto loss = Node::apply(real, fake, kind, reduction, label, generator, &grads);
   return {loss[0], std::get<1>(grads), std::get<2>(grads)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(genkern, Autograd, m) {
-  m.impl("gan_loss_cpp_fwd", &gan_loss_autograd<CppFamily>);
-  m.impl("gan_loss_triton_fwd", &gan_loss_autograd<TritonFamily>);
+  m.impl("gan_loss_cpp_fwd", &gan_loss_autograd<CppFamily, GanLossCppBackward>);
+  m.impl("gan_loss_triton_fwd", &gan_loss_autograd<TritonFamily, GanLossTritonBackward>);
 }
 
 }  // namespace genkern

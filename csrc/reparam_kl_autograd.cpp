@@ -47,8 +47,8 @@ const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-template <typename Family>
-class ReparamKL : public torch::autograd::Function<ReparamKL<Family>> {
+template <typename Family, typename Self>
+class ReparamKL : public torch::autograd::Function<Self> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& mu,
                                                 const Tensor& logvar, const OptTensor& eps, const OptTensor& prior_mu,
@@ -85,6 +85,10 @@ class ReparamKL : public torch::autograd::Function<ReparamKL<Family>> {
   }
 };
 
+// The autograd nodes (named for grad_fn and error messages).
+struct ReparamKLCppBackward final : ReparamKL<CppFamily, ReparamKLCppBackward> {};
+struct ReparamKLTritonBackward final : ReparamKL<TritonFamily, ReparamKLTritonBackward> {};
+
 bool wants_grad(std::initializer_list<const Tensor*> ts, std::initializer_list<const OptTensor*> opts) {
   if (!at::GradMode::is_enabled()) return false;
   for (const Tensor* t : ts)
@@ -94,7 +98,7 @@ bool wants_grad(std::initializer_list<const Tensor*> ts, std::initializer_list<c
   return false;
 }
 
-template <typename Family>
+template <typename Family, typename Node>
 std::tuple<Tensor, Tensor> with_autograd(const Tensor& mu, const Tensor& logvar, const OptTensor& eps,
                                          const OptTensor& prior_mu, const OptTensor& prior_logvar,
                                          const OptTensor& seed) {
@@ -103,15 +107,15 @@ std::tuple<Tensor, Tensor> with_autograd(const Tensor& mu, const Tensor& logvar,
     at::AutoDispatchBelowADInplaceOrView below;
     return fwd_op<Family>().call(mu, logvar, eps, prior_mu, prior_logvar, seed);
   }
-  auto out = ReparamKL<Family>::apply(mu, logvar, eps, prior_mu, prior_logvar, seed);
+  auto out = Node::apply(mu, logvar, eps, prior_mu, prior_logvar, seed);
   return {out[0], out[1]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(genkern, Autograd, m) {
-  m.impl("reparam_kl_cpp_fwd", &with_autograd<CppFamily>);
-  m.impl("reparam_kl_triton_fwd", &with_autograd<TritonFamily>);
+  m.impl("reparam_kl_cpp_fwd", &with_autograd<CppFamily, ReparamKLCppBackward>);
+  m.impl("reparam_kl_triton_fwd", &with_autograd<TritonFamily, ReparamKLTritonBackward>);
 }
 
 }  // namespace genkern
