@@ -104,9 +104,9 @@ def compare(*, quick: bool = False, out="compare-results", seeds=None, steps=Non
         The report (the content of compare.json): settings, environment, per-family results
         aggregated over seeds ("families") with each run's numbers ("runs").
     """
-    from genkern.train.trainer import _device
+    from genkern.train.distributed import resolve_device
 
-    dev = _device(device, 1)
+    dev = resolve_device(device, 1)
     s = settings_for(quick=quick, large=large, seeds=seeds, steps=steps, device=dev)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -183,8 +183,8 @@ def _run_one(fam: str, seed: int, s: Settings, dev: torch.device, test_ds) -> tu
     model = res.model
     lik = log_likelihood(model, test_ds, num_samples=s.num_samples,
                          generator=torch.Generator().manual_seed(seed))
-    panel, _ = timed_samples(family, model, N_PANEL, seed=10_000 + seed, device=dev)  # also the warm-up
-    samples, secs = timed_samples(family, model, N_QUALITY, seed=20_000 + seed, device=dev)
+    panel, _ = timed_samples(family.samples, model, N_PANEL, seed=10_000 + seed, device=dev)  # also the warm-up
+    samples, secs = timed_samples(family.samples, model, N_QUALITY, seed=20_000 + seed, device=dev)
     q = digit_quality(samples, reference=test_ds.x)
     final = res.summary.get("final", {})
     run = {"seed": seed, "diverged": False, "likelihood": lik.to_dict(),

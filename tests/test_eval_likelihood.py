@@ -4,14 +4,13 @@ import math
 import pytest
 import torch
 
-from genkern.data.digits import digits
+from genkern.data.digits import BOS, digits, pixels_to_tokens
 from genkern.eval.likelihood import GAN_NOTE, log_likelihood
 from genkern.eval.speed import sampling_speed, timed_samples, training_speed
 from genkern.models.gan import GAN, GANConfig
 from genkern.models.rnn import RNNConfig, RNNLM
 from genkern.models.transformer import ModelArgs, TransformerLM
 from genkern.models.vae import VAE, VAEConfig
-from genkern.train.lm import BOS, pixels_to_tokens
 
 LN2 = math.log(2.0)
 

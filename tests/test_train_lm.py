@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from genkern.data.digits import digits
+from genkern.data.digits import BOS, digits, pixels_to_tokens, tokens_to_pixels
 from genkern.data.text import VOCAB, text
 from genkern.models.transformer import ModelArgs, TransformerLM
 from genkern.ops import attention as attention_op
 from genkern.train import checkpoint as ckpt
 from genkern.train.families import get_family
-from genkern.train.lm import BOS, pixels_to_tokens, tokens_to_pixels
 from genkern.train.trainer import build_model, train
 
 from utils import ROOT, one_thread, require_impl  # noqa: F401  (one_thread: an autouse fixture)

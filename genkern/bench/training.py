@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 
 from genkern.bench import Case, Target
+from genkern.train.batches import load_data
+from genkern.train.config import model_config
+from genkern.train.families import get_family
+from genkern.train.family import build_model
 
 OP = "train_step"
 
@@ -27,20 +31,16 @@ class TrainStepCase(Case):
         self.family, self.data, self.model = family, data, dict(model or {})
 
     def _setup(self):
-        from genkern.train.families import get_family
-        from genkern.train.trainer import _model_config, load_data
         fam = get_family(self.family)
         train, _, _ = load_data(self.data)
-        return fam, train, _model_config(fam, self.model, train)
+        return fam, train, model_config(fam, self.model, train)
 
     def make_inputs(self, device) -> dict:
-        from genkern.train.trainer import build_model
         fam, train, config = self._setup()
         model = build_model(fam, config, 0, "torch", "cpu")  # only for the batch's shape (LM windows)
         return {k: v.to(device) for k, v in fam.batch(model, train, 0, 0, self.sizes["B"]).items()}
 
     def impl_fn(self, impl: str):
-        from genkern.train.trainer import build_model
         fam, _, config = self._setup()
         state = {}
 

@@ -20,6 +20,8 @@ from genkern.data.base import Dataset
 
 LEVELS = 17
 SHAPE = (1, 8, 8)
+PIXELS = 64  # 8 x 8
+BOS = LEVELS  # the start token of a pixel sequence: tokens 0..16 are the levels
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -69,6 +71,22 @@ def _load():
     y = torch.as_tensor(labels, dtype=torch.int64)
     train_idx, test_idx = split_indices(y.tolist(), TEST_FRACTION, SPLIT_SEED)
     return x, y, torch.tensor(train_idx, dtype=torch.int64), torch.tensor(test_idx, dtype=torch.int64)
+
+
+def pixels_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, 8, 8) in [0, 1] -> (N, 65) int64: the start token, then the 64 pixel levels in raster order.
+
+    The sequence an autoregressive model reads: its exact likelihood is in the same bits/dim
+    as a VAE's bound on the same images."""
+    levels = (x.reshape(x.shape[0], -1) * (LEVELS - 1)).round().long()            # (N, 64)
+    bos = torch.full((x.shape[0], 1), BOS, dtype=torch.int64, device=x.device)
+    return torch.cat([bos, levels], dim=1)                                        # (N, 65)
+
+
+def tokens_to_pixels(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, 65) or (N, 64) tokens -> (N, 1, 8, 8) float32 images in [0, 1]."""
+    levels = tokens[:, -PIXELS:].clamp(0, LEVELS - 1).float()
+    return (levels / (LEVELS - 1)).reshape(-1, *SHAPE)                           # (N, 1, 8, 8)
 
 
 def split_indices(labels, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genkern.data.digits import NUM_CLASSES, digits
+from genkern.data.digits import NUM_CLASSES, PIXELS, digits
 
-PIXELS = 64
 # Values this far outside [0, 1] are still accepted (float rounding in model samples).
 _RANGE_SLACK = 1e-4
 

@@ -22,6 +22,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from genkern.data.base import Dataset
+from genkern.data.digits import BOS, LEVELS, PIXELS, digits, pixels_to_tokens
+from genkern.models.gan import GAN
+from genkern.models.rnn import RNNLM
+from genkern.models.sequence import sequence_nll
+from genkern.models.transformer import TransformerLM
+from genkern.models.vae import VAE
 
 GAN_NOTE = "a GAN defines no likelihood: it has an implicit density (the push-forward of its noise)"
 _EXACT_NOTE = "exact: the chain rule over the pixels, one conditional per pixel"
@@ -70,7 +76,7 @@ def log_likelihood(model, data=None, *, num_samples: int = 100, batch_size: int 
         model: a genkern VAE, GAN, TransformerLM or RNNLM (the language models with the
             18-token pixel vocabulary: 17 levels and the start token).
         data: images (N, *data_shape) as a float tensor or a Dataset, values level / 16 in
-            [0, 1]; for a language model also (N, 65) int64 pixel tokens (genkern.train.lm.
+            [0, 1]; for a language model also (N, 65) int64 pixel tokens (genkern.data.digits.
             pixels_to_tokens). Default: digits("test").
         num_samples: K of the VAE's importance-weighted bound (>= 1).
         batch_size: examples per forward pass (language models, default 256) or (example,
@@ -80,18 +86,12 @@ def log_likelihood(model, data=None, *, num_samples: int = 100, batch_size: int 
     Returns:
         LikelihoodResult (see its docstring); .to_dict() is JSON-safe.
     """
-    from genkern.models.gan import GAN
-    from genkern.models.rnn import RNNLM
-    from genkern.models.transformer import TransformerLM
-    from genkern.models.vae import VAE
-
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
     if data is None:
-        from genkern.data.digits import digits
         data = digits("test")
     x = data.x if isinstance(data, Dataset) else data
     if not isinstance(x, torch.Tensor):
@@ -104,8 +104,7 @@ def log_likelihood(model, data=None, *, num_samples: int = 100, batch_size: int 
         if isinstance(model, VAE):
             return _vae(model, x, num_samples, batch_size or 4096, generator)
         if isinstance(model, (TransformerLM, RNNLM)):
-            family = "transformer" if isinstance(model, TransformerLM) else "rnn"
-            return _autoregressive(model, family, x, batch_size or 256)
+            return _autoregressive(model, x, batch_size or 256)
     raise TypeError(f"model must be a genkern VAE, GAN, TransformerLM or RNNLM, got {type(model).__name__}")
 
 
@@ -135,10 +134,7 @@ def _vae(model, x: torch.Tensor, k: int, batch_size: int, generator) -> Likeliho
                             num_samples=k)
 
 
-def _autoregressive(model, family: str, x: torch.Tensor, batch_size: int) -> LikelihoodResult:
-    from genkern.train.families import get_family
-    from genkern.train.lm import BOS, LEVELS, PIXELS, pixels_to_tokens
-
+def _autoregressive(model, x: torch.Tensor, batch_size: int) -> LikelihoodResult:
     vocab = model.args.vocab_size
     if vocab != LEVELS + 1:
         raise ValueError(f"model must model the {LEVELS} pixel levels and the start token (vocab_size "
@@ -158,7 +154,7 @@ def _autoregressive(model, family: str, x: torch.Tensor, batch_size: int) -> Lik
             raise ValueError(f"token data must be (N, {PIXELS + 1}): the start token {BOS}, then 64 levels "
                              f"in [0, {LEVELS - 1}], got shape {tuple(x.shape)}")
     device = next(model.parameters()).device
-    nll = get_family(family).nll(model, tokens.to(device), batch_size=batch_size)   # (N,) float64 nats
+    nll = sequence_nll(model, tokens.to(device), batch_size=batch_size)   # (N,) float64 nats
     nats = nll.mean().item()
     return LikelihoodResult("exact", bits_per_dim(nats, PIXELS), nats, PIXELS, tokens.shape[0], _EXACT_NOTE)
 

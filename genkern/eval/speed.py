@@ -1,8 +1,9 @@
 """Generation and training speed, measured the same way for every model family.
 
-Sampling is timed through the family's own `samples` (what `genkern sample` and the
-trainer call): a VAE or a GAN draws a batch in one decoder pass, an autoregressive
-model needs one pass per pixel. Runs are warmed up first (allocator, kernels, caches)
+Sampling is timed through a sampler `(model, n, generator) -> samples`: by default the
+model's own (genkern.eval.sampling.draw_samples, what `genkern sample` and the trainer
+call), or a training family's `samples`. A VAE or a GAN draws a batch in one decoder
+pass, an autoregressive model needs one pass per pixel. Runs are warmed up first (allocator, kernels, caches)
 and, on a GPU, bracketed by synchronisation so the time covers the work, not the launch.
 """
 from __future__ import annotations
@@ -11,14 +12,18 @@ import time
 
 import torch
 
+from genkern.eval.sampling import sampler_for
 
-def _family(family):
-    from genkern.train.families import Family, get_family
+
+def _sampler(family, model):
+    """The callable (model, n, generator) -> samples that `family` names or is."""
     if isinstance(family, str):
-        return get_family(family)
-    if not isinstance(family, Family):
-        raise TypeError(f"family must be a family name or a genkern Family, got {type(family).__name__}")
-    return family
+        return sampler_for(family, model)
+    sample = getattr(family, "samples", family)  # a training family: its samples method
+    if not callable(sample):
+        raise TypeError(f"family must be a family name, a sampler (model, n, generator) -> samples or an "
+                        f"object with such a samples method, got {type(family).__name__}")
+    return sample
 
 
 def _sync(device: torch.device) -> None:
@@ -31,7 +36,7 @@ def timed_samples(family, model, n: int, *, seed: int = 0, device=None) -> tuple
 
     The noise comes from a CPU generator seeded with `seed` (the trainer's convention).
     """
-    fam = _family(family)
+    sample = _sampler(family, model)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -41,7 +46,7 @@ def timed_samples(family, model, n: int, *, seed: int = 0, device=None) -> tuple
     try:
         _sync(device)
         start = time.perf_counter()
-        samples = fam.samples(model, n, gen)
+        samples = sample(model, n, gen)
         _sync(device)
         return samples, time.perf_counter() - start
     finally:
@@ -50,11 +55,13 @@ def timed_samples(family, model, n: int, *, seed: int = 0, device=None) -> tuple
 
 def sampling_speed(family, model, n: int = 1000, *, device=None, repeats: int = 3, warmup: int = 1,
                    seed: int = 0) -> float:
-    """Samples per second of family.samples(model, n, ...): the median of `repeats` timed runs
+    """Samples per second of drawing n samples of `model`: the median of `repeats` timed runs
     after `warmup` untimed ones.
 
     Args:
-        family: a family name ("vae", "gan", "transformer", "rnn") or a genkern Family.
+        family: a family name ("vae", "gan", "transformer", "rnn": the model's own sampler), a
+            callable (model, n, generator) -> samples, or an object with such a `samples` method
+            (a genkern.train family).
         model: the family's model, on the device it samples on.
         n: samples per run (one batch).
         device: the device to synchronise (default: the model's).
