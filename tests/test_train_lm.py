@@ -21,7 +21,7 @@ from genkern.train import checkpoint as ckpt
 from genkern.train.families import get_family
 from genkern.train.trainer import build_model, train
 
-from utils import ROOT, one_thread, require_impl  # noqa: F401  (one_thread: an autouse fixture)
+from utils import ROOT, KernelCalls, one_thread, require_impl  # noqa: F401  (one_thread: an autouse fixture)
 
 # Head dim 16: a size the C++ attention kernel takes, so the default impl runs it.
 TINY = {"transformer": {"dim": 32, "n_layers": 2, "n_heads": 2},
@@ -187,20 +187,13 @@ def test_resumed_run_equals_the_uninterrupted_one(runs, tmp_path, family, data):
 def test_default_impl_matches_the_torch_reference(monkeypatch):
     """The default runs genkern's C++ flash attention on the CPU; impl="torch" the reference."""
     require_impl("cpp")
-    calls = []
-    kernel = attention_op._OPS["cpp"]
-
-    def counting(*args):
-        calls.append(1)
-        return kernel(*args)
-
-    monkeypatch.setitem(attention_op._OPS, "cpp", counting)
+    spy = KernelCalls(monkeypatch, attention_op.ATTENTION, "cpp")
     kw = dict(data="text", out=None, steps=6, batch_size=8, model={**TINY["transformer"], "seq_len": 32},
               progress=False, log_every=1, eval_every=100)
     ours = train("transformer", **kw)
-    used = len(calls)
+    used = spy.calls
     ref = train("transformer", impl="torch", **kw)
-    assert used > 0 and len(calls) == used  # the default called the kernel, impl="torch" never did
+    assert used > 0 and spy.calls == used  # the default called the kernel, impl="torch" never did
     a = [r["loss"] for r in ours.history if "loss" in r]
     b = [r["loss"] for r in ref.history if "loss" in r]
     assert len(a) == 6 and a[-1] < a[0] - 0.1
