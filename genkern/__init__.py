@@ -2,14 +2,13 @@
 
 Every op takes impl="auto" | "torch" | "cpp" | "triton"; see genkern.info().
 """
+from genkern import data, eval, functional, models, nn, train
 from genkern._dispatch import ImplUnavailableError
 from genkern._info import info
-from genkern.ops import (attention_with_kvcache, discriminator_loss, flash_attention, generator_loss,
-                         reparameterize_kl)
-from genkern.kvcache import KVCache
 from genkern.generation import generate
+from genkern.kvcache import KVCache
+from genkern.ops import attention_with_kvcache, discriminator_loss, flash_attention, generator_loss, reparameterize_kl
 from genkern.profiling import profile_generation
-from genkern import data, eval, functional, models, nn, train
 
 __version__ = "0.1.0"
 __all__ = ["ImplUnavailableError", "KVCache", "attention_with_kvcache", "data", "discriminator_loss", "eval",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+
 _BUILD_ERROR = os.path.join(os.path.dirname(__file__), "_build_error.txt")
 
 

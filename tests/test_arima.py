@@ -14,7 +14,6 @@ from genkern.data.arma import ar_from_pacf, arma_process, pacf_from_ar, psi_weig
 from genkern.models.arima import AR, ARIMA, _kalman
 
 
-
 def _sm():
     return pytest.importorskip("statsmodels.tsa.arima.model")
 

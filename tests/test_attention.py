@@ -80,7 +80,7 @@ def check(impl, q, k, v, *, causal, scale=None, grads=True, lse_grad=False, out_
 
     g_out = utils.randn(out.shape, q.dtype, q.device, seed=seed + 10) if grad_out is None else grad_out
     g_lse = utils.randn(lse.shape, F32, q.device, seed=seed + 11)
-    pick = lambda o, l: ([o] if out_grad else []) + ([l] if lse_grad else [])  # noqa: E731
+    pick = lambda o, lse_: ([o] if out_grad else []) + ([lse_] if lse_grad else [])  # noqa: E731
     upstream = pick(g_out, g_lse)
     # Without out in the loss, v does not reach lse: its gradient is zero (None from the
     # torch impl and the reference, whose graphs do not reach v).

@@ -41,7 +41,8 @@ def test_info_says_why_cpp_is_off():
 def test_info_reports_an_invalid_default_impl():
     out = _run("info", env={"GENKERN_IMPL": "bogus"})
     assert out.returncode == 0, out.stderr
-    assert "default impl: invalid" in out.stdout and "GENKERN_IMPL must be one of" in out.stdout and "'bogus'" in out.stdout
+    assert "default impl: invalid" in out.stdout
+    assert "GENKERN_IMPL must be one of" in out.stdout and "'bogus'" in out.stdout
 
 
 @pytest.mark.parametrize("args", [["bench", "--device", "tpu"], ["bench", "--sizes", "huge"]])

@@ -8,7 +8,7 @@ from genkern.data.digits import BOS, digits, pixels_to_tokens
 from genkern.eval.likelihood import GAN_NOTE, log_likelihood
 from genkern.eval.speed import sampling_speed, timed_samples, training_speed
 from genkern.models.gan import GAN, GANConfig
-from genkern.models.rnn import RNNConfig, RNNLM
+from genkern.models.rnn import RNNLM, RNNConfig
 from genkern.models.transformer import ModelArgs, TransformerLM
 from genkern.models.vae import VAE, VAEConfig
 

@@ -872,8 +872,8 @@ def test_gpu_torch_compile_fullgraph_triton():
 # --- the benchmark cases (genkern.bench.gan_loss) ---------------------------------------------
 
 def test_bench_cases_and_labels():
-    from genkern.bench import select_cases
     from genkern.bench import gan_loss as bench
+    from genkern.bench import select_cases
 
     names = [c.name for c in bench.CASES]
     assert len(names) == len(set(names)) == 8 * 5

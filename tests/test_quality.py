@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from genkern.train import train
-
 from utils import one_thread  # noqa: F401  (small models: one thread is the fast setting)
 
 UNIFORM_BPD = math.log2(17)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from genkern.data.text import batches, contiguous_windows, text
-from genkern.models.rnn import RNNConfig, RNNLM
+from genkern.models.rnn import RNNLM, RNNConfig
 from utils import one_thread  # noqa: F401 (autouse fixture)
 
 V = 37

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from genkern.train import checkpoint as ckpt
 from genkern.train.families import get_family
 from genkern.train.trainer import batch_indices, build_model, load_trained, step_generator, train
-
 from utils import ROOT
 
 SMALL = {"vae": {"hidden": 32, "latent_dim": 4}, "gan": {"hidden": 32, "latent_dim": 8}}
@@ -98,7 +97,7 @@ def test_vae_eval_reports_bits_per_dim(tmp_path):
 def test_resumed_run_reaches_the_same_weights(tmp_path, family, model):
     full = _run(family, tmp_path / "full", steps=12, model={**SMALL[family], **model})
     part = _run(family, tmp_path / "part", steps=6, model={**SMALL[family], **model})
-    assert part.step == 6
+    assert full.step == 12 and part.step == 6
     resumed = train(family, steps=12, resume=tmp_path / "part", **QUIET, eval_every=6, ckpt_every=6)
     assert resumed.step == 12
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")

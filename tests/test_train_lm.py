@@ -20,7 +20,6 @@ from genkern.ops import attention as attention_op
 from genkern.train import checkpoint as ckpt
 from genkern.train.families import get_family
 from genkern.train.trainer import build_model, train
-
 from utils import ROOT, KernelCalls, one_thread, require_impl  # noqa: F401  (one_thread: an autouse fixture)
 
 # Head dim 16: a size the C++ attention kernel takes, so the default impl runs it.

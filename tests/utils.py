@@ -140,7 +140,8 @@ def assert_close_rule(out, ref64, same_dtype, *, extra_atol=None, name="out", ab
     s_ok = finite & torch.isfinite(same64)
     base = (same64[s_ok] - ref64[s_ok]).abs().max() if bool(s_ok.any()) else torch.tensor(0.0, dtype=torch.float64)
     scale = max(1.0, ref64[finite].abs().max().item())
-    extra = torch.zeros(o.shape, dtype=torch.float64) if extra_atol is None else extra_atol.detach().double().cpu().expand(ref64.shape)[check]
+    extra = torch.zeros(o.shape, dtype=torch.float64) if extra_atol is None else \
+        extra_atol.detach().double().cpu().expand(ref64.shape)[check]
     allowed = 2 * base + FLOOR[out.dtype] * scale + extra
     err = (o - r).abs()
     assert bool((err <= allowed).all()), f"{name} ({out.dtype}): {_fmt_worst(err, allowed, o, r)}"

@@ -22,10 +22,18 @@ import sys
 import torch
 
 from genkern.bench import COMPILE, DIRECTIONS, select_cases
-from genkern.bench.arguments import (add_arguments, budget_s, case_impls, check_numbers, fast_impl, impls_for,
-                                     max_repeats, resolve_device, size_labels)
-from genkern.bench.machine import (copy_bandwidth, device_name, device_slug, machine_header, matmul_rate,
-                                   read_bandwidth)
+from genkern.bench.arguments import (
+    add_arguments,
+    budget_s,
+    case_impls,
+    check_numbers,
+    fast_impl,
+    impls_for,
+    max_repeats,
+    resolve_device,
+    size_labels,
+)
+from genkern.bench.machine import copy_bandwidth, device_name, device_slug, machine_header, matmul_rate, read_bandwidth
 from genkern.bench.memory import guard, memory_limit, peak_memory
 from genkern.bench.report import all_good, print_entry, print_header, speedup, summarize, write_results
 from genkern.bench.timing import BWD_METHOD, MIN_ROUNDS, ImplError, measure, prepare, time_once

@@ -11,4 +11,5 @@ from genkern.data.digits import digits
 from genkern.data.text import TextCorpus, text
 from genkern.data.toy import count_modes, mode_centres, ring_of_gaussians
 
-__all__ = ["Dataset", "arma_process", "TextCorpus", "count_modes", "digits", "mode_centres", "ring_of_gaussians", "text"]
+__all__ = ["Dataset", "arma_process", "TextCorpus", "count_modes", "digits", "mode_centres", "ring_of_gaussians",
+           "text"]

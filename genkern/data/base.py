@@ -51,7 +51,7 @@ class Dataset:
     def device(self) -> torch.device:
         return self.x.device
 
-    def to(self, device) -> "Dataset":
+    def to(self, device) -> Dataset:
         """The same dataset with x and y on `device` (tensors already there are shared, not copied)."""
         device = torch.device(device)
         y = None if self.y is None else self.y.to(device)

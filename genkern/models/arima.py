@@ -37,8 +37,14 @@ import numpy as np
 import torch
 from scipy import linalg, optimize, signal, stats
 
-from genkern.data.arma import (ar_from_pacf, as_coefficients, check_invertible, check_stationary, pacf_from_ar,
-                               psi_weights)
+from genkern.data.arma import (
+    ar_from_pacf,
+    as_coefficients,
+    check_invertible,
+    check_stationary,
+    pacf_from_ar,
+    psi_weights,
+)
 
 __all__ = ["AR", "ARIMA", "Forecast"]
 
@@ -208,7 +214,7 @@ class ARIMA:
         llf = -0.5 * len(w) * (math.log(2 * math.pi * sigma2) + 1.0) - 0.5 * float(np.log(f).sum())
         return llf, beta, sigma2
 
-    def fit(self, y, *, start_params=None, maxiter: int = 1000) -> "ARIMA":
+    def fit(self, y, *, start_params=None, maxiter: int = 1000) -> ARIMA:
         """Exact maximum-likelihood fit to the series ``y`` ((n,) array or tensor). Returns self.
 
         start_params: optional ARMA start values, either ``[ar..., ma...]`` (p + q values) or a
@@ -412,7 +418,7 @@ class AR(ARIMA):
             raise ValueError(f"trend must be 'n' or 'c' for AR, got {trend!r}")
         super().__init__(order=(p, 0, 0), trend=trend)
 
-    def fit(self, y) -> "AR":
+    def fit(self, y) -> AR:
         """Least-squares fit to ``y`` ((n,) array or tensor). Returns self."""
         y = _as_series(y)
         p, k = self.p, len(self._terms)

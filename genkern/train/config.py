@@ -42,7 +42,7 @@ class RunConfig:
     progress: bool = True
 
     @classmethod
-    def from_options(cls, options: dict) -> "RunConfig":
+    def from_options(cls, options: dict) -> RunConfig:
         """A RunConfig from train()'s keyword arguments, naming one it does not take."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
