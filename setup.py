@@ -4,6 +4,7 @@ The extension is optional: if there is no compiler or the build fails, the
 package still installs, the reason is written to genkern/_build_error.txt and
 `genkern info` reports it; the plain-PyTorch impl keeps working.
 """
+
 import glob
 import os
 import platform

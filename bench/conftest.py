@@ -6,6 +6,7 @@ GENKERN_BENCH_MEM_LIMIT (GiB, like `genkern bench --mem-limit`; default half the
 available memory, 0: none) skips an impl estimated to need more memory.
 The cases and their setup come from genkern.bench (shared with `genkern bench`).
 """
+
 import os
 
 import pytest
@@ -41,6 +42,7 @@ def _synced(call, device):
     def timed():
         call()
         torch.cuda.synchronize(device)
+
     return timed
 
 
@@ -52,6 +54,7 @@ def bench_case(benchmark, bench_device, bench_impl, bench_mem_limit):
     memory limit, an impl that is unavailable, or a torch.compile that fails;
     any other failure of a genkern impl fails the test.
     """
+
     def run(case, impl, direction):
         name = bench_impl if impl == FAST else impl
         if impl == FAST and name == "torch":
@@ -73,9 +76,16 @@ def bench_case(benchmark, bench_device, bench_impl, bench_mem_limit):
         first = min(time_once(call, bench_device) for _ in range(2))  # warm-up, and the cost per call
         benchmark.group = f"{case.op} {case.key(direction)}"
         flops = case.flops(direction)
-        benchmark.extra_info.update(op=case.op, case=case.name, impl=name, direction=direction,
-                                    bytes=case.bytes_moved(direction), flops=flops, device=str(bench_device),
-                                    peak_mem_bytes=memory.peak_memory(call, bench_device))
+        benchmark.extra_info.update(
+            op=case.op,
+            case=case.name,
+            impl=name,
+            direction=direction,
+            bytes=case.bytes_moved(direction),
+            flops=flops,
+            device=str(bench_device),
+            peak_mem_bytes=memory.peak_memory(call, bench_device),
+        )
         if first > SLOW_CALL_S:
             benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
         else:
@@ -83,4 +93,5 @@ def bench_case(benchmark, bench_device, bench_impl, bench_mem_limit):
         stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable
         if flops and stats is not None:
             benchmark.extra_info["tflops"] = flops / stats.median / 1e12
+
     return run

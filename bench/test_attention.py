@@ -7,6 +7,7 @@ torch.compile of the reference. extra_info holds flops, TFLOP/s and peak memory.
 Run: .venv/bin/python -m pytest bench/test_attention.py --benchmark-only
      (-k 2048 for one size, -k sdpa for one baseline)
 """
+
 import pytest
 
 from genkern.bench import COMPILE, FAST, SDPA, Case

@@ -4,6 +4,7 @@ Cases come from genkern.bench.gan_loss (the same ones `genkern bench --op gan_lo
 Run: .venv/bin/python -m pytest bench/test_gan_loss.py --benchmark-only
      (-k d-hinge for one kind, -k 256x1 for one size)
 """
+
 import pytest
 
 from genkern.bench import COMPILE, FAST, Case

@@ -5,6 +5,7 @@ CPU float32 cases on CPU, CUDA float16 cases on CUDA, the tiny quick one on both
 plain PyTorch, the fast impl and sdpa over the filled cache. Forward only (no backward).
 Run: .venv/bin/python -m pytest bench/test_kv_decode.py --benchmark-only
 """
+
 import pytest
 
 from genkern.bench import FAST, SDPA

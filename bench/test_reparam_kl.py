@@ -3,6 +3,7 @@
 Cases come from genkern.bench.reparam_kl (the same ones `genkern bench` runs).
 Run: .venv/bin/python -m pytest bench/ --benchmark-only
 """
+
 import pytest
 
 from genkern.bench import COMPILE, FAST, Case

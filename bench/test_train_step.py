@@ -3,6 +3,7 @@
 Cases come from genkern.bench.training (the same ones `genkern bench --op train_step` runs).
 Run: .venv/bin/python -m pytest bench/ --benchmark-only
 """
+
 import pytest
 
 from genkern.bench import FAST

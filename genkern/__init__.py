@@ -2,6 +2,7 @@
 
 Every op takes impl="auto" | "torch" | "cpp" | "triton"; see genkern.info().
 """
+
 from genkern import data, eval, functional, models, nn, train
 from genkern._dispatch import ImplUnavailableError
 from genkern._info import info
@@ -11,6 +12,22 @@ from genkern.ops import attention_with_kvcache, discriminator_loss, flash_attent
 from genkern.profiling import profile_generation
 
 __version__ = "0.1.0"
-__all__ = ["ImplUnavailableError", "KVCache", "attention_with_kvcache", "data", "discriminator_loss", "eval",
-           "flash_attention", "functional", "generate", "generator_loss", "info", "models", "nn",
-           "profile_generation", "reparameterize_kl", "train", "__version__"]
+__all__ = [
+    "ImplUnavailableError",
+    "KVCache",
+    "attention_with_kvcache",
+    "data",
+    "discriminator_loss",
+    "eval",
+    "flash_attention",
+    "functional",
+    "generate",
+    "generator_loss",
+    "info",
+    "models",
+    "nn",
+    "profile_generation",
+    "reparameterize_kl",
+    "train",
+    "__version__",
+]

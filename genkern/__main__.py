@@ -1,4 +1,5 @@
 """`python -m genkern <command>` (and `torchrun -m genkern <command>`)."""
+
 import sys
 
 from genkern.cli import main

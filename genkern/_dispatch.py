@@ -5,6 +5,7 @@ plain PyTorch (the reference) with a one-time warning saying why. An explicitly
 requested impl that cannot run raises ImplUnavailableError; nothing else is run
 in its place. GENKERN_IMPL sets the default for every op.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -131,5 +132,8 @@ def fall_back(op: str, want: str, why: str, stacklevel: int = 3) -> None:
     # Warn from eager code only: a warning cannot be traced by torch.compile.
     if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
-        warnings.warn(f"genkern.{op}: using the plain-PyTorch impl because {want} is unavailable: {why}",
-                      RuntimeWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"genkern.{op}: using the plain-PyTorch impl because {want} is unavailable: {why}",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )

@@ -1,4 +1,5 @@
 """Loads the C++ extension genkern._C once and remembers why it is unavailable."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """genkern.info(): versions, devices and the state of each impl."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -28,13 +29,19 @@ def _default_impl() -> str:
 def info() -> dict:
     """Returns versions, devices and, per impl, whether it can run and why not."""
     cpp, _ = _ext.load()
-    devices = [{"type": "cpu", "name": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads()}]
+    devices = [{"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            devices.append({"type": "cuda", "index": i, "name": p.name,
-                            "capability": f"sm_{p.major}{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1)})
+            devices.append(
+                {
+                    "type": "cuda",
+                    "index": i,
+                    "name": p.name,
+                    "capability": f"sm_{p.major}{p.minor}",
+                    "memory_gib": round(p.total_memory / 2**30, 1),
+                }
+            )
     impls = {name: {"available": not why, "reason": why} for name, why in _dispatch.impl_state().items()}
     if cpp is not None:
         impls["cpp"]["build"] = cpp.build_info()

@@ -3,6 +3,7 @@
 Errors are one line on stderr and a non-zero exit, never a traceback
 (set GENKERN_DEBUG=1 to see the traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,16 @@ def _cmd_info(args) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"genkern {data['genkern']}  python {data['python']}  torch {data['torch']}  "
-          f"triton {data['triton'] or 'not installed'}  cuda {data['cuda'] or 'none'}")
+    print(
+        f"genkern {data['genkern']}  python {data['python']}  torch {data['torch']}  "
+        f"triton {data['triton'] or 'not installed'}  cuda {data['cuda'] or 'none'}"
+    )
     for dev in data["devices"]:
-        extra = f", {dev['capability']}, {dev['memory_gib']} GiB" if dev["type"] == "cuda" else \
-            f", {dev['threads']} threads"
+        extra = (
+            f", {dev['capability']}, {dev['memory_gib']} GiB"
+            if dev["type"] == "cuda"
+            else f", {dev['threads']} threads"
+        )
         print(f"device  {dev['type']}: {dev['name']}{extra}")
     print(f"default impl: {data['default_impl']} (GENKERN_IMPL)")
     for name, state in data["impls"].items():
@@ -55,9 +61,17 @@ def _cmd_profile(args) -> int:
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    report = profiling.profile_generation(args.model, batch_sizes=args.batch, context_lengths=args.context,
-                                          new_tokens=args.new_tokens, modes=modes, device=args.device,
-                                          dtype=dtype, out=args.out, plot=not args.no_plot)
+    report = profiling.profile_generation(
+        args.model,
+        batch_sizes=args.batch,
+        context_lengths=args.context,
+        new_tokens=args.new_tokens,
+        modes=modes,
+        device=args.device,
+        dtype=dtype,
+        out=args.out,
+        plot=not args.no_plot,
+    )
     print(profiling.format_table(report))
     if args.out:
         print(f"wrote {os.path.join(args.out, 'profile.json')}" + ("" if args.no_plot else " and profile.png"))
@@ -97,10 +111,23 @@ def _cmd_train(args) -> int:
     if args.out is None and args.resume is None:
         raise ValueError("--out DIR is required for a new run (or --resume DIR to continue one)")
     model = dict(args.set) if args.set else None
-    result = train(args.family, data=args.data, steps=args.steps, out=args.out, seed=args.seed,
-                   batch_size=args.batch_size, lr=args.lr, model=model, impl=args.impl, device=args.device,
-                   resume=args.resume, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                   log_every=args.log_every, progress=not args.quiet)
+    result = train(
+        args.family,
+        data=args.data,
+        steps=args.steps,
+        out=args.out,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        model=model,
+        impl=args.impl,
+        device=args.device,
+        resume=args.resume,
+        eval_every=args.eval_every,
+        ckpt_every=args.ckpt_every,
+        log_every=args.log_every,
+        progress=not args.quiet,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         final = result.summary.get("final", {})
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
@@ -138,16 +165,22 @@ def _add_train_parser(sub) -> None:
 
     p = sub.add_parser("train", help="train a model family (VAE, GAN, ...) with checkpoints and logs")
     p.add_argument("family", choices=FAMILY_NAMES, help="the model family")
-    p.add_argument("--data", help="digits (default), ring (2-D points) or text (language models); "
-                                  "on --resume, the run's own data")
+    p.add_argument(
+        "--data", help="digits (default), ring (2-D points) or text (language models); on --resume, the run's own data"
+    )
     p.add_argument("--steps", type=int, help="total optimizer steps (a resumed run continues up to it)")
     p.add_argument("--out", help="run directory (new or empty) for checkpoints, logs and sample grids")
     p.add_argument("--resume", help="a run directory to continue from its latest checkpoint")
     p.add_argument("--seed", type=int, help="initialisation, data order and noise (default 0)")
     p.add_argument("--batch-size", type=int, help="global batch size (split across torchrun processes)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the family's)")
-    p.add_argument("--set", type=_setting, action="append", metavar="KEY=VALUE",
-                   help="a model config setting, e.g. --set latent_dim=8 (repeatable)")
+    p.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        metavar="KEY=VALUE",
+        help="a model config setting, e.g. --set latent_dim=8 (repeatable)",
+    )
     _add_impl_argument(p)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (default 500)")
@@ -158,8 +191,12 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained checkpoint into a PNG grid")
     p.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints")
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--out", default="samples.png", help="the PNG to write (default samples.png); a text "
-                   "model writes text, to this name with .txt for .png, or to a .txt name")
+    p.add_argument(
+        "--out",
+        default="samples.png",
+        help="the PNG to write (default samples.png); a text "
+        "model writes text, to this name with .txt for .png, or to a .txt name",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     _add_impl_argument(p)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
@@ -169,8 +206,16 @@ def _add_train_parser(sub) -> None:
 def _cmd_compare(args) -> int:
     from genkern.compare import compare
 
-    compare(quick=args.quick, large=True if args.large else None, out=args.out, seeds=args.seeds,
-            steps=args.steps, device=args.device, threads=args.threads, progress=True)
+    compare(
+        quick=args.quick,
+        large=True if args.large else None,
+        out=args.out,
+        seeds=args.seeds,
+        steps=args.steps,
+        device=args.device,
+        threads=args.threads,
+        progress=True,
+    )
     print(f"wrote {os.path.join(args.out, 'compare.json')} and samples.png")
     return 0
 
@@ -188,15 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_arguments(p)
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("profile", help="time autoregressive generation: prefill, per-token latency, tokens/s")
-    p.add_argument("--model", default="small",
-                   help="a preset (tiny, small: 6 layers x 256, medium), a TransformerLM checkpoint directory "
-                        "or a `genkern train transformer` run directory")
+    p.add_argument(
+        "--model",
+        default="small",
+        help="a preset (tiny, small: 6 layers x 256, medium), a TransformerLM checkpoint directory "
+        "or a `genkern train transformer` run directory",
+    )
     p.add_argument("--batch", type=_ints, default=(1,), help="comma-separated batch sizes (default 1)")
-    p.add_argument("--context", type=_ints, default=(128, 512, 1024),
-                   help="comma-separated prompt lengths (default 128,512,1024)")
+    p.add_argument(
+        "--context", type=_ints, default=(128, 512, 1024), help="comma-separated prompt lengths (default 128,512,1024)"
+    )
     p.add_argument("--new-tokens", type=int, default=32, help="decoding steps timed per run (default 32)")
-    p.add_argument("--modes", default="genkern,torch,no_cache",
-                   help="genkern (KV cache, genkern's kernels), torch (KV cache, plain PyTorch), no_cache")
+    p.add_argument(
+        "--modes",
+        default="genkern,torch,no_cache",
+        help="genkern (KV cache, genkern's kernels), torch (KV cache, plain PyTorch), no_cache",
+    )
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--out", default="profile-results", help="directory for profile.json and profile.png")
@@ -206,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="VAE vs GAN vs Transformer on the digits under one training budget")
     p.add_argument("--quick", action="store_true", help="2 seeds x 80 steps: well under a minute on a CPU")
     p.add_argument("--large", action="store_true", help="bigger models and budget (the default on CUDA)")
-    p.add_argument("--out", default="compare-results", help="directory for compare.json and samples.png "
-                                                            "(default compare-results)")
+    p.add_argument(
+        "--out", default="compare-results", help="directory for compare.json and samples.png (default compare-results)"
+    )
     p.add_argument("--seeds", type=int, help="number of seeds per family (default 3, --quick 2)")
     p.add_argument("--steps", type=int, help="optimizer steps per run, the same for every family")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")

@@ -11,6 +11,7 @@ same size, for several seeds, and measures each on the axes they are usually com
 
 Results go to `<out>/compare.json` and `<out>/samples.png`; `format_table` renders the report.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -25,10 +26,13 @@ import torch
 
 FAMILIES = ("vae", "gan", "transformer")
 LOSS_KEY = {"vae": "loss", "gan": "d_loss", "transformer": "loss"}  # the final training loss reported
-LOSS_MEANING = {"vae": "negative ELBO, nats per image", "gan": "discriminator loss",
-                "transformer": "cross-entropy, nats per pixel"}
+LOSS_MEANING = {
+    "vae": "negative ELBO, nats per image",
+    "gan": "discriminator loss",
+    "transformer": "cross-entropy, nats per pixel",
+}
 N_QUALITY = 1000  # samples scored by the digit classifier, per run
-N_PANEL = 64      # samples per family in samples.png
+N_PANEL = 64  # samples per family in samples.png
 
 
 @dataclass
@@ -45,20 +49,26 @@ class Settings:
 
 # Small enough for a 2-core CPU (default: ~2.5 min): a Transformer step costs ~15-25x an MLP step
 # there, so its runs take most of the time. Large: for a GPU.
-_SMALL = {"vae": {"hidden": 256, "depth": 2, "latent_dim": 16}, "gan": {"hidden": 256, "depth": 2},
-          "transformer": {"dim": 64, "n_layers": 2, "n_heads": 4}}
-_LARGE = {"vae": {"hidden": 512, "depth": 2, "latent_dim": 32}, "gan": {"hidden": 512, "depth": 2},
-          "transformer": {"dim": 128, "n_layers": 4, "n_heads": 4}}
+_SMALL = {
+    "vae": {"hidden": 256, "depth": 2, "latent_dim": 16},
+    "gan": {"hidden": 256, "depth": 2},
+    "transformer": {"dim": 64, "n_layers": 2, "n_heads": 4},
+}
+_LARGE = {
+    "vae": {"hidden": 512, "depth": 2, "latent_dim": 32},
+    "gan": {"hidden": 512, "depth": 2},
+    "transformer": {"dim": 128, "n_layers": 4, "n_heads": 4},
+}
 PRESETS = {
     "quick": Settings(steps=80, batch_size=32, seeds=[0, 1], num_samples=20, models=_SMALL, preset="quick"),
     "default": Settings(steps=1500, batch_size=64, seeds=[0, 1, 2], num_samples=100, models=_SMALL),
-    "large": Settings(steps=3000, batch_size=128, seeds=[0, 1, 2], num_samples=100, models=_LARGE,
-                      preset="large"),
+    "large": Settings(steps=3000, batch_size=128, seeds=[0, 1, 2], num_samples=100, models=_LARGE, preset="large"),
 }
 
 
-def settings_for(*, quick: bool = False, large: bool | None = None, seeds=None, steps=None,
-                 device: torch.device | None = None) -> Settings:
+def settings_for(
+    *, quick: bool = False, large: bool | None = None, seeds=None, steps=None, device: torch.device | None = None
+) -> Settings:
     """The preset (quick, default, or large: the default on a CUDA device) with overrides."""
     if quick and large:
         raise ValueError("quick and large exclude each other")
@@ -72,8 +82,11 @@ def settings_for(*, quick: bool = False, large: bool | None = None, seeds=None, 
                 raise ValueError(f"seeds must be a positive number of seeds or a list of seeds, got {seeds}")
             seeds = list(range(seeds))
         seeds = list(seeds)
-        if not seeds or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds) \
-                or len(set(seeds)) != len(seeds):
+        if (
+            not seeds
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)
+            or len(set(seeds)) != len(seeds)
+        ):
             raise ValueError(f"seeds must be a positive int or a list of distinct ints >= 0, got {seeds!r}")
         s.seeds = seeds
     if steps is not None:
@@ -83,8 +96,17 @@ def settings_for(*, quick: bool = False, large: bool | None = None, seeds=None, 
     return s
 
 
-def compare(*, quick: bool = False, out="compare-results", seeds=None, steps=None, device=None,
-            large: bool | None = None, threads: int | None = None, progress: bool = True) -> dict:
+def compare(
+    *,
+    quick: bool = False,
+    out="compare-results",
+    seeds=None,
+    steps=None,
+    device=None,
+    large: bool | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Trains a VAE, a GAN and a Transformer on the digits under one budget and compares them.
 
     Args:
@@ -148,15 +170,24 @@ def _compare(s: Settings, dev: torch.device, out: Path | None, progress: bool) -
             bar.update(1)
     bar.close()
     report = {
-        "format": "genkern-compare", "version": 1,
+        "format": "genkern-compare",
+        "version": 1,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": _environment(dev),
-        "settings": {**asdict(s), "data": "digits", "device": str(dev), "n_quality": N_QUALITY,
-                     "budget": f"every family: {s.steps} steps on batches of {s.batch_size} images per seed",
-                     "lr": {f: _family_lr(f) for f in FAMILIES}},
-        "reference": {"frechet": reference["frechet"], "classes_covered": reference["covered"],
-                      "confidence": reference["mean_confidence"],
-                      "note": "digits('train') scored against digits('test'): the floor a perfect model reaches"},
+        "settings": {
+            **asdict(s),
+            "data": "digits",
+            "device": str(dev),
+            "n_quality": N_QUALITY,
+            "budget": f"every family: {s.steps} steps on batches of {s.batch_size} images per seed",
+            "lr": {f: _family_lr(f) for f in FAMILIES},
+        },
+        "reference": {
+            "frechet": reference["frechet"],
+            "classes_covered": reference["covered"],
+            "confidence": reference["mean_confidence"],
+            "note": "digits('train') scored against digits('test'): the floor a perfect model reaches",
+        },
         "families": {f: _aggregate(f, runs[f]) for f in FAMILIES},
         "wall_s": time.perf_counter() - t0,
     }
@@ -175,26 +206,44 @@ def _run_one(fam: str, seed: int, s: Settings, dev: torch.device, test_ds) -> tu
 
     family = get_family(fam)
     try:
-        res = train(fam, data="digits", steps=s.steps, batch_size=s.batch_size, seed=seed,
-                    model=s.models.get(fam), device=dev, out=None, progress=False,
-                    eval_every=s.steps, ckpt_every=s.steps, log_every=max(1, min(50, s.steps // 10)))
+        res = train(
+            fam,
+            data="digits",
+            steps=s.steps,
+            batch_size=s.batch_size,
+            seed=seed,
+            model=s.models.get(fam),
+            device=dev,
+            out=None,
+            progress=False,
+            eval_every=s.steps,
+            ckpt_every=s.steps,
+            log_every=max(1, min(50, s.steps // 10)),
+        )
     except FloatingPointError as exc:  # a diverged run is a result (instability), not a failure
         return {"seed": seed, "diverged": True, "error": str(exc)}, None
     model = res.model
-    lik = log_likelihood(model, test_ds, num_samples=s.num_samples,
-                         generator=torch.Generator().manual_seed(seed))
+    lik = log_likelihood(model, test_ds, num_samples=s.num_samples, generator=torch.Generator().manual_seed(seed))
     panel, _ = timed_samples(family.samples, model, N_PANEL, seed=10_000 + seed, device=dev)  # also the warm-up
     samples, secs = timed_samples(family.samples, model, N_QUALITY, seed=20_000 + seed, device=dev)
     q = digit_quality(samples, reference=test_ds.x)
     final = res.summary.get("final", {})
-    run = {"seed": seed, "diverged": False, "likelihood": lik.to_dict(),
-           "frechet": q["frechet"], "classes_covered": q["covered"], "class_counts": q["counts"],
-           "confidence": q["mean_confidence"], "final_loss": final.get(LOSS_KEY[fam]),
-           "final_losses": {k: v for k, v in final.items() if "loss" in k or k in ("recon", "kl")},
-           "train_s": _train_seconds(res.history), "wall_s": res.summary["wall_s"],
-           "steps_per_s": training_speed(res.summary),
-           "samples_per_s": N_QUALITY / max(secs, 1e-9),
-           "model": family.model_config(s.models.get(fam) or {}, test_ds)}
+    run = {
+        "seed": seed,
+        "diverged": False,
+        "likelihood": lik.to_dict(),
+        "frechet": q["frechet"],
+        "classes_covered": q["covered"],
+        "class_counts": q["counts"],
+        "confidence": q["mean_confidence"],
+        "final_loss": final.get(LOSS_KEY[fam]),
+        "final_losses": {k: v for k, v in final.items() if "loss" in k or k in ("recon", "kl")},
+        "train_s": _train_seconds(res.history),
+        "wall_s": res.summary["wall_s"],
+        "steps_per_s": training_speed(res.summary),
+        "samples_per_s": N_QUALITY / max(secs, 1e-9),
+        "model": family.model_config(s.models.get(fam) or {}, test_ds),
+    }
     return run, panel
 
 
@@ -210,6 +259,7 @@ def _train_seconds(history: list) -> float:
 
 def _family_lr(fam: str) -> float:
     from genkern.train.families import get_family
+
     return get_family(fam).lr
 
 
@@ -228,8 +278,12 @@ def _aggregate(fam: str, runs: list) -> dict:
     ok = [r for r in runs if not r["diverged"]]
     liks = [r["likelihood"] for r in ok]
     first = liks[0] if liks else {"kind": None, "note": "every run diverged", "num_samples": None}
-    likelihood = {"kind": first["kind"], "note": first["note"], "num_samples": first.get("num_samples"),
-                  "bits_per_dim": _stats(v["bits_per_dim"] for v in liks)}
+    likelihood = {
+        "kind": first["kind"],
+        "note": first["note"],
+        "num_samples": first.get("num_samples"),
+        "bits_per_dim": _stats(v["bits_per_dim"] for v in liks),
+    }
     if first["kind"] == "bound":
         likelihood["elbo_bits_per_dim"] = _stats(v["elbo_bits_per_dim"] for v in liks)
         likelihood["iw_bits_per_dim"] = _stats(v["iw_bits_per_dim"] for v in liks)
@@ -244,17 +298,29 @@ def _aggregate(fam: str, runs: list) -> dict:
         "wall_s": _stats(r["wall_s"] for r in ok),
         "steps_per_s": _stats(r["steps_per_s"] for r in ok),
         "samples_per_s": _stats(r["samples_per_s"] for r in ok),
-        "stability": {"final_loss_name": f"{LOSS_KEY[fam]} ({LOSS_MEANING[fam]})", "final_loss": final_loss,
-                      "frechet": frechet, "diverged": len(runs) - len(ok), "runs": len(runs)},
+        "stability": {
+            "final_loss_name": f"{LOSS_KEY[fam]} ({LOSS_MEANING[fam]})",
+            "final_loss": final_loss,
+            "frechet": frechet,
+            "diverged": len(runs) - len(ok),
+            "runs": len(runs),
+        },
         "runs": runs,
     }
 
 
 def _environment(dev: torch.device) -> dict:
     import genkern
-    env = {"genkern": genkern.__version__, "torch": torch.__version__, "python": platform.python_version(),
-           "cuda": torch.version.cuda, "device": str(dev), "cpu": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads()}
+
+    env = {
+        "genkern": genkern.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "device": str(dev),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if dev.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(dev)
     return env
@@ -267,8 +333,11 @@ def _write(out: Path, report: dict, panels: dict, test_ds) -> None:
     write_atomic(out / "compare.json", json.dumps(report, indent=1) + "\n")
     shown = {**panels, "data (test)": test_ds.x[:N_PANEL]}
     s = report["settings"]
-    side_by_side(shown, out / "samples.png",
-                 title=f"digits, {s['steps']} steps x batch {s['batch_size']} for each family (first seed)")
+    side_by_side(
+        shown,
+        out / "samples.png",
+        title=f"digits, {s['steps']} steps x batch {s['batch_size']} for each family (first seed)",
+    )
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -284,10 +353,22 @@ def _fmt(stat, spec: str = ".3g", spread: bool = False) -> str:
 def format_table(report: dict) -> str:
     """The report as a text table: one row per family, then the data's own reference row."""
     s = report["settings"]
-    head = (f"{len(s['seeds'])} seeds x {s['steps']} steps x batch {s['batch_size']} for every family "
-            f"on digits ({s['device']}); mean ±std over seeds")
-    cols = ("family", "bits/dim", "Frechet", "classes", "conf", "train s", "steps/s", "samples/s",
-            "final loss", "diverged")
+    head = (
+        f"{len(s['seeds'])} seeds x {s['steps']} steps x batch {s['batch_size']} for every family "
+        f"on digits ({s['device']}); mean ±std over seeds"
+    )
+    cols = (
+        "family",
+        "bits/dim",
+        "Frechet",
+        "classes",
+        "conf",
+        "train s",
+        "steps/s",
+        "samples/s",
+        "final loss",
+        "diverged",
+    )
     rows = []
     for fam, r in report["families"].items():
         lik = r["likelihood"]
@@ -298,16 +379,47 @@ def format_table(report: dict) -> str:
         else:
             bpd = "none (implicit)" if "implicit" in lik["note"] else "-"
         st = r["stability"]
-        rows.append((fam, bpd, _fmt(r["frechet"], ".3g", True), _fmt(r["classes_covered"], ".1f"),
-                     _fmt(r["confidence"], ".2f"), _fmt(r["train_s"], ".1f"), _fmt(r["steps_per_s"], ".3g"),
-                     _fmt(r["samples_per_s"], ".3g"), f"{_fmt(st['final_loss'], '.3g', True)} {LOSS_KEY[fam]}",
-                     f"{st['diverged']}/{st['runs']}"))
+        rows.append(
+            (
+                fam,
+                bpd,
+                _fmt(r["frechet"], ".3g", True),
+                _fmt(r["classes_covered"], ".1f"),
+                _fmt(r["confidence"], ".2f"),
+                _fmt(r["train_s"], ".1f"),
+                _fmt(r["steps_per_s"], ".3g"),
+                _fmt(r["samples_per_s"], ".3g"),
+                f"{_fmt(st['final_loss'], '.3g', True)} {LOSS_KEY[fam]}",
+                f"{st['diverged']}/{st['runs']}",
+            )
+        )
     ref = report["reference"]
-    rows.append(("data (test)", "-", f"{ref['frechet']:.3g}", f"{ref['classes_covered']:.1f}",
-                 f"{ref['confidence']:.2f}", "-", "-", "-", "-", "-"))
+    rows.append(
+        (
+            "data (test)",
+            "-",
+            f"{ref['frechet']:.3g}",
+            f"{ref['classes_covered']:.1f}",
+            f"{ref['confidence']:.2f}",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+        )
+    )
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
     lik_notes = [f"  {f}: {r['likelihood']['note']}" for f, r in report["families"].items()]
-    return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows),
-                      "bits/dim (test digits):", *lik_notes,
-                      f"data (test): {ref['note']}", f"total {report['wall_s']:.0f} s"])
+    return "\n".join(
+        [
+            head,
+            line(cols),
+            line(["-" * w for w in widths]),
+            *map(line, rows),
+            "bits/dim (test digits):",
+            *lik_notes,
+            f"data (test): {ref['note']}",
+            f"total {report['wall_s']:.0f} s",
+        ]
+    )

@@ -1,4 +1,5 @@
 """Drop-in replacements for torch.nn.functional, taking genkern's kernels where they apply."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,9 @@ from genkern import _dispatch
 from genkern.ops import attention as _attention
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
     """torch.nn.functional.scaled_dot_product_attention with the same signature and results.
 
     It runs genkern.flash_attention (the impl from GENKERN_IMPL, "auto" by default)
@@ -22,8 +24,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     if _fast_path(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         return _attention.flash_attention(query, key, value, causal=bool(is_causal), scale=scale)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )
 
 
 def _fast_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
@@ -44,6 +54,7 @@ def _fast_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> b
     if (is_causal and t != s) or d not in _attention.HEAD_DIMS:
         return False
     # Only where a kernel runs: the plain-PyTorch impl is slower than torch's own function.
-    backend = _dispatch.resolve("auto", q.device, q.dtype, "scaled_dot_product_attention",
-                                cpp_dtypes=_attention.CPP_DTYPES)
+    backend = _dispatch.resolve(
+        "auto", q.device, q.dtype, "scaled_dot_product_attention", cpp_dtypes=_attention.CPP_DTYPES
+    )
     return backend != "torch"

@@ -1,4 +1,5 @@
 """Autoregressive generation with a KV cache: prefill, then one token at a time."""
+
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,7 @@ def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, do_sample=Tr
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                 # (B, 1)
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -26,21 +27,25 @@ def _as_batch(prompt_ids, device):
     """Right-padded (B, Tmax) int64 tokens, (B,) lengths, and whether the input was ragged (a list)."""
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dtype not in (torch.int32, torch.int64) or prompt_ids.dim() not in (1, 2):
-            raise ValueError(f"prompt_ids must be a (T,) or (B, T) integer tensor, got {prompt_ids.dtype} "
-                             f"of shape {tuple(prompt_ids.shape)}")
+            raise ValueError(
+                f"prompt_ids must be a (T,) or (B, T) integer tensor, got {prompt_ids.dtype} "
+                f"of shape {tuple(prompt_ids.shape)}"
+            )
         ids = prompt_ids.to(device=device, dtype=torch.int64)
         ids = ids[None] if ids.dim() == 1 else ids
         if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"prompt_ids must hold at least one row of at least one token, got shape "
-                             f"{tuple(prompt_ids.shape)}")
+            raise ValueError(
+                f"prompt_ids must hold at least one row of at least one token, got shape {tuple(prompt_ids.shape)}"
+            )
         return ids, torch.full((ids.shape[0],), ids.shape[1], device=device), False
     rows = [torch.as_tensor(p) for p in prompt_ids]
     if not rows or any(r.numel() == 0 for r in rows):
         raise ValueError("prompt_ids must be a non-empty list of non-empty token sequences")
     if any(r.dim() != 1 for r in rows):
         # A flat list of ints would otherwise be taken as that many one-token prompts.
-        raise ValueError("prompt_ids as a list must hold 1-d token sequences (for one prompt pass [tokens] or "
-                         "a tensor)")
+        raise ValueError(
+            "prompt_ids as a list must hold 1-d token sequences (for one prompt pass [tokens] or a tensor)"
+        )
     # Checked before the cast: as_tensor(..., dtype=int64) would truncate 1.5 to 1 silently.
     bad = [r.dtype for r in rows if r.is_floating_point() or r.is_complex() or r.dtype == torch.bool]
     if bad:
@@ -74,8 +79,20 @@ def decode_one_token(model, token, cache):
 
 
 @torch.inference_mode()
-def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, do_sample=True,
-             eos_token_id=None, use_cache=True, streamer=None, generator=None):
+def generate(
+    model,
+    prompt_ids,
+    max_new_tokens,
+    *,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    do_sample=True,
+    eos_token_id=None,
+    use_cache=True,
+    streamer=None,
+    generator=None,
+):
     """Generates max_new_tokens tokens after each prompt.
 
     Args:
@@ -98,14 +115,14 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1, got {temperature}, {top_k}, "
-                         f"{top_p}")
+        raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1, got {temperature}, {top_k}, {top_p}")
     device = next(model.parameters()).device
     ids, lengths, ragged = _as_batch(prompt_ids, device)
     b, total = ids.shape[0], int(lengths.max()) + max_new_tokens
     if total > model.args.max_seq_len:
-        raise ValueError(f"prompt plus max_new_tokens ({total}) exceeds the model's max_seq_len "
-                         f"{model.args.max_seq_len}")
+        raise ValueError(
+            f"prompt plus max_new_tokens ({total}) exceeds the model's max_seq_len {model.args.max_seq_len}"
+        )
     tokens = torch.zeros(b, total, dtype=torch.int64, device=device)
     tokens[:, : ids.shape[1]] = ids
     done = torch.zeros(b, dtype=torch.bool, device=device)

@@ -1,4 +1,5 @@
 """genkern.KVCache: the preallocated key/value buffers of autoregressive decoding."""
+
 from __future__ import annotations
 
 import torch
@@ -27,10 +28,16 @@ class KVCache:
     by other means stores its keys and values with `cache.write(i, k_new, v_new)`.
     """
 
-    def __init__(self, num_layers, batch_size, num_kv_heads, max_seq_len, head_dim, *, dtype=torch.float32,
-                 device=None):
-        sizes = {"num_layers": num_layers, "batch_size": batch_size, "num_kv_heads": num_kv_heads,
-                 "max_seq_len": max_seq_len, "head_dim": head_dim}
+    def __init__(
+        self, num_layers, batch_size, num_kv_heads, max_seq_len, head_dim, *, dtype=torch.float32, device=None
+    ):
+        sizes = {
+            "num_layers": num_layers,
+            "batch_size": batch_size,
+            "num_kv_heads": num_kv_heads,
+            "max_seq_len": max_seq_len,
+            "head_dim": head_dim,
+        }
         for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -57,8 +64,9 @@ class KVCache:
     def attend(self, i: int, q, k_new=None, v_new=None, *, scale=None, impl="auto"):
         """genkern.attention_with_kvcache on layer i (writes k_new/v_new; lengths unchanged)."""
         k, v = self.layer(i)
-        return attention_with_kvcache(q, k, v, self.seqlens, k_new, v_new, scale=scale, impl=impl,
-                                      max_seqlen=self._max_len)
+        return attention_with_kvcache(
+            q, k, v, self.seqlens, k_new, v_new, scale=scale, impl=impl, max_seqlen=self._max_len
+        )
 
     def write(self, i: int, k_new, v_new):
         """Stores k_new/v_new (B, Hkv, Tnew, D) in layer i at each row's positions seqlens[b] ..
@@ -78,20 +86,25 @@ class KVCache:
                 got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
                 raise TypeError(f"{name} must be a floating-point tensor, got {got}")
             if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (b, hkv, d) or t.shape != k_new.shape:
-                raise ValueError(f"{name} must have shape (B={b}, Hkv={hkv}, Tnew, D={d}), k_new's, got "
-                                 f"{tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must have shape (B={b}, Hkv={hkv}, Tnew, D={d}), k_new's, got {tuple(t.shape)}"
+                )
             if t.device != k.device:
                 raise ValueError(f"{name} must be on the cache's device {k.device}, got {t.device}")
         if self._max_len + k_new.shape[2] > self.max_seq_len:
-            raise ValueError(f"the KV cache is full: a row of length {self._max_len} plus {k_new.shape[2]} new "
-                             f"tokens exceeds max_seq_len={self.max_seq_len}")
+            raise ValueError(
+                f"the KV cache is full: a row of length {self._max_len} plus {k_new.shape[2]} new "
+                f"tokens exceeds max_seq_len={self.max_seq_len}"
+            )
 
     def advance(self, n):
         """Adds n filled positions to every row (int), or n[b] to row b ((B,) tensor)."""
         if isinstance(n, torch.Tensor):
             if n.shape != (self.batch_size,) or n.dtype.is_floating_point:
-                raise ValueError(f"n must be an int or a ({self.batch_size},) integer tensor, got "
-                                 f"{n.dtype} of shape {tuple(n.shape)}")
+                raise ValueError(
+                    f"n must be an int or a ({self.batch_size},) integer tensor, got "
+                    f"{n.dtype} of shape {tuple(n.shape)}"
+                )
             new = self.seqlens.long() + n.to(self.seqlens.device).long()
             lo, hi = (int(x) for x in torch.aminmax(new))
         else:
@@ -115,5 +128,7 @@ class KVCache:
 
     def __repr__(self):
         b, hkv, smax, d = self.k.shape[1:]
-        return (f"KVCache(num_layers={self.num_layers}, batch_size={b}, num_kv_heads={hkv}, max_seq_len={smax}, "
-                f"head_dim={d}, dtype={self.k.dtype}, device={self.k.device}, max filled={self._max_len})")
+        return (
+            f"KVCache(num_layers={self.num_layers}, batch_size={b}, num_kv_heads={hkv}, max_seq_len={smax}, "
+            f"head_dim={d}, dtype={self.k.dtype}, device={self.k.device}, max filled={self._max_len})"
+        )

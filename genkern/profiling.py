@@ -9,6 +9,7 @@ batch size and context length:
 
 A context length C means a prompt of C tokens, then `new_tokens` decoding steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,7 @@ def load_model(model, device=None, dtype=torch.float32) -> TransformerLM:
         return _from_training_run(path, device, dtype)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
     try:
         config = json.loads((path / "config.json").read_text())
         net = TransformerLM(ModelArgs(**config["args"]))
@@ -67,6 +69,7 @@ def _is_training_checkpoint(path: Path) -> bool:
 def _from_training_run(path: Path, device, dtype) -> TransformerLM:
     """The TransformerLM of a `genkern train transformer` run directory or checkpoint."""
     from genkern.train.trainer import load_trained
+
     net, fam, _ = load_trained(path, device="cpu")
     if not isinstance(net, TransformerLM):
         raise ValueError(f"{path} holds a {fam.name} model, not a TransformerLM")
@@ -157,14 +160,33 @@ def profile_one(model, mode, batch, context, new_tokens, device) -> dict:
     prefill_s, lat, share, kv_bytes = run(model, ids, new_tokens, device)
     lat_ms = sorted(t * 1e3 for t in lat)
     med = statistics.median(lat_ms)
-    return {"mode": mode, "batch": batch, "context": context, "new_tokens": new_tokens,
-            "prefill_ms": prefill_s * 1e3, "decode_ms_median": med,
-            "decode_ms_p90": lat_ms[min(len(lat_ms) - 1, int(0.9 * len(lat_ms)))],
-            "tokens_per_s": batch / (med / 1e3), "kv_cache_bytes": kv_bytes, "attention_share": share}
+    return {
+        "mode": mode,
+        "batch": batch,
+        "context": context,
+        "new_tokens": new_tokens,
+        "prefill_ms": prefill_s * 1e3,
+        "decode_ms_median": med,
+        "decode_ms_p90": lat_ms[min(len(lat_ms) - 1, int(0.9 * len(lat_ms)))],
+        "tokens_per_s": batch / (med / 1e3),
+        "kv_cache_bytes": kv_bytes,
+        "attention_share": share,
+    }
 
 
-def profile_generation(model="small", *, batch_sizes=(1,), context_lengths=(256, 1024), new_tokens=32,
-                       modes=MODES, device=None, dtype=torch.float32, out=None, plot=True, progress=True) -> dict:
+def profile_generation(
+    model="small",
+    *,
+    batch_sizes=(1,),
+    context_lengths=(256, 1024),
+    new_tokens=32,
+    modes=MODES,
+    device=None,
+    dtype=torch.float32,
+    out=None,
+    plot=True,
+    progress=True,
+) -> dict:
     """Times generation (see the module docstring); returns the report, and with `out`
     writes profile.json (and profile.png: per-token latency against context length)."""
     bad = [m for m in modes if m not in MODES]
@@ -179,10 +201,13 @@ def profile_generation(model="small", *, batch_sizes=(1,), context_lengths=(256,
     net = load_model(model, device, dtype)
     longest = max(context_lengths) + new_tokens + 2
     if longest > net.args.max_seq_len:
-        raise ValueError(f"context {max(context_lengths)} + {new_tokens} new tokens exceeds the model's "
-                         f"max_seq_len {net.args.max_seq_len}")
+        raise ValueError(
+            f"context {max(context_lengths)} + {new_tokens} new tokens exceeds the model's "
+            f"max_seq_len {net.args.max_seq_len}"
+        )
     runs = [(m, b, c) for b in batch_sizes for c in context_lengths for m in modes]
     from tqdm.auto import tqdm
+
     rows = []
     impl_before = net.args.impl
     try:
@@ -190,9 +215,14 @@ def profile_generation(model="small", *, batch_sizes=(1,), context_lengths=(256,
             rows.append(profile_one(net, m, b, c, new_tokens, device))
     finally:
         net.args.impl = impl_before
-    report = {"model": {k: v for k, v in vars(net.args).items()}, "device": str(device),
-              "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "rows": rows,
-              "speedups": _speedups(rows)}
+    report = {
+        "model": {k: v for k, v in vars(net.args).items()},
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "rows": rows,
+        "speedups": _speedups(rows),
+    }
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -220,14 +250,21 @@ def _speedups(rows) -> list:
 def plot_latency(rows, path):
     """Per-token decode latency (median) against context length, one line per mode and batch."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key in sorted({(r["mode"], r["batch"]) for r in rows}):
         pts = sorted((r["context"], r["decode_ms_median"]) for r in rows if (r["mode"], r["batch"]) == key)
         ax.plot(*zip(*pts), marker="o", label=f"{key[0]}, batch {key[1]}")
-    ax.set(xlabel="context length (tokens)", ylabel="per-token latency (ms, median)", xscale="log", yscale="log",
-           title="decode latency")
+    ax.set(
+        xlabel="context length (tokens)",
+        ylabel="per-token latency (ms, median)",
+        xscale="log",
+        yscale="log",
+        title="decode latency",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -239,12 +276,16 @@ def plot_latency(rows, path):
 
 
 def format_table(report) -> str:
-    lines = [f"{'mode':9s} {'batch':>5s} {'context':>7s} {'prefill ms':>10s} {'decode ms':>9s} {'p90 ms':>7s} "
-             f"{'tokens/s':>9s} {'KV MiB':>7s} {'attn %':>6s}"]
+    lines = [
+        f"{'mode':9s} {'batch':>5s} {'context':>7s} {'prefill ms':>10s} {'decode ms':>9s} {'p90 ms':>7s} "
+        f"{'tokens/s':>9s} {'KV MiB':>7s} {'attn %':>6s}"
+    ]
     for r in report["rows"]:
-        lines.append(f"{r['mode']:9s} {r['batch']:5d} {r['context']:7d} {r['prefill_ms']:10.2f} "
-                     f"{r['decode_ms_median']:9.3f} {r['decode_ms_p90']:7.3f} {r['tokens_per_s']:9.1f} "
-                     f"{r['kv_cache_bytes'] / 2**20:7.1f} {100 * r['attention_share']:6.1f}")
+        lines.append(
+            f"{r['mode']:9s} {r['batch']:5d} {r['context']:7d} {r['prefill_ms']:10.2f} "
+            f"{r['decode_ms_median']:9.3f} {r['decode_ms_p90']:7.3f} {r['tokens_per_s']:9.1f} "
+            f"{r['kv_cache_bytes'] / 2**20:7.1f} {100 * r['attention_share']:6.1f}"
+        )
     for s in report["speedups"]:
         parts = [f"{s[k]:.2f}x vs {k[3:]}" for k in ("vs_torch", "vs_no_cache") if k in s]
         lines.append(f"genkern tokens/s at batch {s['batch']}, context {s['context']}: {', '.join(parts)}")

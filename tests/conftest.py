@@ -4,6 +4,7 @@ TRITON_INTERPRET must be in the environment before anything imports triton
 (genkern imports it lazily, on the first Triton call, and genkern._dispatch
 caches whether Triton can run), so it is set here, before genkern is imported.
 """
+
 import os
 
 import torch

@@ -4,6 +4,7 @@ The op schemas come from Python, so every op still runs with impl="triton" (unde
 TRITON_INTERPRET=1 on a machine without a GPU), forward and backward, with the
 Python autograd: each is compared with impl="torch" here. Exits non-zero on failure.
 """
+
 import sys
 
 # An editable install of the main checkout must not supply genkern._C to the copy.
@@ -40,25 +41,53 @@ def main(root: str) -> None:
 
     mu, logvar, eps = rand(3, 5), rand(3, 5) * 0.3, rand(3, 5)
     same("reparameterize_kl", lambda m, lv, e, impl: genkern.reparameterize_kl(m, lv, e, impl=impl), mu, logvar, eps)
-    same("reparameterize_kl prior", lambda m, lv, e, p, impl: genkern.reparameterize_kl(
-        m, lv, e, prior_mu=p, prior_logvar=p * 0.5, impl=impl), mu, logvar, eps, rand(5))
+    same(
+        "reparameterize_kl prior",
+        lambda m, lv, e, p, impl: genkern.reparameterize_kl(m, lv, e, prior_mu=p, prior_logvar=p * 0.5, impl=impl),
+        mu,
+        logvar,
+        eps,
+        rand(5),
+    )
     real, fake = rand(6, 1), rand(6, 1)
     for kind in ("nonsaturating", "hinge", "wasserstein", "relativistic"):
         for reduction in ("mean", "none"):
-            same(f"discriminator_loss {kind} {reduction}", lambda r, f, impl: genkern.discriminator_loss(
-                r, f, kind, reduction=reduction, impl=impl), real, fake)
-            same(f"generator_loss {kind} {reduction}", lambda r, f, impl: genkern.generator_loss(
-                f, kind, real_logits=r, reduction=reduction, impl=impl), real, fake)
+            same(
+                f"discriminator_loss {kind} {reduction}",
+                lambda r, f, impl: genkern.discriminator_loss(r, f, kind, reduction=reduction, impl=impl),
+                real,
+                fake,
+            )
+            same(
+                f"generator_loss {kind} {reduction}",
+                lambda r, f, impl: genkern.generator_loss(f, kind, real_logits=r, reduction=reduction, impl=impl),
+                real,
+                fake,
+            )
     q, k, v = rand(1, 2, 5, 16), rand(1, 1, 7, 16), rand(1, 1, 7, 16)
     for causal in (True, False):
-        same(f"flash_attention causal={causal}", lambda q_, k_, v_, impl: genkern.flash_attention(
-            q_, k_, v_, causal=causal, impl=impl), q, k, v, atol=1e-4)
-    q1, k_cache, v_cache, k_new, v_new = rand(2, 4, 1, 16), rand(2, 2, 9, 16), rand(2, 2, 9, 16), rand(2, 2, 1, 16), \
-        rand(2, 2, 1, 16)
+        same(
+            f"flash_attention causal={causal}",
+            lambda q_, k_, v_, impl: genkern.flash_attention(q_, k_, v_, causal=causal, impl=impl),
+            q,
+            k,
+            v,
+            atol=1e-4,
+        )
+    q1, k_cache, v_cache, k_new, v_new = (
+        rand(2, 4, 1, 16),
+        rand(2, 2, 9, 16),
+        rand(2, 2, 9, 16),
+        rand(2, 2, 1, 16),
+        rand(2, 2, 1, 16),
+    )
     seqlens = torch.tensor([3, 5], dtype=torch.int32)
     with torch.no_grad():
-        outs = [(genkern.attention_with_kvcache(q1, kc, vc, seqlens, k_new, v_new, impl=impl), kc, vc)
-                for impl in ("triton", "torch") for kc, vc in [(k_cache.clone(), v_cache.clone())]]
+        outs = [
+            (genkern.attention_with_kvcache(q1, kc, vc, seqlens, k_new, v_new, impl=impl), kc, vc)
+            for impl in ("triton", "torch")
+            for kc, vc in [(k_cache.clone(), v_cache.clone())]
+        ]
     for g, w in zip(*outs):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     print("ok attention_with_kvcache")

@@ -3,6 +3,7 @@
 Statistical checks use fixed seeds and tolerances of 4 asymptotic standard errors, so they
 are deterministic. statsmodels is the external reference (a test-only dependency).
 """
+
 import math
 import warnings
 
@@ -55,7 +56,8 @@ def test_arma_process_matches_statsmodels_lag_polynomial_convention():
     ours = arma_process(ar, ma, 200, burnin=50, seed=5).numpy()
     draws = torch.randn(250, generator=torch.Generator().manual_seed(5), dtype=torch.float64).numpy()
     theirs = ArmaProcess(np.r_[1.0, -np.array(ar)], np.r_[1.0, ma]).generate_sample(
-        200, burnin=50, distrvs=lambda size: draws.reshape(size))
+        200, burnin=50, distrvs=lambda size: draws.reshape(size)
+    )
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
 
 
@@ -68,14 +70,24 @@ def test_arma_process_integration_seed_and_generator():
     assert torch.equal(arma_process([], [], 10, generator=g1), arma_process([], [], 10, generator=g2))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"ar": [1.1]}, "ar.*not stationary"), ({"ar": [0.5, 0.5]}, "ar.*not stationary"),
-    ({"ma": [-1.0]}, "ma.*not invertible"), ({"ma": [0.5, 2.0]}, "ma.*not invertible"),
-    ({"ar": [float("nan")]}, "ar must be finite"), ({"ar": [[0.1]]}, "ar must be 1-D"),
-    ({"n": -1}, "n must be"), ({"n": 2.5}, "n must be"), ({"sigma": 0.0}, "sigma"),
-    ({"d": -1}, "d must be"), ({"burnin": -3}, "burnin"), ({"const": float("inf")}, "const"),
-    ({"seed": 1, "generator": torch.Generator()}, "seed and generator"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ar": [1.1]}, "ar.*not stationary"),
+        ({"ar": [0.5, 0.5]}, "ar.*not stationary"),
+        ({"ma": [-1.0]}, "ma.*not invertible"),
+        ({"ma": [0.5, 2.0]}, "ma.*not invertible"),
+        ({"ar": [float("nan")]}, "ar must be finite"),
+        ({"ar": [[0.1]]}, "ar must be 1-D"),
+        ({"n": -1}, "n must be"),
+        ({"n": 2.5}, "n must be"),
+        ({"sigma": 0.0}, "sigma"),
+        ({"d": -1}, "d must be"),
+        ({"burnin": -3}, "burnin"),
+        ({"const": float("inf")}, "const"),
+        ({"seed": 1, "generator": torch.Generator()}, "seed and generator"),
+    ],
+)
 def test_arma_process_bad_input(kwargs, match):
     args = {"ar": [0.5], "ma": [0.2], "n": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -83,12 +95,21 @@ def test_arma_process_bad_input(kwargs, match):
 
 
 # ---- internals: the steady-state switch and the stationarity transform ---------------------
-@pytest.mark.parametrize("phi, theta", [([0.5], [0.3]), ([0.5, -0.3], []), ([], [0.6, 0.2]),
-                                        ([0.9], [-0.5, 0.2, 0.1]), ([], []), ([0.2, 0.1, 0.05], [0.4])])
+@pytest.mark.parametrize(
+    "phi, theta",
+    [
+        ([0.5], [0.3]),
+        ([0.5, -0.3], []),
+        ([], [0.6, 0.2]),
+        ([0.9], [-0.5, 0.2, 0.1]),
+        ([], []),
+        ([0.2, 0.1, 0.05], [0.4]),
+    ],
+)
 def test_kalman_steady_state_switch_is_exact(phi, theta):
     Y = np.random.default_rng(0).standard_normal((150, 2))
     fast = _kalman(Y, np.array(phi, float), np.array(theta, float))
-    full = _kalman(Y, np.array(phi, float), np.array(theta, float), tol=-1.0)   # never switches
+    full = _kalman(Y, np.array(phi, float), np.array(theta, float), tol=-1.0)  # never switches
     for a, b in zip(fast, full):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
@@ -106,19 +127,35 @@ def _ses(name, n):
     if name == "ar2":
         phi, c = [0.5, -0.3], 0.4
         se = math.sqrt((1 - phi[1] ** 2) / n)
-        return (2, 0, 0), {"ar": phi, "ma": [], "const": c}, {
-            "const": (c / (1 - sum(phi)), 1 / ((1 - sum(phi)) * math.sqrt(n))),
-            "ar.L1": (phi[0], se), "ar.L2": (phi[1], se), "sigma2": (1.0, math.sqrt(2 / n))}
+        return (
+            (2, 0, 0),
+            {"ar": phi, "ma": [], "const": c},
+            {
+                "const": (c / (1 - sum(phi)), 1 / ((1 - sum(phi)) * math.sqrt(n))),
+                "ar.L1": (phi[0], se),
+                "ar.L2": (phi[1], se),
+                "sigma2": (1.0, math.sqrt(2 / n)),
+            },
+        )
     if name == "ma1":
-        return (0, 0, 1), {"ar": [], "ma": [0.6]}, {
-            "const": (0.0, 1.6 / math.sqrt(n)), "ma.L1": (0.6, math.sqrt((1 - 0.36) / n)),
-            "sigma2": (1.0, math.sqrt(2 / n))}
+        return (
+            (0, 0, 1),
+            {"ar": [], "ma": [0.6]},
+            {
+                "const": (0.0, 1.6 / math.sqrt(n)),
+                "ma.L1": (0.6, math.sqrt((1 - 0.36) / n)),
+                "sigma2": (1.0, math.sqrt(2 / n)),
+            },
+        )
     phi, theta = 0.6, 0.3
     d = 1 if name == "arima111" else 0
     m = n - d
-    k = (1 + phi * theta) ** 2 / ((phi + theta) ** 2 * m)    # Brockwell & Davis, ARMA(1,1)
-    out = {"ar.L1": (phi, math.sqrt(k * (1 - phi ** 2))), "ma.L1": (theta, math.sqrt(k * (1 - theta ** 2))),
-           "sigma2": (1.0, math.sqrt(2 / m))}
+    k = (1 + phi * theta) ** 2 / ((phi + theta) ** 2 * m)  # Brockwell & Davis, ARMA(1,1)
+    out = {
+        "ar.L1": (phi, math.sqrt(k * (1 - phi**2))),
+        "ma.L1": (theta, math.sqrt(k * (1 - theta**2))),
+        "sigma2": (1.0, math.sqrt(2 / m)),
+    }
     if not d:
         out["const"] = (0.2 / (1 - phi), (1 + theta) / ((1 - phi) * math.sqrt(n)))
     return (1, d, 1), {"ar": [phi], "ma": [theta], "const": 0.0 if d else 0.2, "d": d}, out
@@ -134,8 +171,18 @@ def test_parameter_recovery_within_4_standard_errors(name):
 
 
 # ---- agreement with statsmodels -------------------------------------------------------------
-SM_CASES = [((1, 0, 1), "c"), ((2, 0, 0), "n"), ((0, 0, 2), "c"), ((2, 0, 1), "c"), ((1, 1, 1), "n"),
-            ((1, 1, 1), "t"), ((2, 1, 0), "t"), ((0, 2, 1), "n"), ((1, 0, 1), "t"), ((0, 0, 2), "ct")]
+SM_CASES = [
+    ((1, 0, 1), "c"),
+    ((2, 0, 0), "n"),
+    ((0, 0, 2), "c"),
+    ((2, 0, 1), "c"),
+    ((1, 1, 1), "n"),
+    ((1, 1, 1), "t"),
+    ((2, 1, 0), "t"),
+    ((0, 2, 1), "n"),
+    ((1, 0, 1), "t"),
+    ((0, 0, 2), "ct"),
+]
 
 
 def _llf_tol(order):
@@ -176,8 +223,10 @@ def test_log_likelihood_on_new_series_matches_statsmodels(order, trend):
     assert ours.log_likelihood(torch.from_numpy(y_new)) == pytest.approx(expected, abs=_llf_tol(order))
 
 
-@pytest.mark.parametrize("order, trend, n", [((2, 0, 1), "c", 40), ((1, 0, 1), "ct", 300), ((1, 1, 1), "t", 300),
-                                             ((0, 2, 2), "n", 300), ((0, 0, 0), "c", 50)])
+@pytest.mark.parametrize(
+    "order, trend, n",
+    [((2, 0, 1), "c", 40), ((1, 0, 1), "ct", 300), ((1, 1, 1), "t", 300), ((0, 2, 2), "n", 300), ((0, 0, 0), "c", 50)],
+)
 def test_forecast_matches_statsmodels(order, trend, n):
     sm = _sm()
     y = _series(order, trend, n, seed=7)
@@ -206,7 +255,7 @@ def test_ar_ols_matches_autoreg_and_lstsq(trend):
     if k:
         assert ours.intercept == pytest.approx(ref.params[0], rel=1e-8)
         assert ours.params["const"] == pytest.approx(ref.params[0] / (1 - phi.sum()), rel=1e-8)
-    design = np.column_stack([np.ones(297)] * k + [y[3 - j:300 - j] for j in (1, 2, 3)])
+    design = np.column_stack([np.ones(297)] * k + [y[3 - j : 300 - j] for j in (1, 2, 3)])
     np.testing.assert_allclose(phi, np.linalg.lstsq(design, y[3:], rcond=None)[0][k:], rtol=1e-8)
     # llf is the exact likelihood of the ARIMA(3, 0, 0) model at the OLS estimates.
     sm = _sm()
@@ -216,7 +265,7 @@ def test_ar_ols_matches_autoreg_and_lstsq(trend):
 # ---- simulation ------------------------------------------------------------------------------
 def _theoretical_acf(phi, theta, lags):
     psi = psi_weights(phi, theta, 3000)
-    gamma = np.array([psi[:3000 - k] @ psi[k:] for k in range(lags + 1)])
+    gamma = np.array([psi[: 3000 - k] @ psi[k:] for k in range(lags + 1)])
     return gamma / gamma[0]
 
 
@@ -231,8 +280,8 @@ def test_simulate_matches_model_acf(order, trend):
     theta = np.array([v for k, v in model.params.items() if k.startswith("ma")])
     rho = _theoretical_acf(phi, theta, 200)
     xc = x - x.mean()
-    sample = np.array([xc[:len(x) - k] @ xc[k:] for k in range(lags + 1)]) / (xc @ xc)
-    for k in range(1, lags + 1):   # Bartlett's formula for the standard error of r_k
+    sample = np.array([xc[: len(x) - k] @ xc[k:] for k in range(lags + 1)]) / (xc @ xc)
+    for k in range(1, lags + 1):  # Bartlett's formula for the standard error of r_k
         i = np.arange(-200 + k, 200 - k)
         var = np.sum((rho[np.abs(i + k)] + rho[np.abs(i - k)] - 2 * rho[np.abs(i)] * rho[k]) ** 2) / len(x)
         assert abs(sample[k] - rho[k]) < 4 * math.sqrt(var), (k, sample[k], rho[k])
@@ -254,25 +303,46 @@ def test_simulate_continue_matches_forecast_distribution():
 
 
 # ---- bad input ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("order, trend, match", [
-    ((-1, 0, 0), None, "order"), ((1, 0), None, "order"), ((1.0, 0, 0), None, "order"),
-    ((1, 0, 0), "x", "trend"), ((1, 1, 0), "c", "trend"), ((1, 2, 0), "t", "trend")])
+@pytest.mark.parametrize(
+    "order, trend, match",
+    [
+        ((-1, 0, 0), None, "order"),
+        ((1, 0), None, "order"),
+        ((1.0, 0, 0), None, "order"),
+        ((1, 0, 0), "x", "trend"),
+        ((1, 1, 0), "c", "trend"),
+        ((1, 2, 0), "t", "trend"),
+    ],
+)
 def test_bad_order_or_trend(order, trend, match):
     with pytest.raises(ValueError, match=match):
         ARIMA(order, trend)
 
 
-@pytest.mark.parametrize("y, match", [
-    (np.r_[np.zeros(10), np.nan, np.ones(10)], "NaN or inf"), (np.r_[np.zeros(10), np.inf, np.ones(10)], "NaN or inf"),
-    (np.ones((10, 2)), "y must be 1-D"), (np.arange(5.0), "y has 5 values"), (np.ones(50), "no variation")])
+@pytest.mark.parametrize(
+    "y, match",
+    [
+        (np.r_[np.zeros(10), np.nan, np.ones(10)], "NaN or inf"),
+        (np.r_[np.zeros(10), np.inf, np.ones(10)], "NaN or inf"),
+        (np.ones((10, 2)), "y must be 1-D"),
+        (np.arange(5.0), "y has 5 values"),
+        (np.ones(50), "no variation"),
+    ],
+)
 def test_bad_series(y, match):
     with pytest.raises(ValueError, match=match):
         ARIMA((2, 1, 1)).fit(y)
 
 
-@pytest.mark.parametrize("start, match", [([1.2, 0.1], "start_params.*not stationary"),
-                                          ([0.5, -1.5], "start_params.*not invertible"),
-                                          ([0.5], "start_params must have"), ([0.5, float("nan")], "start_params")])
+@pytest.mark.parametrize(
+    "start, match",
+    [
+        ([1.2, 0.1], "start_params.*not stationary"),
+        ([0.5, -1.5], "start_params.*not invertible"),
+        ([0.5], "start_params must have"),
+        ([0.5, float("nan")], "start_params"),
+    ],
+)
 def test_bad_start_params(start, match):
     y = _series((1, 0, 1), "c", 100, seed=0)
     with pytest.raises(ValueError, match=match):
@@ -282,14 +352,21 @@ def test_bad_start_params(start, match):
 def test_start_params_full_vector_is_accepted():
     y = _series((1, 0, 1), "c", 200, seed=0)
     a = ARIMA((1, 0, 1)).fit(y)
-    b = ARIMA((1, 0, 1)).fit(y, start_params=[9.0, 0.1, -0.1, 2.0])   # const, ar, ma, sigma2
+    b = ARIMA((1, 0, 1)).fit(y, start_params=[9.0, 0.1, -0.1, 2.0])  # const, ar, ma, sigma2
     np.testing.assert_allclose(_vec(a), _vec(b), rtol=1e-4, atol=1e-5)
 
 
 def test_use_before_fit_raises():
     model = ARIMA((1, 0, 0))
-    for call in (lambda: model.forecast(3), lambda: model.log_likelihood(np.ones(10)), lambda: model.params,
-                 lambda: model.llf, lambda: model.aic, lambda: model.bic, lambda: model.simulate(3)):
+    for call in (
+        lambda: model.forecast(3),
+        lambda: model.log_likelihood(np.ones(10)),
+        lambda: model.params,
+        lambda: model.llf,
+        lambda: model.aic,
+        lambda: model.bic,
+        lambda: model.simulate(3),
+    ):
         with pytest.raises(RuntimeError, match="fit"):
             call()
 
@@ -297,11 +374,15 @@ def test_use_before_fit_raises():
 def test_bad_forecast_simulate_and_ar_arguments():
     y = _series((1, 0, 0), "c", 100, seed=0)
     model = ARIMA((1, 0, 0)).fit(y)
-    for call, match in [(lambda: model.forecast(0), "steps"), (lambda: model.forecast(3, alpha=1.5), "alpha"),
-                        (lambda: model.simulate(0), "n must be"), (lambda: model.simulate(3, initial="x"), "initial"),
-                        (lambda: model.simulate(3, seed=1, generator=torch.Generator()), "seed and generator"),
-                        (lambda: model.log_likelihood(np.ones((3, 3))), "y must be 1-D"),
-                        (lambda: AR(2, trend="t"), "trend"),
-                        (lambda: AR(1).fit(1.05 ** np.arange(200.0)), "y: the least-squares AR estimates")]:
+    for call, match in [
+        (lambda: model.forecast(0), "steps"),
+        (lambda: model.forecast(3, alpha=1.5), "alpha"),
+        (lambda: model.simulate(0), "n must be"),
+        (lambda: model.simulate(3, initial="x"), "initial"),
+        (lambda: model.simulate(3, seed=1, generator=torch.Generator()), "seed and generator"),
+        (lambda: model.log_likelihood(np.ones((3, 3))), "y must be 1-D"),
+        (lambda: AR(2, trend="t"), "trend"),
+        (lambda: AR(1).fit(1.05 ** np.arange(200.0)), "y: the least-squares AR estimates"),
+    ]:
         with pytest.raises(ValueError, match=match):
             call()

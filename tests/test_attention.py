@@ -13,6 +13,7 @@ float16 and 8e-3 for bfloat16, i.e. about one unit in the last place at magnitud
 (2^-10 and 2^-7). A kernel that computes in float32 and rounds its result once is off
 by half of that; the other half covers the backward reading the rounded out.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,10 +86,16 @@ def check(impl, q, k, v, *, causal, scale=None, grads=True, lse_grad=False, out_
     # Without out in the loss, v does not reach lse: its gradient is zero (None from the
     # torch impl and the reference, whose graphs do not reach v).
     got = torch.autograd.grad(pick(out, lse), leaves, upstream, allow_unused=True, materialize_grads=True)
-    want64 = torch.autograd.grad(pick(out64, lse64), leaves64, pick(g_out.double(), g_lse),  # lse64 is float32
-                                 allow_unused=True, materialize_grads=True)
-    want_same = torch.autograd.grad(pick(out_same, lse_same), leaves_same, upstream, allow_unused=True,
-                                    materialize_grads=True)
+    want64 = torch.autograd.grad(
+        pick(out64, lse64),
+        leaves64,
+        pick(g_out.double(), g_lse),  # lse64 is float32
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    want_same = torch.autograd.grad(
+        pick(out_same, lse_same), leaves_same, upstream, allow_unused=True, materialize_grads=True
+    )
     extra = {"dk": _one_key_dk_allowance(q, v, g_out, causal, scale)} if s == 1 and out_grad else {}
     for name, g, w64, ws, x in zip(("dq", "dk", "dv"), got, want64, want_same, (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype, f"{name}: {tuple(g.shape)} {g.dtype}"
@@ -112,8 +119,8 @@ def _one_key_dk_allowance(q, v, g_out, causal, scale):
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q64, v64, g64 = (x.detach().double().abs().cpu() for x in (q, v, g_out))
     sees = reference.causal_mask(t, 1)[:, 0] if causal else torch.ones(t, dtype=torch.bool)  # (T,)
-    dots = (g64 * v64.repeat_interleave(h // hkv, dim=1)).sum(-1, keepdim=True)   # (B, H, T, 1)
-    terms = 2 * dots * q64 * sees.view(t, 1)                                        # (B, H, T, D)
+    dots = (g64 * v64.repeat_interleave(h // hkv, dim=1)).sum(-1, keepdim=True)  # (B, H, T, 1)
+    terms = 2 * dots * q64 * sees.view(t, 1)  # (B, H, T, D)
     mag = scale * terms.reshape(b, hkv, h // hkv, t, d).sum(dim=(2, 3)).unsqueeze(2)  # (B, Hkv, 1, D)
     return utils.FLOOR[F64 if q.dtype == F64 else F32] * mag
 
@@ -162,8 +169,13 @@ def test_values_and_grads(impl, dtype, t, s, d, heads, causal):
     check(impl, q, k, v, causal=causal, seed=seed)
 
 
-LOW_PRECISION_CASES = [(17, 17, 40, "gqa"), (113, 256, 128, "mqa"), (256, 113, 16, "gqa"), (1025, 1025, 64, "gqa"),
-                       (1, 113, 128, "mha")]
+LOW_PRECISION_CASES = [
+    (17, 17, 40, "gqa"),
+    (113, 256, 128, "mqa"),
+    (256, 113, 16, "gqa"),
+    (1025, 1025, 64, "gqa"),
+    (1, 113, 128, "mha"),
+]
 
 
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
@@ -176,21 +188,28 @@ def test_low_precision(impl, dtype, t, s, d, heads, causal):
 
 
 @pytest.mark.parametrize("scale", (0.05, 1.0, 3))
-@pytest.mark.parametrize("impl,dtype", [("cpp", F32), ("cpp", F64), ("torch", F32)],
-                         ids=("cpp-float32", "cpp-float64", "torch-float32"))
+@pytest.mark.parametrize(
+    "impl,dtype", [("cpp", F32), ("cpp", F64), ("torch", F32)], ids=("cpp-float32", "cpp-float64", "torch-float32")
+)
 def test_scale(impl, dtype, scale):
     seed = _seed("scale", scale)
     q, k, v = make_qkv(40, 70, 32, "gqa", dtype, seed=seed)
     check(impl, q, k, v, causal=True, scale=scale, seed=seed)
 
 
-LSE_CASES = [(17, 17, 40, "gqa", False), (17, 17, 40, "gqa", True), (1, 256, 64, "mqa", True),
-             (113, 17, 16, "gqa", True), (100, 130, 64, "mqa", False)]
+LSE_CASES = [
+    (17, 17, 40, "gqa", False),
+    (17, 17, 40, "gqa", True),
+    (1, 256, 64, "mqa", True),
+    (113, 17, 16, "gqa", True),
+    (100, 130, 64, "mqa", False),
+]
 
 
 @pytest.mark.parametrize("out_grad", (True, False), ids=("out_and_lse", "lse_only"))
-@pytest.mark.parametrize("t,s,d,heads,causal", LSE_CASES,
-                         ids=[_case_id(*c[:4]) + ("-causal" if c[4] else "-full") for c in LSE_CASES])
+@pytest.mark.parametrize(
+    "t,s,d,heads,causal", LSE_CASES, ids=[_case_id(*c[:4]) + ("-causal" if c[4] else "-full") for c in LSE_CASES]
+)
 @pytest.mark.parametrize("impl,dtype", utils.impl_dtype_params(("torch", "cpp"), dtypes=(F32, F64, BF16)))
 def test_lse_gradient(impl, dtype, t, s, d, heads, causal, out_grad):
     # The loss uses lse too (lse_only: only lse), so grad_lse reaches the backward.
@@ -221,6 +240,7 @@ def test_empty_batch(impl):
 
 # --- layouts ------------------------------------------------------------------------------
 
+
 def _layouts(q, k, v, layout):
     """Views with q's, k's and v's values in a non-contiguous layout."""
     b, h, t, d = q.shape
@@ -231,10 +251,10 @@ def _layouts(q, k, v, layout):
         kb = torch.zeros(b, hkv, 2 * s, d, dtype=k.dtype)
         kb[:, :, ::2] = k
         vb = torch.zeros(b, hkv, s, 3 * d, dtype=v.dtype)
-        vb[..., d:2 * d] = v
+        vb[..., d : 2 * d] = v
         qb = torch.zeros(b, 2 * h, t, d, dtype=q.dtype)
         qb[:, 1::2] = q
-        return qb[:, 1::2], kb[:, :, ::2], vb[..., d:2 * d]
+        return qb[:, 1::2], kb[:, :, ::2], vb[..., d : 2 * d]
     if layout == "d_strided":  # the head dim is not the unit stride
         return [x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in (q, k, v)]
     raise ValueError(layout)
@@ -286,8 +306,11 @@ def test_triton(impl, dtype, t, s, d, heads, causal, grads):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
-@pytest.mark.parametrize("t,s,d,heads", [(1025, 1025, 128, "gqa"), (113, 1025, 64, "mqa"), (1025, 113, 40, "gqa")],
-                         ids=("T1025-S1025-D128-gqa", "T113-S1025-D64-mqa", "T1025-S113-D40-gqa"))
+@pytest.mark.parametrize(
+    "t,s,d,heads",
+    [(1025, 1025, 128, "gqa"), (113, 1025, 64, "mqa"), (1025, 113, 40, "gqa")],
+    ids=("T1025-S1025-D128-gqa", "T113-S1025-D64-mqa", "T1025-S113-D40-gqa"),
+)
 @pytest.mark.parametrize("dtype", (F32, F16, BF16), ids=_dt)
 def test_gpu_triton(dtype, t, s, d, heads, causal):
     utils.require_impl("triton")
@@ -298,8 +321,12 @@ def test_gpu_triton(dtype, t, s, d, heads, causal):
 
 # --- gradcheck, opcheck, torch.compile ------------------------------------------------------
 
-@pytest.mark.parametrize("t,s,causal,scale", [(5, 7, False, None), (5, 7, True, None), (7, 5, True, 0.7)],
-                         ids=("T5-S7-full", "T5-S7-causal", "T7-S5-causal-scale"))
+
+@pytest.mark.parametrize(
+    "t,s,causal,scale",
+    [(5, 7, False, None), (5, 7, True, None), (7, 5, True, 0.7)],
+    ids=("T5-S7-full", "T5-S7-causal", "T7-S5-causal-scale"),
+)
 @pytest.mark.parametrize("impl", ("cpp",))
 def test_gradcheck(impl, t, s, causal, scale):
     # lse is float32 even for float64 inputs, too coarse for finite differences: it is
@@ -341,14 +368,27 @@ def test_double_backward_is_refused():
 
 def _opcheck_samples(requires_grad):
     fwd = []
-    for i, (t, s, d, heads, causal, dtype) in enumerate([(5, 7, 16, "gqa", True, F32), (7, 5, 16, "mqa", True, F32),
-                                                          (5, 7, 24, "mha", False, F64), (9, 9, 16, "gqa", True, F16),
-                                                          (3, 8, 32, "gqa", False, BF16)]):
+    for i, (t, s, d, heads, causal, dtype) in enumerate(
+        [
+            (5, 7, 16, "gqa", True, F32),
+            (7, 5, 16, "mqa", True, F32),
+            (5, 7, 24, "mha", False, F64),
+            (9, 9, 16, "gqa", True, F16),
+            (3, 8, 32, "gqa", False, BF16),
+        ]
+    ):
         q, k, v = make_qkv(t, s, d, heads, dtype, seed=100 + i)
         if i == 1:
             q = q.transpose(1, 2).contiguous().transpose(1, 2)  # a (B, T, H, D) layout
-        fwd.append((q.requires_grad_(requires_grad), k.requires_grad_(requires_grad),
-                    v.requires_grad_(requires_grad), causal, 1.0 / math.sqrt(d)))
+        fwd.append(
+            (
+                q.requires_grad_(requires_grad),
+                k.requires_grad_(requires_grad),
+                v.requires_grad_(requires_grad),
+                causal,
+                1.0 / math.sqrt(d),
+            )
+        )
     return fwd
 
 
@@ -368,6 +408,7 @@ def test_opcheck():
 def test_torch_compile_fullgraph_cpp():
     utils.require_impl("cpp")
     from torch._inductor.compile_fx import compile_fx
+
     torch._dynamo.reset()
     graphs = []
 
@@ -394,6 +435,7 @@ def test_torch_compile_fullgraph_cpp():
 
 
 # --- genkern.functional.scaled_dot_product_attention ---------------------------------------
+
 
 def _sdpa_case(cid, lq, lk, d=64, heads=(4, 4), dtype=F32, fast=True, mask=None, **kw):
     return pytest.param(lq, lk, d, heads, dtype, mask, kw, fast, id=cid)
@@ -492,6 +534,7 @@ def test_functional_sdpa_gqa_needs_enable_gqa():
 
 # --- genkern.nn.CausalSelfAttention ---------------------------------------------------------
 
+
 def _manual_self_attention(m, x):
     """The module's forward written out with its weights and the reference."""
     b, t, _ = x.shape
@@ -499,15 +542,16 @@ def _manual_self_attention(m, x):
     w_qkv, w_proj = m.qkv.weight.to(x.dtype), m.proj.weight.to(x.dtype)
     qkv = x @ w_qkv.T + (0 if m.qkv.bias is None else m.qkv.bias.to(x.dtype))
     q, k, v = qkv.split([h * hd, hkv * hd, hkv * hd], dim=-1)
-    q = q.reshape(b, t, h, hd).transpose(1, 2)                                # (B, H, T, hd)
-    k = k.reshape(b, t, hkv, hd).transpose(1, 2)                              # (B, Hkv, T, hd)
+    q = q.reshape(b, t, h, hd).transpose(1, 2)  # (B, H, T, hd)
+    k = k.reshape(b, t, hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
     v = v.reshape(b, t, hkv, hd).transpose(1, 2)
     y = reference.attention(q, k, v, causal=True).transpose(1, 2).reshape(b, t, h * hd)
     return y @ w_proj.T + (0 if m.proj.bias is None else m.proj.bias.to(x.dtype))
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,bias", [(4, None, False), (4, 2, True), (4, 1, False)],
-                         ids=("mha", "gqa-bias", "mqa"))
+@pytest.mark.parametrize(
+    "n_heads,n_kv_heads,bias", [(4, None, False), (4, 2, True), (4, 1, False)], ids=("mha", "gqa-bias", "mqa")
+)
 @pytest.mark.parametrize("impl", ("torch", "cpp"))
 def test_module_matches_manual(impl, n_heads, n_kv_heads, bias):
     torch.manual_seed(0)
@@ -526,10 +570,10 @@ def test_module_is_causal(impl):
     y = m(x)
     for t in (0, 13, 28):
         x2 = x.clone()
-        x2[:, t + 1:] += utils.randn(x2[:, t + 1:].shape, seed=3 + t)
+        x2[:, t + 1 :] += utils.randn(x2[:, t + 1 :].shape, seed=3 + t)
         y2 = m(x2)
-        assert torch.equal(y2[:, :t + 1], y[:, :t + 1]), f"output {t} changed with tokens after it"
-        assert not torch.equal(y2[:, t + 1:], y[:, t + 1:])
+        assert torch.equal(y2[:, : t + 1], y[:, : t + 1]), f"output {t} changed with tokens after it"
+        assert not torch.equal(y2[:, t + 1 :], y[:, t + 1 :])
 
 
 def test_module_cpp_matches_torch():
@@ -549,14 +593,18 @@ def test_module_cpp_matches_torch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(dim=10, n_heads=3), "dim=10"),
-    (dict(dim=0, n_heads=1), "dim=0"),
-    (dict(dim=16, n_heads=0), "n_heads=0"),
-    (dict(dim=16, n_heads=4, n_kv_heads=3), "n_kv_heads=3"),
-    (dict(dim=16, n_heads=4, n_kv_heads=0), "n_kv_heads=0"),
-    (dict(dim=16, n_heads=2, n_kv_heads=4), "n_kv_heads=4"),
-], ids=("dim-not-multiple", "dim-0", "heads-0", "kv-heads-not-divisor", "kv-heads-0", "kv-heads-more"))
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(dim=10, n_heads=3), "dim=10"),
+        (dict(dim=0, n_heads=1), "dim=0"),
+        (dict(dim=16, n_heads=0), "n_heads=0"),
+        (dict(dim=16, n_heads=4, n_kv_heads=3), "n_kv_heads=3"),
+        (dict(dim=16, n_heads=4, n_kv_heads=0), "n_kv_heads=0"),
+        (dict(dim=16, n_heads=2, n_kv_heads=4), "n_kv_heads=4"),
+    ],
+    ids=("dim-not-multiple", "dim-0", "heads-0", "kv-heads-not-divisor", "kv-heads-0", "kv-heads-more"),
+)
 def test_module_bad_args(kw, match):
     with pytest.raises(ValueError, match=match):
         genkern.nn.CausalSelfAttention(**kw)
@@ -571,6 +619,7 @@ def test_module_bad_input():
 
 
 # --- bad input ------------------------------------------------------------------------------
+
 
 def _bad_cases():
     r = lambda *s: torch.randn(*s)  # noqa: E731
@@ -689,8 +738,12 @@ def _raw_bwd_cases():
         ("grad_out-shape", dict(grad_out=g[:, :, :4]), ValueError, r"^grad_out has shape"),
         ("grad_out-dtype", dict(grad_out=g.double()), TypeError, r"^grad_out has dtype"),
         ("out-shape", dict(out=out[:, :2]), ValueError, r"^out has shape"),
-        ("heads-not-multiple", dict(k=k[:, :1].repeat(1, 3, 1, 1), v=v[:, :1].repeat(1, 3, 1, 1)), ValueError,
-         r"Hkv=3"),
+        (
+            "heads-not-multiple",
+            dict(k=k[:, :1].repeat(1, 3, 1, 1), v=v[:, :1].repeat(1, 3, 1, 1)),
+            ValueError,
+            r"Hkv=3",
+        ),
         ("k-3d", dict(k=k[0]), ValueError, r"^k must be 4-d"),
     ]
     return [(cid, {**base, **kw}, exc, match) for cid, kw, exc, match in bad]
@@ -713,5 +766,6 @@ def test_raw_bwd_op_checks_arguments(case):
     utils.require_impl("cpp")
     _, a, exc, match = case
     with pytest.raises(exc, match=match):
-        torch.ops.genkern.attention_cpp_bwd(a["grad_out"], a["q"], a["k"], a["v"], a["out"], a["lse"],
-                                            a["grad_lse"], True, 0.25)
+        torch.ops.genkern.attention_cpp_bwd(
+            a["grad_out"], a["q"], a["k"], a["v"], a["out"], a["lse"], a["grad_lse"], True, 0.25
+        )

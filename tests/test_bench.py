@@ -1,4 +1,5 @@
 """Smoke tests of the benchmark runner (genkern.bench): quick runs on a tiny size, the attention cases."""
+
 import argparse
 import json
 import os
@@ -47,8 +48,12 @@ def test_quick_run_writes_json_with_the_fields(tmp_path, capsys):
 
 def test_results_merge_by_op_and_case(tmp_path):
     path = tmp_path / (runner.device_slug("cpu") + ".json")
-    old = {"results": {"gan_loss": {"64/float32/fwd": {"kept": 1}},
-                       "reparameterize_kl": {"1x1/float32/fwd": {"kept": 2}, "8x16/float32/fwd": {"stale": 3}}}}
+    old = {
+        "results": {
+            "gan_loss": {"64/float32/fwd": {"kept": 1}},
+            "reparameterize_kl": {"1x1/float32/fwd": {"kept": 2}, "8x16/float32/fwd": {"stale": 3}},
+        }
+    }
     path.write_text(json.dumps(old))
     assert _run(*TINY, "--device", "cpu", "--direction", "fwd", "--out", str(tmp_path)) == 0
     results = _results(tmp_path)["results"]
@@ -70,8 +75,11 @@ def test_ratio_and_bandwidth_arithmetic():
 
 
 def test_targets_pass_fail_and_not_applicable():
-    impls = {"torch": {"status": "ok", "median_ms": 10.0}, "cpp": {"status": "ok", "median_ms": 2.0},
-             "triton": {"status": "unavailable", "error": "x"}}
+    impls = {
+        "torch": {"status": "ok", "median_ms": 10.0},
+        "cpp": {"status": "ok", "median_ms": 2.0},
+        "triton": {"status": "unavailable", "error": "x"},
+    }
     assert Target("cpu", "fwd+bwd", "speedup", 4.0).evaluate(impls, "cpp")["passed"] is True
     assert Target("cpu", "fwd+bwd", "speedup", 6.0).evaluate(impls, "cpp")["value"] == 5.0
     assert Target("cpu", "fwd+bwd", "speedup", 1.0, vs=COMPILE).evaluate(impls, "cpp")["passed"] is None
@@ -92,12 +100,20 @@ class _BrokenCase(ReparamKLCase):
 def test_unavailable_and_failed_impls_are_recorded_not_raised(monkeypatch):
     monkeypatch.setattr(timing, "_compiled", {})
     monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
-    entry = runner.bench_case(_BrokenCase(4, 8), "fwd+bwd", torch.device("cpu"),
-                              ["torch", "cpp", "triton", COMPILE], budget_s=0.0, max_rounds=3)
+    entry = runner.bench_case(
+        _BrokenCase(4, 8),
+        "fwd+bwd",
+        torch.device("cpu"),
+        ["torch", "cpp", "triton", COMPILE],
+        budget_s=0.0,
+        max_rounds=3,
+    )
     impls = entry["impls"]
     assert impls["torch"]["status"] == "ok" and impls["torch"]["n"] == 3
-    assert impls["cpp"] == {"status": "unavailable",
-                            "error": "NotImplementedError: reparam_kl_cpp_fwd is a placeholder"}
+    assert impls["cpp"] == {
+        "status": "unavailable",
+        "error": "NotImplementedError: reparam_kl_cpp_fwd is a placeholder",
+    }
     assert impls["triton"]["status"] == "failed" and "kernel exploded" in impls["triton"]["error"]
     assert impls[COMPILE]["status"] == "failed" and "no compiler" in impls[COMPILE]["error"]
 
@@ -135,6 +151,7 @@ def test_quick_run_on_cuda(tmp_path):
 
 # --- attention: cases, labels, flops, memory, a quick run ------------------------------
 
+
 def test_attention_cases_build_with_their_targets():
     names = [c.name for c in attn_bench.CASES]
     assert len(set(names)) == len(names)
@@ -149,7 +166,10 @@ def test_attention_cases_build_with_their_targets():
     assert all(c.dtype == torch.bfloat16 and c.sizes["D"] == 128 and not c.runs_on("cpu") for c in gpu)
     cpu_2k = select_cases("attention", ["1x8x2048x64-causal"], device_type="cpu")[0]
     assert {(t.device, t.direction, t.vs, t.minimum) for t in cpu_2k.targets} == {
-        ("cpu", "fwd+bwd", "torch", 4.0), ("cpu", "fwd+bwd", SDPA, 1.0), ("cpu", "fwd", SDPA, 1.0)}
+        ("cpu", "fwd+bwd", "torch", 4.0),
+        ("cpu", "fwd+bwd", SDPA, 1.0),
+        ("cpu", "fwd", SDPA, 1.0),
+    }
     # On CUDA the same label is no listed case: make_case builds it, without targets.
     assert select_cases("attention", ["1x8x2048x64-causal"], device_type="cuda")[0].targets == ()
 
@@ -161,8 +181,16 @@ def test_attention_labels_parse_and_bad_ones_raise():
     case = attn_bench.make_case("2x8x512x128-full-kv2-bf16")
     assert case.sizes["Hkv"] == 2 and not case.causal and case.dtype == torch.bfloat16
     assert case.name == "2x8x512x128-full-kv2-bf16"
-    for bad in ("1x8x2048x64", "1x8x2048-causal", "1x8x2048x64-sideways", "1x8x2048x64-causal-kv3",
-                "0x8x64x64-full", "1x8x64x64-full-int8", "axbxcxd-causal", "1x8x64x64-causal-kv0"):
+    for bad in (
+        "1x8x2048x64",
+        "1x8x2048-causal",
+        "1x8x2048x64-sideways",
+        "1x8x2048x64-causal-kv3",
+        "0x8x64x64-full",
+        "1x8x64x64-full-int8",
+        "axbxcxd-causal",
+        "1x8x64x64-causal-kv0",
+    ):
         with pytest.raises(ValueError, match="BxHxTxD"):
             attn_bench.make_case(bad)
     with pytest.raises(ValueError, match="BxHxTxD"):
@@ -195,8 +223,11 @@ def test_memory_measure_plain_needs_the_scores_fused_does_not():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # sdpa's CPU kernel takes scratch blocks per thread
     try:
-        peaks = {(impl, direction): memory.peak_memory(runner.prepare(case, impl, direction, "cpu", x), "cpu")
-                 for impl in ("torch", SDPA) for direction in ("fwd", "fwd+bwd")}
+        peaks = {
+            (impl, direction): memory.peak_memory(runner.prepare(case, impl, direction, "cpu", x), "cpu")
+            for impl in ("torch", SDPA)
+            for direction in ("fwd", "fwd+bwd")
+        }
     finally:
         torch.set_num_threads(threads)
     for direction in ("fwd", "fwd+bwd"):
@@ -212,8 +243,7 @@ def test_memory_guard_skips_an_impl_over_the_limit():
     assert memory.memory_limit("cpu", 0) is None and memory.memory_limit("cpu", 2) == 2 * memory.GIB
     assert memory.memory_limit("cpu") > 0
     case = attn_bench.make_case("1x2x64x16-causal")
-    entry = runner.bench_case(case, "fwd", torch.device("cpu"), ["torch"], budget_s=0.0, max_rounds=3,
-                              mem_limit=1000)
+    entry = runner.bench_case(case, "fwd", torch.device("cpu"), ["torch"], budget_s=0.0, max_rounds=3, mem_limit=1000)
     torch_r, sdpa_r = entry["impls"]["torch"], entry["impls"][SDPA]
     assert torch_r["status"] == "skipped" and torch_r["error"].startswith("needs ~")
     assert torch_r["needs_bytes"] == case.memory_needed("torch", "fwd") > 1000

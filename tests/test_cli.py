@@ -1,4 +1,5 @@
 """The command line: `genkern info`, `python -m genkern`, one-line errors."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,9 @@ import pytest
 
 def _run(*args, env=None):
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "genkern", *args], capture_output=True, text=True,
-                          env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "genkern", *args], capture_output=True, text=True, env=full_env, timeout=300
+    )
 
 
 def test_info_prints_versions_devices_and_impls():
@@ -63,6 +65,7 @@ def test_usage_errors_exit_nonzero(args):
 @pytest.mark.parametrize("command", ["train", "sample"])
 def test_bad_impl_is_a_usage_error(command):
     from genkern import cli
+
     argv = {"train": ["train", "vae", "--out", "unused"], "sample": ["sample", "--checkpoint", "unused"]}[command]
     with pytest.raises(SystemExit) as info:
         cli.build_parser().parse_args(argv + ["--impl", "fast"])
@@ -73,6 +76,7 @@ def test_bad_impl_is_a_usage_error(command):
 
 def test_bad_impl_message(capsys):
     from genkern import cli
+
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "vae", "--impl", "fast"])
     assert "--impl must be one of auto, torch, cpp, triton, got 'fast'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """genkern.compare and `genkern compare`: one quick comparison, run once through the CLI, checked."""
+
 import contextlib
 import io
 import json
@@ -127,8 +128,12 @@ def test_settings_presets_and_overrides():
     assert (s.seeds, s.steps) == ([0, 1, 2, 3], 7)
     assert settings_for(seeds=[5, 9]).seeds == [5, 9]
     assert PRESETS["default"].models["vae"]["hidden"] == 256  # presets are not modified by overrides
-    for kwargs, match in (({"seeds": 0}, "seeds"), ({"seeds": [1, 1]}, "seeds"), ({"steps": 0}, "steps"),
-                          ({"quick": True, "large": True}, "exclude")):
+    for kwargs, match in (
+        ({"seeds": 0}, "seeds"),
+        ({"seeds": [1, 1]}, "seeds"),
+        ({"steps": 0}, "steps"),
+        ({"quick": True, "large": True}, "exclude"),
+    ):
         with pytest.raises(ValueError, match=match):
             settings_for(**kwargs)
     with pytest.raises(ValueError, match="threads"):
@@ -136,9 +141,13 @@ def test_settings_presets_and_overrides():
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "genkern", "compare", "--quick", "--seeds", "0",
-                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = subprocess.run(
+        [sys.executable, "-m", "genkern", "compare", "--quick", "--seeds", "0", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0 and "seeds" in out.stderr
     assert not (tmp_path / "x").exists()  # nothing written before the settings are checked

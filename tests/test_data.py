@@ -1,4 +1,5 @@
 """The embedded datasets: the digits and their fixed split, the ring of Gaussians and count_modes."""
+
 import importlib
 import math
 import sys
@@ -24,14 +25,17 @@ def test_dataset_holds_and_moves():
     assert d.x.device.type == "cpu"  # the original is unchanged
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(x=torch.zeros(5, 3)), "shape"),
-    (dict(x=torch.zeros(5, 2, dtype=torch.int64)), "floating"),
-    (dict(y=torch.arange(4)), r"\(N,\)"),
-    (dict(y=torch.arange(5, dtype=torch.int32)), "int64"),
-    (dict(levels=1), "levels"),
-    (dict(levels=2.5), "levels"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(x=torch.zeros(5, 3)), "shape"),
+        (dict(x=torch.zeros(5, 2, dtype=torch.int64)), "floating"),
+        (dict(y=torch.arange(4)), r"\(N,\)"),
+        (dict(y=torch.arange(5, dtype=torch.int32)), "int64"),
+        (dict(levels=1), "levels"),
+        (dict(levels=2.5), "levels"),
+    ],
+)
 def test_dataset_rejects_bad_fields(kwargs, match):
     fields = dict(x=torch.zeros(5, 2), y=torch.arange(5), shape=(2,), levels=None, name="t")
     fields.update(kwargs)
@@ -193,18 +197,21 @@ def test_count_modes_min_fraction():
     assert count_modes(far).covered == 0 and count_modes(far, threshold_std=4.0).covered == 2
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(samples=torch.zeros(10, 3)), "samples"),
-    (dict(samples=torch.zeros(10)), "samples"),
-    (dict(samples=torch.zeros(0, 2)), "samples"),
-    (dict(samples=torch.tensor([[0.0, float("nan")]])), "finite"),
-    (dict(n_modes=0), "n_modes"),
-    (dict(n_modes=2.0), "n_modes"),
-    (dict(radius=-1.0), "radius"),
-    (dict(std=0.0), "std"),
-    (dict(threshold_std=float("inf")), "threshold_std"),
-    (dict(min_fraction=1.5), "min_fraction"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(samples=torch.zeros(10, 3)), "samples"),
+        (dict(samples=torch.zeros(10)), "samples"),
+        (dict(samples=torch.zeros(0, 2)), "samples"),
+        (dict(samples=torch.tensor([[0.0, float("nan")]])), "finite"),
+        (dict(n_modes=0), "n_modes"),
+        (dict(n_modes=2.0), "n_modes"),
+        (dict(radius=-1.0), "radius"),
+        (dict(std=0.0), "std"),
+        (dict(threshold_std=float("inf")), "threshold_std"),
+        (dict(min_fraction=1.5), "min_fraction"),
+    ],
+)
 def test_count_modes_rejects_bad_input(kwargs, match):
     args = dict(samples=np.zeros((10, 2)))
     args.update(kwargs)
@@ -212,8 +219,10 @@ def test_count_modes_rejects_bad_input(kwargs, match):
         count_modes(**args)
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(n=0), "n"), (dict(n_modes=0), "n_modes"),
-                                           (dict(std=-0.1), "std"), (dict(radius=float("nan")), "radius")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(n=0), "n"), (dict(n_modes=0), "n_modes"), (dict(std=-0.1), "std"), (dict(radius=float("nan")), "radius")],
+)
 def test_ring_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ring_of_gaussians(**kwargs)

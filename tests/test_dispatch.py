@@ -1,4 +1,5 @@
 """Impl selection (genkern._dispatch), GENKERN_IMPL, the cpp fallback and genkern.info()."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ def _which_noise(z, mu, logvar, gen_clone, device):
     std = torch.exp(0.5 * logvar.double())
     n_torch = torch.randn(mu.shape, dtype=mu.dtype, device=device, generator=utils.clone_generator(gen_clone))
     n_kernel = utils.kernel_noise(utils.seed_like_op(utils.clone_generator(gen_clone), device), mu.shape, device)
-    dist = {name: ((z.double() - mu.double() - std * n.double()).abs() / std).max().item()
-            for name, n in (("torch", n_torch), ("kernel", n_kernel))}
+    dist = {
+        name: ((z.double() - mu.double() - std * n.double()).abs() / std).max().item()
+        for name, n in (("torch", n_torch), ("kernel", n_kernel))
+    }
     name = min(dist, key=dist.get)
     assert dist[name] < 1e-3, f"z matches neither noise: {dist}"
     return name

@@ -1,4 +1,5 @@
 """Sample-quality metrics: the digit classifier, class coverage and the Fréchet distance."""
+
 import pytest
 import torch
 
@@ -62,14 +63,17 @@ def test_training_is_seeded_and_keeps_global_state():
         train_digit_classifier(steps=0)
 
 
-@pytest.mark.parametrize("x, error, match", [
-    (torch.zeros(4, 1, 8, 7), ValueError, "shape"),
-    (torch.zeros(4, 65), ValueError, "shape"),
-    (torch.zeros(64), ValueError, "shape"),
-    (torch.zeros(4, 64, dtype=torch.int64), TypeError, "floating"),
-    (torch.full((4, 64), 1.5), ValueError, r"\[0, 1\]"),
-    (torch.full((4, 64), float("nan")), ValueError, "finite"),
-])
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.zeros(4, 1, 8, 7), ValueError, "shape"),
+        (torch.zeros(4, 65), ValueError, "shape"),
+        (torch.zeros(64), ValueError, "shape"),
+        (torch.zeros(4, 64, dtype=torch.int64), TypeError, "floating"),
+        (torch.full((4, 64), 1.5), ValueError, r"\[0, 1\]"),
+        (torch.full((4, 64), float("nan")), ValueError, "finite"),
+    ],
+)
 def test_classifier_rejects_bad_input(clf, x, error, match):
     with pytest.raises(error, match=match):
         clf.predict(x)
@@ -106,8 +110,9 @@ def test_coverage_clamps_slightly_out_of_range_samples(clf, test_set):
         class_coverage(x * 4 - 2, clf)  # another range entirely
 
 
-@pytest.mark.parametrize("x, error", [(torch.zeros(0, 64), ValueError), (torch.zeros(3, 10), ValueError),
-                                      ([[0.0] * 64], TypeError)])
+@pytest.mark.parametrize(
+    "x, error", [(torch.zeros(0, 64), ValueError), (torch.zeros(3, 10), ValueError), ([[0.0] * 64], TypeError)]
+)
 def test_coverage_rejects_bad_input(clf, x, error):
     with pytest.raises(error, match="samples"):
         class_coverage(x, clf)
@@ -163,12 +168,15 @@ def test_frechet_is_symmetric_and_handles_few_samples():
     assert frechet_distance(a[:5].float(), a[:5].numpy()) < 1e-10
 
 
-@pytest.mark.parametrize("a, b, match", [
-    (torch.zeros(1, 4), torch.zeros(5, 4), "feats_a"),
-    (torch.zeros(5, 4), torch.zeros(5), "feats_b"),
-    (torch.zeros(5, 4), torch.zeros(5, 3), "feature dim"),
-    (torch.full((5, 4), float("inf")), torch.zeros(5, 4), "finite"),
-])
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        (torch.zeros(1, 4), torch.zeros(5, 4), "feats_a"),
+        (torch.zeros(5, 4), torch.zeros(5), "feats_b"),
+        (torch.zeros(5, 4), torch.zeros(5, 3), "feature dim"),
+        (torch.full((5, 4), float("inf")), torch.zeros(5, 4), "finite"),
+    ],
+)
 def test_frechet_rejects_bad_input(a, b, match):
     with pytest.raises(ValueError, match=match):
         frechet_distance(a, b)
@@ -185,7 +193,8 @@ def test_digit_quality_ranks_noise_below_real_digits(clf, test_set):
     assert set(real) == {"covered", "counts", "mean_confidence", "frechet"}
     # The default reference is the test set, as a Dataset or a tensor.
     assert digit_quality(test_set.x[:100], clf, reference=test_set)["frechet"] == pytest.approx(
-        digit_quality(test_set.x[:100])["frechet"], rel=1e-9)
+        digit_quality(test_set.x[:100])["frechet"], rel=1e-9
+    )
     assert digit_quality(test_set.x[:100], clf, reference=test_set.x[:100])["frechet"] < 1e-6
 
 

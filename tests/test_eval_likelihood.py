@@ -1,4 +1,5 @@
 """genkern.eval.likelihood and genkern.eval.speed: bits/dim per family, samples/s and steps/s."""
+
 import math
 
 import pytest
@@ -58,12 +59,12 @@ def test_exact_nll_equals_a_pixel_by_pixel_hand_computation(test_digits):
     # Score pixel t from a forward pass over the prefix only: the chain rule, done slowly.
     model = _transformer(seed=3)
     x = test_digits.x[:3]
-    tokens = pixels_to_tokens(x)                                                   # (3, 65)
+    tokens = pixels_to_tokens(x)  # (3, 65)
     nats = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         for t in range(64):
-            logits = model(tokens[:, :t + 1])[:, -1].double()                      # (3, 18)
-            nats -= logits.log_softmax(-1).gather(1, tokens[:, t + 1:t + 2]).squeeze(1)
+            logits = model(tokens[:, : t + 1])[:, -1].double()  # (3, 18)
+            nats -= logits.log_softmax(-1).gather(1, tokens[:, t + 1 : t + 2]).squeeze(1)
     res = log_likelihood(model, x)
     assert res.nats == pytest.approx(nats.mean().item(), rel=1e-5)
     assert res.bits_per_dim == pytest.approx(nats.mean().item() / (64 * LN2), rel=1e-5)
@@ -98,8 +99,16 @@ def test_vae_with_prior_posterior_and_uniform_decoder_gives_log2_17(test_digits)
 
 def test_vae_iw_bound_is_tighter_than_the_elbo(test_digits):
     from genkern.train.trainer import train
-    model = train("vae", data="digits", steps=40, batch_size=64, model={"hidden": 64, "latent_dim": 8},
-                  progress=False, eval_every=10**6).model
+
+    model = train(
+        "vae",
+        data="digits",
+        steps=40,
+        batch_size=64,
+        model={"hidden": 64, "latent_dim": 8},
+        progress=False,
+        eval_every=10**6,
+    ).model
     res = log_likelihood(model, test_digits, num_samples=50)
     assert res.kind == "bound"
     assert res.iw_bits_per_dim < res.elbo_bits_per_dim
@@ -167,8 +176,17 @@ def test_sampling_speed_is_positive_for_every_family():
 
 def test_training_speed_from_summary_history_or_result():
     from genkern.train.trainer import train
-    res = train("gan", data="digits", steps=12, batch_size=16, model={"hidden": 32}, progress=False,
-                eval_every=10**6, log_every=4)
+
+    res = train(
+        "gan",
+        data="digits",
+        steps=12,
+        batch_size=16,
+        model={"hidden": 32},
+        progress=False,
+        eval_every=10**6,
+        log_every=4,
+    )
     steps_per_s = training_speed(res.summary)
     assert steps_per_s == pytest.approx(1e3 / res.summary["median_step_ms"])
     assert training_speed(res) == steps_per_s

@@ -8,6 +8,7 @@ Upstream gradients are never ones: for "mean" the upstream scale is ~ the number
 logits (as a loss scaler's would be), so the compared gradients are O(1) and the rule's
 floor does not hide their error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,17 +26,36 @@ from genkern.reference.gan_loss import KINDS, LABEL_KINDS, REDUCTIONS
 from utils import assert_close_rule, impl_device, impl_dtype_params
 
 # (loss, kind, real_label): every kind of both losses, and one-sided label smoothing.
-LOSS_CASES = ([("d", k, 1.0) for k in KINDS] + [("d", k, 0.9) for k in LABEL_KINDS]
-              + [("g", k, 1.0) for k in KINDS])
+LOSS_CASES = [("d", k, 1.0) for k in KINDS] + [("d", k, 0.9) for k in LABEL_KINDS] + [("g", k, 1.0) for k in KINDS]
 LOSS_IDS = [f"{loss}-{kind}" + ("" if label == 1.0 else f"-label{label}") for loss, kind, label in LOSS_CASES]
 LOSS_PARAMS = pytest.mark.parametrize("loss,kind,label", LOSS_CASES, ids=LOSS_IDS)
 
 # Shapes with B in {1, 3, 64, 1025}: (B,), (B, 1), (B, 1, H, W). Real and fake of one shape ...
-SAME_SHAPES = [(1,), (3,), (64,), (1025,), (1, 1), (3, 1), (64, 1), (1025, 1),
-               (1, 1, 5, 7), (3, 1, 4, 4), (64, 1, 2, 3), (1025, 1, 2, 2), (2, 1, 30, 30)]
+SAME_SHAPES = [
+    (1,),
+    (3,),
+    (64,),
+    (1025,),
+    (1, 1),
+    (3, 1),
+    (64, 1),
+    (1025, 1),
+    (1, 1, 5, 7),
+    (3, 1, 4, 4),
+    (64, 1, 2, 3),
+    (1025, 1, 2, 2),
+    (2, 1, 30, 30),
+]
 # ... and of different numbers of elements (mean and sum only).
-DIFF_SHAPES = [((3,), (64,)), ((64, 1), (3, 1)), ((1,), (1025, 1)), ((1025,), (1,)),
-               ((64, 1), (2, 1, 5, 5)), ((3, 1, 4, 4), (64,)), ((1, 1, 5, 7), (1025, 1, 2, 2))]
+DIFF_SHAPES = [
+    ((3,), (64,)),
+    ((64, 1), (3, 1)),
+    ((1,), (1025, 1)),
+    ((1025,), (1,)),
+    ((64, 1), (2, 1, 5, 5)),
+    ((3, 1, 4, 4), (64,)),
+    ((1, 1, 5, 7), (1025, 1, 2, 2)),
+]
 INTERPRETER_MAX_NUMEL = 2048  # the Triton interpreter is slow: larger shapes run on CPU impls / the GPU only
 
 
@@ -67,8 +87,9 @@ def _op(impl, loss, kind, reduction, real, fake, real_label=1.0):
 def _reference(loss, kind, reduction, real, fake, real_label=1.0):
     if loss == "d":
         return reference.discriminator_loss(real, fake, kind, reduction=reduction, real_label=real_label)
-    return reference.generator_loss(fake, kind, real_logits=real if kind == "relativistic" else None,
-                                    reduction=reduction)
+    return reference.generator_loss(
+        fake, kind, real_logits=real if kind == "relativistic" else None, reduction=reduction
+    )
 
 
 def _upstream(out, real, fake, reduction, seed):
@@ -81,8 +102,7 @@ def _upstream(out, real, fake, reduction, seed):
     return torch.where(g.abs() < 0.05, 0.5, g).to(out.dtype).to(out.device)  # never zero
 
 
-def check(impl, loss, kind, reduction, real, fake, *, real_label=1.0, grads=True, upstream=None, seed=0,
-          where=""):
+def check(impl, loss, kind, reduction, real, fake, *, real_label=1.0, grads=True, upstream=None, seed=0, where=""):
     """One forward (and backward) of the op, checked against the reference; returns the loss."""
     where = where or f"{loss} {kind} {reduction} real {tuple(real.shape)} fake {tuple(fake.shape)}"
     uses_real = _uses_real(loss, kind)
@@ -127,6 +147,7 @@ def _shape_params(pairs):
 
 
 # --- values and gradients ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("reduction,shapes", [(r, "same") for r in REDUCTIONS] + [("mean", "diff"), ("sum", "diff")])
 @LOSS_PARAMS
@@ -178,10 +199,19 @@ def _noncontiguous(t, layout):
     return out
 
 
-@pytest.mark.parametrize("layout,shape", [("step", (9,)), ("step", (9, 1)), ("slice", (9, 1)),
-                                          ("transpose", (3, 1, 4, 5)), ("slice", (3, 1, 4, 5)),
-                                          ("expand", (9, 1)), ("expand", (3, 1, 4, 5))],
-                         ids=lambda v: v if isinstance(v, str) else _sid(v))
+@pytest.mark.parametrize(
+    "layout,shape",
+    [
+        ("step", (9,)),
+        ("step", (9, 1)),
+        ("slice", (9, 1)),
+        ("transpose", (3, 1, 4, 5)),
+        ("slice", (3, 1, 4, 5)),
+        ("expand", (9, 1)),
+        ("expand", (3, 1, 4, 5)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else _sid(v),
+)
 @pytest.mark.parametrize("impl,dtype", impl_dtype_params())
 def test_noncontiguous(impl, dtype, layout, shape):
     device = impl_device(impl)
@@ -190,8 +220,17 @@ def test_noncontiguous(impl, dtype, layout, shape):
             seed = _seed(layout, shape, loss, kind, reduction)
             real = _noncontiguous(make_logits(shape, dtype, device, seed=seed), layout)
             fake = _noncontiguous(make_logits(shape, dtype, device, seed=seed + 1), layout)
-            check(impl, loss, kind, reduction, real, fake, real_label=label, seed=seed,
-                  where=f"{loss} {kind} {reduction} {layout}")
+            check(
+                impl,
+                loss,
+                kind,
+                reduction,
+                real,
+                fake,
+                real_label=label,
+                seed=seed,
+                where=f"{loss} {kind} {reduction} {layout}",
+            )
 
 
 @pytest.mark.parametrize("impl,dtype", impl_dtype_params(dtypes=(torch.float32, torch.float64, torch.float16)))
@@ -206,10 +245,12 @@ def test_relativistic_none_cross_terms(impl, dtype):
         check(impl, loss, "relativistic", "none", real, fake, upstream=g, where=f"{loss} relativistic none")
     # The cross term is large here: a backward that dropped it would fail the check above.
     r64, f64 = real.double().requires_grad_(), fake.double()
-    elementwise = torch.autograd.grad(reference.discriminator_loss(r64, f64.mean() + 0 * f64, "relativistic",
-                                                                   reduction="none"), r64, g.double())[0]
-    full = torch.autograd.grad(reference.discriminator_loss(r64, f64, "relativistic", reduction="none"),
-                               r64, g.double())[0]
+    elementwise = torch.autograd.grad(
+        reference.discriminator_loss(r64, f64.mean() + 0 * f64, "relativistic", reduction="none"), r64, g.double()
+    )[0]
+    full = torch.autograd.grad(
+        reference.discriminator_loss(r64, f64, "relativistic", reduction="none"), r64, g.double()
+    )[0]
     assert (full - elementwise).abs().max() > 0.01
 
 
@@ -217,14 +258,25 @@ def test_relativistic_none_cross_terms(impl, dtype):
 def test_none_upstream_layouts(impl):
     # loss.sum().backward() hands the op a stride-0 (expanded) gradient; (loss * w) a strided one.
     device = impl_device(impl)
-    real, fake = make_logits((12, 1), torch.float32, device, seed=4), make_logits((12, 1), torch.float32, device,
-                                                                                   seed=5)
+    real, fake = (
+        make_logits((12, 1), torch.float32, device, seed=4),
+        make_logits((12, 1), torch.float32, device, seed=5),
+    )
     w = _noncontiguous(make_logits((12, 1), torch.float32, device, seed=6), "step")
     for loss, kind, label in LOSS_CASES:
         for upstream in (torch.ones((), device=device).expand(12, 1), w):
             assert not upstream.is_contiguous()
-            check(impl, loss, kind, "none", real, fake, real_label=label, upstream=upstream,
-                  where=f"{loss} {kind} none, upstream strides {upstream.stride()}")
+            check(
+                impl,
+                loss,
+                kind,
+                "none",
+                real,
+                fake,
+                real_label=label,
+                upstream=upstream,
+                where=f"{loss} {kind} none, upstream strides {upstream.stride()}",
+            )
 
 
 @pytest.mark.parametrize("impl,dtype", impl_dtype_params(dtypes=(torch.float32, torch.bfloat16)))
@@ -254,14 +306,17 @@ def test_generator_ignores_real_logits(impl):
 
 # --- the backward: a scale of the saved gradient -----------------------------------------
 
+
 @LOSS_PARAMS
 @pytest.mark.parametrize("impl", utils.IMPLS)
 def test_backward_scales_and_retains(impl, loss, kind, label):
     device = impl_device(impl)
     for reduction in REDUCTIONS:
         where = f"{loss} {kind} {reduction}"
-        real, fake = make_logits((6, 1), torch.float32, device, seed=8), make_logits((6, 1), torch.float32,
-                                                                                      device, seed=9)
+        real, fake = (
+            make_logits((6, 1), torch.float32, device, seed=8),
+            make_logits((6, 1), torch.float32, device, seed=9),
+        )
         leaves = [t.requires_grad_() for t in (real, fake)]
         out = _op(impl, loss, kind, reduction, *leaves, label)
         ones = torch.ones_like(out)
@@ -298,16 +353,19 @@ def test_retained_gradients_stay_put(impl, kind):
 @pytest.mark.parametrize("impl", utils.IMPLS)
 def test_no_grad_and_detached_inputs(impl):
     device = impl_device(impl)
-    real, fake = make_logits((5, 1), torch.float32, device, seed=10), make_logits((5, 1), torch.float32, device,
-                                                                                   seed=11)
+    real, fake = (
+        make_logits((5, 1), torch.float32, device, seed=10),
+        make_logits((5, 1), torch.float32, device, seed=11),
+    )
     want = reference.discriminator_loss(real, fake, "relativistic")
     with torch.no_grad():
         out = genkern.discriminator_loss(real, fake, "relativistic", impl=impl)
     assert not out.requires_grad
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     with torch.inference_mode():
-        torch.testing.assert_close(genkern.discriminator_loss(real, fake, "relativistic", impl=impl), want,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            genkern.discriminator_loss(real, fake, "relativistic", impl=impl), want, rtol=1e-5, atol=1e-6
+        )
     # Only one side requires grad (the usual D step: fake logits of a detached generator output).
     fake_leaf = fake.clone().requires_grad_()
     out = genkern.discriminator_loss(real, fake_leaf, "relativistic", impl=impl)
@@ -328,21 +386,30 @@ def test_double_backward_correct_or_refused(impl, kind):
 
     def penalty_grad(op, x, w, fake):
         out = op(w * x, fake)
-        gx, = torch.autograd.grad(out, x, create_graph=True)
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
         return torch.autograd.grad((gx * gx).sum(), w)[0]
 
     x = make_logits((5,), torch.float32, device, seed=12)
     fake = make_logits((5,), torch.float32, device, seed=13)
     w = torch.tensor(1.3, device=device)
     try:
-        got = penalty_grad(lambda r, f: genkern.discriminator_loss(r, f, kind, impl=impl),
-                           x.clone().requires_grad_(), w.clone().requires_grad_(), fake)
+        got = penalty_grad(
+            lambda r, f: genkern.discriminator_loss(r, f, kind, impl=impl),
+            x.clone().requires_grad_(),
+            w.clone().requires_grad_(),
+            fake,
+        )
     except RuntimeError:
         return  # refused: fine
-    want = penalty_grad(lambda r, f: reference.discriminator_loss(r, f, kind), x.double().requires_grad_(),
-                        w.double().requires_grad_(), fake.double())
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6,
-                               msg=lambda m: f"{kind}: d/dw |d loss/dx|^2 silently wrong: {m}")
+    want = penalty_grad(
+        lambda r, f: reference.discriminator_loss(r, f, kind),
+        x.double().requires_grad_(),
+        w.double().requires_grad_(),
+        fake.double(),
+    )
+    torch.testing.assert_close(
+        got.double(), want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{kind}: d/dw |d loss/dx|^2 silently wrong: {m}"
+    )
 
 
 # --- constant gradients: returned 0-d by the kernels, expanded by the backward -----------
@@ -392,8 +459,10 @@ def test_fwd_op_constant_gradients(impl):
     # (1/N-scaled for "mean"), and 0 for real logits that a generator loss does not read.
     device = impl_device(impl)
     fwd = getattr(torch.ops.genkern, f"gan_loss_{impl}_fwd").default
-    real, fake = make_logits((8, 1), torch.float32, device, seed=64), make_logits((5, 1), torch.float32, device,
-                                                                                  seed=65)
+    real, fake = (
+        make_logits((8, 1), torch.float32, device, seed=64),
+        make_logits((5, 1), torch.float32, device, seed=65),
+    )
     w, h = KIND_CODE["wasserstein"], KIND_CODE["hinge"]
     cases = [  # (args, grad_real, grad_fake); None: a full gradient
         ((real, fake, w, RED_CODE["mean"], 1.0, False), -1 / 8, 1 / 5),
@@ -416,6 +485,7 @@ def test_fwd_op_constant_gradients(impl):
 
 
 # --- gradcheck, opcheck, torch.compile ------------------------------------------------------
+
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @LOSS_PARAMS
@@ -478,6 +548,7 @@ def _compile_fn(impl):
         w = genkern.discriminator_loss(real, fake, "wasserstein", impl=impl)
         g_hinge = genkern.generator_loss(fake, "hinge", reduction="sum", impl=impl)
         return d + g + w, d_none * 2 + 1, g_sum + g_hinge
+
     return fn
 
 
@@ -490,8 +561,10 @@ def _check_compiled_equals_eager(impl, device, dynamic=None, n=16):
 
 
 def _compare_compiled(fn, compiled, device, n):
-    real, fake = make_logits((n, 1), torch.float32, device, seed=51), make_logits((n, 1), torch.float32, device,
-                                                                                  seed=52)
+    real, fake = (
+        make_logits((n, 1), torch.float32, device, seed=51),
+        make_logits((n, 1), torch.float32, device, seed=52),
+    )
     w = make_logits((n, 1), torch.float32, device, seed=53)
     results = []
     for run in (fn, compiled):
@@ -522,8 +595,13 @@ def test_compiled_autograd_cpp():
     utils.require_impl("cpp")
     from torch._dynamo import compiled_autograd
 
-    cases = [("d", "nonsaturating", "mean"), ("d", "wasserstein", "mean"), ("g", "hinge", "sum"),
-             ("d", "relativistic", "none"), ("g", "wasserstein", "none")]
+    cases = [
+        ("d", "nonsaturating", "mean"),
+        ("d", "wasserstein", "mean"),
+        ("g", "hinge", "sum"),
+        ("d", "relativistic", "none"),
+        ("g", "wasserstein", "none"),
+    ]
     torch._dynamo.reset()
     for loss, kind, reduction in cases:
         for n in (5, 9):  # a second size: a recompile with dynamic shapes
@@ -532,20 +610,25 @@ def test_compiled_autograd_cpp():
             grads = []
             for compiled in (False, True):
                 leaves = [t.clone().requires_grad_() for t in (real, fake)]
-                ctx = compiled_autograd._enable(torch.compile(backend="aot_eager", dynamic=True)) if compiled \
+                ctx = (
+                    compiled_autograd._enable(torch.compile(backend="aot_eager", dynamic=True))
+                    if compiled
                     else contextlib.nullcontext()
+                )
                 with ctx:
                     (_op("cpp", loss, kind, reduction, *leaves) * 1.5).sum().backward()
                 grads.append([t.grad for t in leaves])
             for e, c in zip(*grads):
                 assert (e is None) == (c is None), f"{loss} {kind} {reduction}"
                 if e is not None:
-                    torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7,
-                                               msg=lambda m: f"{loss} {kind} {reduction}: {m}")
+                    torch.testing.assert_close(
+                        c, e, rtol=1e-6, atol=1e-7, msg=lambda m: f"{loss} {kind} {reduction}: {m}"
+                    )
     torch._dynamo.reset()
 
 
 # --- numerics ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("impl", utils.IMPLS)
 def test_float32_extreme_logits(impl):
@@ -554,14 +637,20 @@ def test_float32_extreme_logits(impl):
     n = 64
     # Skewed to positive real and negative fake logits: the sums do not cancel (a float32 sum of
     # +-1e4 terms that cancels to ~0 is off by ~1e-4 in any impl, beyond ABS_TOL of a ~0 loss).
-    vals = torch.cat([torch.tensor([1e4, -1e4, 9999.0, -9999.0, 20.0, -20.0, 88.0, -88.0, 89.0, -89.0]),
-                      torch.linspace(-1e4, 1e4, 20), torch.linspace(5e3, 1e4, n - 30)]).double()
+    vals = torch.cat(
+        [
+            torch.tensor([1e4, -1e4, 9999.0, -9999.0, 20.0, -20.0, 88.0, -88.0, 89.0, -89.0]),
+            torch.linspace(-1e4, 1e4, 20),
+            torch.linspace(5e3, 1e4, n - 30),
+        ]
+    ).double()
     real = vals[torch.randperm(n, generator=torch.Generator().manual_seed(1))].float().to(device)
     fake = -vals[torch.randperm(n, generator=torch.Generator().manual_seed(2))].float().to(device)
     for loss, kind, label in LOSS_CASES:
         for reduction in REDUCTIONS:
-            out = check(impl, loss, kind, reduction, real, fake, real_label=label, where=f"{loss} {kind} "
-                        f"{reduction} +-1e4")
+            out = check(
+                impl, loss, kind, reduction, real, fake, real_label=label, where=f"{loss} {kind} {reduction} +-1e4"
+            )
             assert bool(torch.isfinite(out).all())
 
 
@@ -571,16 +660,28 @@ def test_float16_range(impl):
     # the result must be inf as well, elsewhere finite and by the rule (assert_close_rule).
     device = impl_device(impl)
     n = 128
-    vals = torch.cat([torch.tensor([65504.0, -65504.0, 60000.0, -60000.0, 11.0, -11.0, 1e-4, -1e-4]),
-                      torch.linspace(-65504, 65504, n - 8), ]).double()
+    vals = torch.cat(
+        [
+            torch.tensor([65504.0, -65504.0, 60000.0, -60000.0, 11.0, -11.0, 1e-4, -1e-4]),
+            torch.linspace(-65504, 65504, n - 8),
+        ]
+    ).double()
     real = vals[torch.randperm(n, generator=torch.Generator().manual_seed(3))].half().to(device)
     fake = vals[torch.randperm(n, generator=torch.Generator().manual_seed(4))].half().to(device)
     small_real, small_fake = real / 1024, fake / 1024  # up to +-64: finite losses, near-saturated sigmoids
     for loss, kind, label in LOSS_CASES:
         for reduction in REDUCTIONS:
             for r, f, what in ((real, fake, "full range"), (small_real, small_fake, "+-64")):
-                check(impl, loss, kind, reduction, r, f, real_label=label,
-                      where=f"{loss} {kind} {reduction} float16 {what}")
+                check(
+                    impl,
+                    loss,
+                    kind,
+                    reduction,
+                    r,
+                    f,
+                    real_label=label,
+                    where=f"{loss} {kind} {reduction} float16 {what}",
+                )
 
 
 def check_float16_loss_scaling(impl, n, device, loss_cases=LOSS_CASES):
@@ -611,7 +712,8 @@ def check_float16_loss_scaling(impl, n, device, loss_cases=LOSS_CASES):
             i = int(rel.argmax())
             assert rel.max().item() <= allowed, (
                 f"{where}: grad {name} relative error {rel.max().item():.2e} > {allowed:.2e} at "
-                f"{g.double()[ok][i].item()!r} (reference {w[ok][i].item()!r})")
+                f"{g.double()[ok][i].item()!r} (reference {w[ok][i].item()!r})"
+            )
 
 
 @pytest.mark.parametrize("impl", utils.IMPLS)
@@ -647,6 +749,7 @@ def test_nan_propagates(impl, dtype):
 
 # --- bad input --------------------------------------------------------------------------
 
+
 def _bad_cases():
     x = lambda *s: torch.randn(*s)  # noqa: E731
     meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
@@ -676,18 +779,25 @@ def _bad_cases():
         ("g-reduction", "g", dict(reduction="avg"), ValueError, "reduction"),
         ("g-relativistic-no-real", "g", dict(kind="relativistic"), ValueError, "real_logits"),
         ("g-relativistic-real-empty", "g", dict(kind="relativistic", real=x(0)), ValueError, "real_logits"),
-        ("g-relativistic-real-dtype", "g", dict(kind="relativistic", real=x(4, 1).double()), TypeError,
-         "real_logits"),
+        ("g-relativistic-real-dtype", "g", dict(kind="relativistic", real=x(4, 1).double()), TypeError, "real_logits"),
         ("g-relativistic-real-int", "g", dict(kind="relativistic", real=i64(4, 1)), TypeError, "real_logits"),
         ("g-relativistic-real-meta", "g", dict(kind="relativistic", real=meta(4, 1)), ValueError, "real_logits"),
-        ("g-relativistic-none-shape", "g", dict(kind="relativistic", real=x(5, 1), reduction="none"), ValueError,
-         "shape"),
+        (
+            "g-relativistic-none-shape",
+            "g",
+            dict(kind="relativistic", real=x(5, 1), reduction="none"),
+            ValueError,
+            "shape",
+        ),
         ("g-fake-empty", "g", dict(fake=x(0, 1)), ValueError, "fake_logits"),
         ("g-fake-int", "g", dict(fake=i64(4, 1)), TypeError, "fake_logits"),
         ("g-fake-list", "g", dict(fake=[0.5, 1.0]), TypeError, "fake_logits"),
     ]
-    cases += [(f"d-real_label-{k}", "d", dict(kind=k, real_label=0.9), ValueError, "real_label")
-              for k in KINDS if k not in LABEL_KINDS]
+    cases += [
+        (f"d-real_label-{k}", "d", dict(kind=k, real_label=0.9), ValueError, "real_label")
+        for k in KINDS
+        if k not in LABEL_KINDS
+    ]
     return cases
 
 
@@ -699,25 +809,34 @@ BAD_CASES = _bad_cases()
 def test_bad_input(impl, case):
     _, loss, kw, exc, name = case
     dev = impl_device(impl)
-    args = dict(real=torch.randn(4, 1), fake=torch.randn(4, 1), kind="nonsaturating", reduction="mean",
-                real_label=1.0)
+    args = dict(real=torch.randn(4, 1), fake=torch.randn(4, 1), kind="nonsaturating", reduction="mean", real_label=1.0)
     if loss == "g":
         args["real"] = None
     args.update(kw)
     args = {k: v.to(dev) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in args.items()}
     with pytest.raises(exc, match=rf"\b{name}\b"):
         if loss == "d":
-            genkern.discriminator_loss(args["real"], args["fake"], args["kind"], reduction=args["reduction"],
-                                       real_label=args["real_label"], impl=impl)
+            genkern.discriminator_loss(
+                args["real"],
+                args["fake"],
+                args["kind"],
+                reduction=args["reduction"],
+                real_label=args["real_label"],
+                impl=impl,
+            )
         else:
-            genkern.generator_loss(args["fake"], args["kind"], real_logits=args["real"],
-                                   reduction=args["reduction"], impl=impl)
+            genkern.generator_loss(
+                args["fake"], args["kind"], real_logits=args["real"], reduction=args["reduction"], impl=impl
+            )
 
 
 def test_unknown_kind_lists_the_kinds():
     x = torch.randn(3)
-    for call in (lambda: genkern.discriminator_loss(x, x, "vanilla"), lambda: genkern.generator_loss(x, "wgan"),
-                 lambda: genkern.nn.GANLoss("vanilla")):
+    for call in (
+        lambda: genkern.discriminator_loss(x, x, "vanilla"),
+        lambda: genkern.generator_loss(x, "wgan"),
+        lambda: genkern.nn.GANLoss("vanilla"),
+    ):
         with pytest.raises(ValueError) as info:
             call()
         assert all(k in str(info.value) for k in KINDS), str(info.value)
@@ -801,8 +920,14 @@ def test_raw_op_checks_arguments(impl):
 
 # --- GPU (Triton on CUDA) -----------------------------------------------------------------
 
-GPU_SHAPES = [((1 << 20, 1), (1 << 20, 1)), ((64, 1, 30, 30), (64, 1, 30, 30)), ((4097,), (4097,)),
-              ((4096, 1), (300, 1)), ((5, 1, 33, 65), (1 << 17,)), ((1,), (70001, 1))]
+GPU_SHAPES = [
+    ((1 << 20, 1), (1 << 20, 1)),
+    ((64, 1, 30, 30), (64, 1, 30, 30)),
+    ((4097,), (4097,)),
+    ((4096, 1), (300, 1)),
+    ((5, 1, 33, 65), (1 << 17,)),
+    ((1,), (70001, 1)),
+]
 
 
 @pytest.mark.gpu
@@ -830,8 +955,10 @@ def test_gpu_float16_mean_gradient_under_loss_scaling():
 def test_gpu_auto_is_triton():
     utils.require_impl("triton")
     assert utils._dispatch.resolve("auto", torch.device("cuda"), torch.float32, "discriminator_loss") == "triton"
-    real, fake = make_logits((100, 1), torch.float32, "cuda", seed=1), make_logits((100, 1), torch.float32, "cuda",
-                                                                                    seed=2)
+    real, fake = (
+        make_logits((100, 1), torch.float32, "cuda", seed=1),
+        make_logits((100, 1), torch.float32, "cuda", seed=2),
+    )
     check("auto", "d", "hinge", "mean", real, fake)
 
 
@@ -870,6 +997,7 @@ def test_gpu_torch_compile_fullgraph_triton():
 
 
 # --- the benchmark cases (genkern.bench.gan_loss) ---------------------------------------------
+
 
 def test_bench_cases_and_labels():
     from genkern.bench import gan_loss as bench

@@ -1,5 +1,6 @@
 """genkern.models.gan: config checks, shapes, the losses against the ops, R1, spectral norm, EMA,
 impl agreement, gradients, and a short learning check."""
+
 from __future__ import annotations
 
 import json
@@ -41,6 +42,7 @@ def _logits(m, x):
 
 # --- config ---------------------------------------------------------------------------
 
+
 def test_config_round_trip():
     cfg = GANConfig(data_shape=(2,), output="linear", loss="hinge", spectral_norm=True, r1_gamma=1, ema_decay=0.9)
     d = json.loads(json.dumps(cfg.to_dict()))
@@ -54,10 +56,25 @@ def test_config_from_dict_rejects_unknown_keys():
         GANConfig.from_dict({"gamma": 1.0})
 
 
-@pytest.mark.parametrize("field, value", [
-    ("data_shape", ()), ("data_shape", (0, 2)), ("arch", "stylegan"), ("loss", "l2"), ("output", "relu"),
-    ("impl", "gpu"), ("latent_dim", 0), ("hidden", -1), ("depth", 1.5), ("spectral_norm", 1),
-    ("r1_gamma", -0.1), ("r1_gamma", float("inf")), ("ema_decay", 1.0), ("ema_decay", -0.5)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("data_shape", ()),
+        ("data_shape", (0, 2)),
+        ("arch", "stylegan"),
+        ("loss", "l2"),
+        ("output", "relu"),
+        ("impl", "gpu"),
+        ("latent_dim", 0),
+        ("hidden", -1),
+        ("depth", 1.5),
+        ("spectral_norm", 1),
+        ("r1_gamma", -0.1),
+        ("r1_gamma", float("inf")),
+        ("ema_decay", 1.0),
+        ("ema_decay", -0.5),
+    ],
+)
 def test_config_rejects(field, value):
     with pytest.raises(ValueError, match=field):
         GANConfig(**{field: value})
@@ -72,6 +89,7 @@ def test_dcgan_config_needs_a_divisible_image():
 
 
 # --- shapes and losses --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("arch", ARCHS)
@@ -129,6 +147,7 @@ def test_d_mode_runs_the_discriminator_once():
 
 # --- R1, spectral norm, EMA ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_r1_penalty(arch):
     m = _model(arch=arch, r1_gamma=2.5)
@@ -138,7 +157,7 @@ def test_r1_penalty(arch):
     # By hand, example by example: gamma / 2 * mean ||grad_x D(x)||^2.
     norms = []
     for i in range(6):
-        xi = real[i:i + 1].clone().requires_grad_(True)
+        xi = real[i : i + 1].clone().requires_grad_(True)
         (gi,) = torch.autograd.grad(m.discriminator(xi).sum(), xi)
         norms.append(gi.square().sum())
     want = 1.25 * torch.stack(norms).mean()
@@ -146,8 +165,7 @@ def test_r1_penalty(arch):
     torch.testing.assert_close(out["r1"], want)
     torch.testing.assert_close(out["loss"], out["d_loss"] + out["r1"])
     # Differentiable: its own gradient reaches the discriminator's weights.
-    grads = torch.autograd.grad(out["r1"], list(m.discriminator.parameters()), allow_unused=True,
-                                retain_graph=True)
+    grads = torch.autograd.grad(out["r1"], list(m.discriminator.parameters()), allow_unused=True, retain_graph=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     out["loss"].backward()
     assert all(p.grad is None for p in m.generator.parameters())
@@ -191,6 +209,7 @@ def test_ema_moves_toward_the_weights():
 
 
 # --- impls and gradients ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_and_cpp_impls_agree(kind):
@@ -251,6 +270,7 @@ def test_training_steps_change_the_weights_and_the_discriminator_learns():
 
 
 # --- bad input -----------------------------------------------------------------------------
+
 
 def test_bad_inputs():
     m = _model()

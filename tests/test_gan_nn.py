@@ -1,5 +1,6 @@
 """genkern.nn.GANLoss: its methods against the functional ops, its checks, and a small GAN that trains alike
 with the plain-PyTorch impl and the fast one."""
+
 from __future__ import annotations
 
 import math
@@ -46,13 +47,16 @@ def test_defaults_and_repr():
     assert list(m.parameters()) == [] and m.state_dict() == {}  # holds settings, no state
 
 
-@pytest.mark.parametrize("kw,name", [
-    (dict(kind="vanilla"), "kind"),
-    (dict(kind="Hinge"), "kind"),
-    (dict(reduction="avg"), "reduction"),
-    (dict(kind="hinge", real_label=0.9), "real_label"),
-    (dict(kind="relativistic", real_label=0.8), "real_label"),
-])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(kind="vanilla"), "kind"),
+        (dict(kind="Hinge"), "kind"),
+        (dict(reduction="avg"), "reduction"),
+        (dict(kind="hinge", real_label=0.9), "real_label"),
+        (dict(kind="relativistic", real_label=0.8), "real_label"),
+    ],
+)
 def test_bad_settings(kw, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         GANLoss(**kw)
@@ -73,6 +77,7 @@ def test_bad_impl_raises_on_call():
 
 # --- a small GAN on a 2-D Gaussian mixture ----------------------------------------------
 
+
 def _mixture(n, gen):
     """n points of 8 Gaussians (std 0.05) on the unit circle."""
     k = torch.randint(0, 8, (n,), generator=gen)
@@ -82,8 +87,13 @@ def _mixture(n, gen):
 
 
 def _mlp(d_in, d_out, hidden=32):
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
-                         nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, hidden),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, d_out),
+    )
 
 
 def _train(impl, kind, steps=6, batch=64, seed=0):
@@ -123,8 +133,13 @@ def test_gan_training_matches_torch_step_by_step(impl, kind):
     got, d_got, g_got = _train(impl, kind)
     for step, (w, g) in enumerate(zip(want, got)):
         assert all(math.isfinite(v) for v in g), f"step {step}: {g}"
-        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{kind} step {step} (d_loss, g_loss): {m}")
+        torch.testing.assert_close(
+            torch.tensor(g),
+            torch.tensor(w),
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m: f"{kind} step {step} (d_loss, g_loss): {m}",
+        )
     torch.testing.assert_close(d_got, d_want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
     assert len({round(d, 6) for d, _ in got}) > 1  # the losses move: the models really train

@@ -7,6 +7,7 @@ loop: the tokens keep depending on the context, and the gap between the two larg
 logits stays ~1e-3 of their spread or more, far above float32 rounding (~1e-6), so
 exact equality is the right test and a wrong cache entry shows as a changed token.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,12 +26,20 @@ N_NEW = 200
 PROMPTS = [[int(x) for x in torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n))] for n in (5, 11, 2)]
 
 
-
-
 def _make_model(positions, seed):
     torch.manual_seed(seed)
-    model = TransformerLM(ModelArgs(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256,
-                                    positions=positions, impl="torch"))
+    model = TransformerLM(
+        ModelArgs(
+            vocab_size=V,
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            max_seq_len=256,
+            positions=positions,
+            impl="torch",
+        )
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -63,26 +72,28 @@ def assert_not_degenerate(new_tokens):
 
 # --- greedy: the cache changes nothing ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("impl", ("torch", "cpp"))
 def test_greedy_cache_matches_no_cache_batch1(impl):
     model = model_for(impl)
     prompt = torch.tensor(PROMPTS[1])
     out = greedy(model, prompt)
     assert out.shape == (len(PROMPTS[1]) + N_NEW,) and out.dtype == torch.int64
-    assert torch.equal(out[:len(PROMPTS[1])], prompt)
-    assert_not_degenerate(out[len(PROMPTS[1]):])
+    assert torch.equal(out[: len(PROMPTS[1])], prompt)
+    assert_not_degenerate(out[len(PROMPTS[1]) :])
     assert torch.equal(out, greedy(model, prompt, use_cache=False))
 
 
-@pytest.mark.parametrize("impl,positions", [("torch", "rotary"), ("cpp", "rotary"), ("torch", "learned"),
-                                            ("cpp", "learned")])
+@pytest.mark.parametrize(
+    "impl,positions", [("torch", "rotary"), ("cpp", "rotary"), ("torch", "learned"), ("cpp", "learned")]
+)
 def test_greedy_cache_matches_no_cache_ragged(impl, positions):
     model = model_for(impl, positions)
     outs = greedy(model, PROMPTS)
     assert isinstance(outs, list) and len(outs) == 3
     for p, o in zip(PROMPTS, outs):
-        assert o.shape == (len(p) + N_NEW,) and o[:len(p)].tolist() == p
-        assert_not_degenerate(o[len(p):])
+        assert o.shape == (len(p) + N_NEW,) and o[: len(p)].tolist() == p
+        assert_not_degenerate(o[len(p) :])
     for row, (o, want) in enumerate(zip(outs, greedy(model, PROMPTS, use_cache=False))):
         assert torch.equal(o, want), f"row {row}: first difference at {int((o != want).nonzero()[0])}"
     for row, p in enumerate(PROMPTS):  # each row equals generating its prompt alone
@@ -91,8 +102,10 @@ def test_greedy_cache_matches_no_cache_ragged(impl, positions):
 
 
 def test_impls_generate_the_same_tokens():
-    assert all(torch.equal(a, b) for a, b in zip(greedy(model_for("torch"), PROMPTS, 60),
-                                                 greedy(model_for("cpp"), PROMPTS, 60)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(greedy(model_for("torch"), PROMPTS, 60), greedy(model_for("cpp"), PROMPTS, 60))
+    )
 
 
 def test_tensor_prompts():
@@ -111,6 +124,7 @@ def test_tensor_prompts():
 
 # --- sampling -----------------------------------------------------------------------------------
 
+
 def test_sampling_reproducible_with_a_seeded_generator():
     model = model_for()
     kw = dict(do_sample=True, temperature=1.5, top_k=20)
@@ -126,8 +140,11 @@ def test_sampling_reproducible_with_a_seeded_generator():
     assert all(torch.equal(x, y) for x, y in zip(a, run(0, use_cache=False)))
 
 
-@pytest.mark.parametrize("kw", (dict(top_k=1), dict(top_p=1e-6), dict(temperature=0.0), dict(top_k=1, top_p=0.9)),
-                         ids=("top_k-1", "top_p-tiny", "temperature-0", "top_k-1-top_p"))
+@pytest.mark.parametrize(
+    "kw",
+    (dict(top_k=1), dict(top_p=1e-6), dict(temperature=0.0), dict(top_k=1, top_p=0.9)),
+    ids=("top_k-1", "top_p-tiny", "temperature-0", "top_k-1-top_p"),
+)
 def test_sampling_limits_equal_greedy(kw):
     model = model_for()
     want = greedy(model, PROMPTS, 60)
@@ -155,12 +172,13 @@ def test_sample_next_top_k_top_p():
     freq = counts(top_p=0.85)  # 0.5 + 0.3 + 0.15 >= 0.85
     assert freq[2] == 0 and abs(freq[0] - 0.15 / 0.95) < 0.03, freq
     freq = counts(temperature=0.5)  # p^2 renormalised
-    sharp = probs ** 2 / (probs ** 2).sum()
+    sharp = probs**2 / (probs**2).sum()
     assert (freq - sharp).abs().max() < 0.03, freq
     assert torch.equal(sample_next(logits, do_sample=False), torch.tensor([1, 1]))
 
 
 # --- eos and the streamer ---------------------------------------------------------------------------
+
 
 class Recorder:
     def __init__(self):
@@ -190,13 +208,13 @@ def test_eos_stops_rows_and_pads():
     rec = Recorder()
     outs = genkern.generate(model, PROMPTS, 60, do_sample=False, eos_token_id=eos, streamer=rec)
     for p, o, f in zip(PROMPTS, outs, free):
-        hits = (f[len(p):] == eos).nonzero()
+        hits = (f[len(p) :] == eos).nonzero()
         stop = len(p) + int(hits[0]) if len(hits) else None  # where this row emits eos
         if stop is None:
-            assert torch.equal(o, f[:len(o)])  # never stops: unchanged
+            assert torch.equal(o, f[: len(o)])  # never stops: unchanged
         else:
-            assert torch.equal(o[:stop + 1], f[:stop + 1])  # unchanged up to eos ...
-            assert bool((o[stop + 1:] == eos).all())  # ... then eos only
+            assert torch.equal(o[: stop + 1], f[: stop + 1])  # unchanged up to eos ...
+            assert bool((o[stop + 1 :] == eos).all())  # ... then eos only
     assert int((outs[0] == eos).nonzero()[0]) == i
     steps = len(outs[0]) - len(PROMPTS[0])
     assert all(len(o) - len(p) == steps for p, o in zip(PROMPTS, outs))
@@ -209,8 +227,7 @@ def test_eos_everywhere_stops_early():
     model = model_for()
     first = int(greedy(model, [PROMPTS[2]], 1)[0][-1])
     rec = Recorder()
-    out = genkern.generate(model, torch.tensor([PROMPTS[2]] * 2), 50, do_sample=False, eos_token_id=first,
-                           streamer=rec)
+    out = genkern.generate(model, torch.tensor([PROMPTS[2]] * 2), 50, do_sample=False, eos_token_id=first, streamer=rec)
     assert out.shape == (2, len(PROMPTS[2]) + 1) and bool((out[:, -1] == first).all())
     assert len(rec.puts) == 1 and rec.ends == 1
 
@@ -223,7 +240,7 @@ def test_streamer_gets_every_token():
     streamed = torch.stack(rec.puts, dim=1)  # (B, 30)
     assert all(t.shape == (3,) and t.dtype == torch.int64 for t in rec.puts)
     for p, o, s in zip(PROMPTS, outs, streamed):
-        assert torch.equal(o[len(p):], s)
+        assert torch.equal(o[len(p) :], s)
     rec = Recorder()
     greedy(model, PROMPTS, 0, streamer=rec)
     assert rec.puts == [] and rec.ends == 1
@@ -231,13 +248,14 @@ def test_streamer_gets_every_token():
 
 # --- prefill and decode_one_token -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("impl", ("torch", "cpp"))
 def test_prefill_and_decode_one_token(impl):
     model = model_for(impl)
     lengths = torch.tensor([len(p) for p in PROMPTS])
     ids = torch.zeros(3, int(lengths.max()), dtype=torch.int64)
     for r, p in enumerate(PROMPTS):
-        ids[r, :len(p)] = torch.tensor(p)
+        ids[r, : len(p)] = torch.tensor(p)
     cache = model.new_cache(3, 32)
     with torch.no_grad():
         logits = prefill(model, ids, lengths, cache)
@@ -259,31 +277,54 @@ P0 = torch.tensor(PROMPTS[0])
 
 # --- bad arguments --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("prompt,n,kw,match", [
-    (P0, -1, {}, r"^max_new_tokens must be an int >= 0, got -1"),
-    (P0, 2.0, {}, r"^max_new_tokens must be an int >= 0"),
-    (torch.zeros(257, dtype=torch.int64), 0, {}, r"prompt plus max_new_tokens \(257\) exceeds .* 256"),
-    (torch.zeros(250, dtype=torch.int64), 7, {}, r"prompt plus max_new_tokens \(257\) exceeds .* 256"),
-    ([[1] * 257, [2]], 1, {}, r"\(258\) exceeds"),
-    (torch.zeros(0, dtype=torch.int64), 3, {}, r"at least one token"),
-    (torch.zeros(2, 0, dtype=torch.int64), 3, {}, r"at least one token"),
-    (torch.zeros(0, 4, dtype=torch.int64), 3, {}, r"at least one row"),
-    ([], 3, {}, r"non-empty list of non-empty token sequences"),
-    ([[1, 2], []], 3, {}, r"non-empty list of non-empty token sequences"),
-    (torch.tensor([1.0, 2.0]), 3, {}, r"integer tensor, got torch.float32"),
-    (torch.zeros(1, 2, 3, dtype=torch.int64), 3, {}, r"\(T,\) or \(B, T\) integer tensor"),
-    ([[1.5, 2.0]], 3, {}, r"integer token ids, got torch.float32"),
-    ([[True, False]], 3, {}, r"integer token ids, got torch.bool"),
-    ([1, 2, 3], 3, {}, r"list must hold 1-d token sequences"),
-    ([[[1, 2]]], 3, {}, r"list must hold 1-d token sequences"),
-    (P0, 3, dict(temperature=-1.0), r"temperature >= 0"),
-    (P0, 3, dict(top_k=0), r"top_k >= 1"),
-    (P0, 3, dict(top_p=0.0), r"0 < top_p <= 1"),
-    (P0, 3, dict(top_p=1.5), r"0 < top_p <= 1"),
-], ids=("n-negative", "n-float", "prompt-too-long", "prompt-plus-new-too-long", "ragged-too-long", "empty-1d",
-        "empty-2d", "no-rows", "empty-list", "empty-row", "float-tensor", "3d-tensor", "float-list", "bool-list",
-        "flat-list", "3d-list",
-        "temperature", "top_k", "top_p-0", "top_p-big"))
+
+@pytest.mark.parametrize(
+    "prompt,n,kw,match",
+    [
+        (P0, -1, {}, r"^max_new_tokens must be an int >= 0, got -1"),
+        (P0, 2.0, {}, r"^max_new_tokens must be an int >= 0"),
+        (torch.zeros(257, dtype=torch.int64), 0, {}, r"prompt plus max_new_tokens \(257\) exceeds .* 256"),
+        (torch.zeros(250, dtype=torch.int64), 7, {}, r"prompt plus max_new_tokens \(257\) exceeds .* 256"),
+        ([[1] * 257, [2]], 1, {}, r"\(258\) exceeds"),
+        (torch.zeros(0, dtype=torch.int64), 3, {}, r"at least one token"),
+        (torch.zeros(2, 0, dtype=torch.int64), 3, {}, r"at least one token"),
+        (torch.zeros(0, 4, dtype=torch.int64), 3, {}, r"at least one row"),
+        ([], 3, {}, r"non-empty list of non-empty token sequences"),
+        ([[1, 2], []], 3, {}, r"non-empty list of non-empty token sequences"),
+        (torch.tensor([1.0, 2.0]), 3, {}, r"integer tensor, got torch.float32"),
+        (torch.zeros(1, 2, 3, dtype=torch.int64), 3, {}, r"\(T,\) or \(B, T\) integer tensor"),
+        ([[1.5, 2.0]], 3, {}, r"integer token ids, got torch.float32"),
+        ([[True, False]], 3, {}, r"integer token ids, got torch.bool"),
+        ([1, 2, 3], 3, {}, r"list must hold 1-d token sequences"),
+        ([[[1, 2]]], 3, {}, r"list must hold 1-d token sequences"),
+        (P0, 3, dict(temperature=-1.0), r"temperature >= 0"),
+        (P0, 3, dict(top_k=0), r"top_k >= 1"),
+        (P0, 3, dict(top_p=0.0), r"0 < top_p <= 1"),
+        (P0, 3, dict(top_p=1.5), r"0 < top_p <= 1"),
+    ],
+    ids=(
+        "n-negative",
+        "n-float",
+        "prompt-too-long",
+        "prompt-plus-new-too-long",
+        "ragged-too-long",
+        "empty-1d",
+        "empty-2d",
+        "no-rows",
+        "empty-list",
+        "empty-row",
+        "float-tensor",
+        "3d-tensor",
+        "float-list",
+        "bool-list",
+        "flat-list",
+        "3d-list",
+        "temperature",
+        "top_k",
+        "top_p-0",
+        "top_p-big",
+    ),
+)
 def test_bad_arguments(prompt, n, kw, match):
     with pytest.raises(ValueError, match=match):
         genkern.generate(model_for(), prompt, n, **kw)

@@ -11,6 +11,7 @@ and float32/float64 results are also within utils.ABS_TOL of it.
 The cache writes are exact: the caches must hold k_new/v_new bit for bit at
 L_b .. L_b + Tnew - 1 and be bitwise unchanged elsewhere (stale NaN included).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,6 @@ I32 = torch.int32
 HEADS = {"gqa": (8, 2), "mqa": (4, 1), "mha": (4, 4)}  # (H, Hkv)
 IMPLS = ("torch", "cpp")
 SMAX = 40
-
-
 
 
 def _seed(*key) -> int:
@@ -93,13 +92,13 @@ def expected(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale=None):
     out = torch.zeros(q.shape, dtype=F64)
     for row, n in enumerate(cache_seqlens.tolist()):
         if k_new is not None:
-            k_after[row, :, n:n + tnew] = k_new[row]
-            v_after[row, :, n:n + tnew] = v_new[row]
+            k_after[row, :, n : n + tnew] = k_new[row]
+            v_after[row, :, n : n + tnew] = v_new[row]
             n += tnew
         if n == 0:
             continue  # the row sees nothing: zeros
-        k64, v64 = k_after[row:row + 1, :, :n].double(), v_after[row:row + 1, :, :n].double()
-        out[row] = ref_attention.attention(q[row:row + 1].double(), k64, v64, True, scale)[0]
+        k64, v64 = k_after[row : row + 1, :, :n].double(), v_after[row : row + 1, :, :n].double()
+        out[row] = ref_attention.attention(q[row : row + 1].double(), k64, v64, True, scale)[0]
     return out, k_after, v_after
 
 
@@ -133,6 +132,7 @@ def check(impl, q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, s
 
 # --- values --------------------------------------------------------------------------------
 
+
 def _value_params():
     out = []
     for impl in IMPLS:
@@ -140,8 +140,9 @@ def _value_params():
             for d in (16, 64, 128):
                 for tnew in (1, 3, 17):
                     for heads in ("gqa", "mqa"):
-                        out.append(pytest.param(impl, dtype, d, tnew, heads,
-                                                id=f"{impl}-{_dt(dtype)}-D{d}-T{tnew}-{heads}"))
+                        out.append(
+                            pytest.param(impl, dtype, d, tnew, heads, id=f"{impl}-{_dt(dtype)}-D{d}-T{tnew}-{heads}")
+                        )
     return out
 
 
@@ -202,16 +203,30 @@ def test_threaded_kernel(impl):
     # result beyond rounding, nor the cache writes at all.
     for threads in (3, 64):
         torch.set_num_threads(threads)
-        for heads, tnew, d, dtype, with_new, smax in (("gqa", 1, 64, F32, True, SMAX),
-                                                      ("mqa", 17, 16, F32, False, SMAX),
-                                                      ("gqa", 3, 128, F64, True, 300),
-                                                      ("gqa", 3, 64, BF16, True, 300)):
+        for heads, tnew, d, dtype, with_new, smax in (
+            ("gqa", 1, 64, F32, True, SMAX),
+            ("mqa", 17, 16, F32, False, SMAX),
+            ("gqa", 3, 128, F64, True, 300),
+            ("gqa", 3, 64, BF16, True, 300),
+        ):
             lengths = None if smax == SMAX else [299 - tnew, 0, 140, 7]
-            check(impl, *make_case(heads, tnew, d, dtype, with_new=with_new, lengths=lengths, smax=smax,
-                                   seed=_seed("threads", heads, tnew)))
+            check(
+                impl,
+                *make_case(
+                    heads,
+                    tnew,
+                    d,
+                    dtype,
+                    with_new=with_new,
+                    lengths=lengths,
+                    smax=smax,
+                    seed=_seed("threads", heads, tnew),
+                ),
+            )
 
 
 # --- the in-place write, stale values, layouts -----------------------------------------------
+
 
 @pytest.mark.parametrize("with_new", (True, False), ids=("new", "no_new"))
 @pytest.mark.parametrize("impl,dtype", utils.impl_dtype_params(IMPLS))
@@ -297,7 +312,7 @@ def test_decode_steps_match_full_attention(impl):
     sl = torch.zeros(b, dtype=I32)
     outs = []
     for i in range(t):
-        outs.append(run_op(impl, q[:, :, i:i + 1], kc, vc, sl, k[:, :, i:i + 1], v[:, :, i:i + 1]))
+        outs.append(run_op(impl, q[:, :, i : i + 1], kc, vc, sl, k[:, :, i : i + 1], v[:, :, i : i + 1]))
         sl += 1
     want64 = ref_attention.attention(q.double(), k.double(), v.double(), True)
     want32 = ref_attention.attention(q, k, v, True)
@@ -306,6 +321,7 @@ def test_decode_steps_match_full_attention(impl):
 
 
 # --- errors --------------------------------------------------------------------------------
+
 
 def _full_case():
     """Row 2 holds Smax - 3 positions: 3 new tokens fit exactly, 4 do not."""
@@ -364,8 +380,12 @@ def _bad_cases():
         ("seqlens-device", dict(sl=torch.empty(4, dtype=I32, device="meta")), ValueError, r"^cache_seqlens is on meta"),
         ("k_new-only", dict(vn=None), ValueError, r"k_new and v_new must be given together"),
         ("v_new-only", dict(kn=None), ValueError, r"k_new and v_new must be given together"),
-        ("k_new-shape", dict(kn=kn[:, :, :2]), ValueError,
-         r"^k_new must have shape \(B, Hkv, Tnew, D\) = \(4, 2, 3, 16\)"),
+        (
+            "k_new-shape",
+            dict(kn=kn[:, :, :2]),
+            ValueError,
+            r"^k_new must have shape \(B, Hkv, Tnew, D\) = \(4, 2, 3, 16\)",
+        ),
         ("v_new-heads", dict(vn=r(4, 1, 3, 16)), ValueError, r"^v_new must have shape"),
         ("k_new-dtype", dict(kn=kn.double()), TypeError, r"^k_new has dtype torch.float64 but q has torch.float32"),
         ("k_new-list", dict(kn=kn.tolist()), TypeError, r"^k_new must be a torch.Tensor, got list"),
@@ -376,20 +396,40 @@ def _bad_cases():
         ("cache-shapes", dict(vc=vc[:, :, :-1]), ValueError, r"^k_cache and v_cache must be .* of one shape"),
         ("cache-batch", dict(kc=kc[:3], vc=vc[:3]), ValueError, r"^k_cache must be \(B=4, Hkv, Smax, D=16\)"),
         ("cache-head-dim", dict(kc=r(4, 2, SMAX, 24), vc=r(4, 2, SMAX, 24)), ValueError, r"^k_cache must be \(B=4"),
-        ("heads-not-multiple", dict(kc=r(4, 3, SMAX, 16), vc=r(4, 3, SMAX, 16)), ValueError,
-         r"H=8 must be a multiple of the cache's heads Hkv=3"),
+        (
+            "heads-not-multiple",
+            dict(kc=r(4, 3, SMAX, 16), vc=r(4, 3, SMAX, 16)),
+            ValueError,
+            r"H=8 must be a multiple of the cache's heads Hkv=3",
+        ),
         ("k_cache-dtype", dict(kc=kc.double(), vc=vc.double()), TypeError, r"^k_cache has dtype torch.float64"),
         ("v_cache-dtype", dict(vc=vc.half()), TypeError, r"^v_cache has dtype torch.float16"),
         ("k_cache-device", dict(kc=torch.empty(kc.shape, device="meta")), ValueError, r"^k_cache is on meta"),
-        ("k_cache-strided-d", dict(kc=kc.transpose(-1, -2).contiguous().transpose(-1, -2)), ValueError,
-         r"^k_cache must have a contiguous last dim"),
-        ("v_cache-strided-d", dict(vc=torch.randn(4, 2, SMAX, 32)[..., ::2]), ValueError,
-         r"^v_cache must have a contiguous last dim"),
+        (
+            "k_cache-strided-d",
+            dict(kc=kc.transpose(-1, -2).contiguous().transpose(-1, -2)),
+            ValueError,
+            r"^k_cache must have a contiguous last dim",
+        ),
+        (
+            "v_cache-strided-d",
+            dict(vc=torch.randn(4, 2, SMAX, 32)[..., ::2]),
+            ValueError,
+            r"^v_cache must have a contiguous last dim",
+        ),
         ("tnew-0", dict(q=q[:, :, :0], kn=kn[:, :, :0], vn=vn[:, :, :0]), ValueError, r"need B, Tnew, D, Smax >= 1"),
-        ("batch-0", dict(q=q[:0], kc=kc[:0], vc=vc[:0], sl=sl[:0], kn=kn[:0], vn=vn[:0]), ValueError,
-         r"need B, Tnew, D, Smax >= 1"),
-        ("smax-0", dict(kc=kc[:, :, :0], vc=vc[:, :, :0], sl=torch.zeros(4, dtype=I32)), ValueError,
-         r"need B, Tnew, D, Smax >= 1"),
+        (
+            "batch-0",
+            dict(q=q[:0], kc=kc[:0], vc=vc[:0], sl=sl[:0], kn=kn[:0], vn=vn[:0]),
+            ValueError,
+            r"need B, Tnew, D, Smax >= 1",
+        ),
+        (
+            "smax-0",
+            dict(kc=kc[:, :, :0], vc=vc[:, :, :0], sl=torch.zeros(4, dtype=I32)),
+            ValueError,
+            r"need B, Tnew, D, Smax >= 1",
+        ),
         ("scale-nan", dict(scale=math.nan), ValueError, r"^scale must be finite"),
         ("scale-tensor", dict(scale=torch.tensor(0.5)), TypeError, r"^scale must be a Python float"),
     ]
@@ -442,6 +482,7 @@ def test_requires_grad_fine_without_grad_mode(impl, mode):
 
 # --- the C++ op itself ---------------------------------------------------------------------
 
+
 def _cpp_op():
     utils.require_impl("cpp")
     return torch.ops.genkern.kv_decode_cpp
@@ -468,9 +509,15 @@ def test_raw_cpp_op_checks_lengths(case):
 
 def _opcheck_samples():
     out = []
-    for i, (heads, tnew, d, dtype, with_new) in enumerate([("gqa", 1, 16, F32, True), ("mqa", 3, 64, F32, False),
-                                                           ("gqa", 17, 16, F64, True), ("mha", 3, 32, F16, True),
-                                                           ("gqa", 3, 32, BF16, False)]):
+    for i, (heads, tnew, d, dtype, with_new) in enumerate(
+        [
+            ("gqa", 1, 16, F32, True),
+            ("mqa", 3, 64, F32, False),
+            ("gqa", 17, 16, F64, True),
+            ("mha", 3, 32, F16, True),
+            ("gqa", 3, 32, BF16, False),
+        ]
+    ):
         q, kc, vc, sl, kn, vn = make_case(heads, tnew, d, dtype, with_new=with_new, seed=80 + i)
         if i == 1:
             q = _noncontiguous(q, "bthd")
@@ -489,6 +536,7 @@ def test_opcheck():
 def test_torch_compile_fullgraph_cpp():
     _cpp_op()
     from torch._inductor.compile_fx import compile_fx
+
     torch._dynamo.reset()
     graphs = []
 
@@ -524,6 +572,7 @@ def test_torch_compile_fullgraph_cpp():
 
 
 # --- genkern.KVCache -----------------------------------------------------------------------
+
 
 def test_kvcache_shapes():
     c = genkern.KVCache(3, 2, 4, 32, 16, dtype=F64)
@@ -603,8 +652,11 @@ def test_kvcache_advance_per_row():
         c.attend(0, q, kn, kn.clone(), impl="torch")  # fits again
 
 
-@pytest.mark.parametrize("n", (1, 7, torch.tensor([0, 8, 0]), torch.tensor([0, 0, 1]), -3, torch.tensor([0, -4, 0])),
-                         ids=("int-1", "int-7", "row-8", "row-1", "int-neg", "row-neg"))
+@pytest.mark.parametrize(
+    "n",
+    (1, 7, torch.tensor([0, 8, 0]), torch.tensor([0, 0, 1]), -3, torch.tensor([0, -4, 0])),
+    ids=("int-1", "int-7", "row-8", "row-1", "int-neg", "row-neg"),
+)
 def test_kvcache_advance_out_of_range_leaves_state(n):
     c = genkern.KVCache(1, 3, 1, 10, 16)
     c.advance(torch.tensor([2, 3, 10]))
@@ -622,10 +674,18 @@ def test_kvcache_advance_out_of_range_leaves_state(n):
             c.attend(0, r(4), r(4), r(4), impl="torch")
 
 
-@pytest.mark.parametrize("n,exc", ((1.0, TypeError), (True, TypeError), ("2", TypeError),
-                                   (torch.tensor([1.0, 1.0, 1.0]), ValueError), (torch.tensor([1, 1]), ValueError),
-                                   (torch.tensor(1), ValueError)),
-                         ids=("float", "bool", "str", "float-tensor", "short-tensor", "0d-tensor"))
+@pytest.mark.parametrize(
+    "n,exc",
+    (
+        (1.0, TypeError),
+        (True, TypeError),
+        ("2", TypeError),
+        (torch.tensor([1.0, 1.0, 1.0]), ValueError),
+        (torch.tensor([1, 1]), ValueError),
+        (torch.tensor(1), ValueError),
+    ),
+    ids=("float", "bool", "str", "float-tensor", "short-tensor", "0d-tensor"),
+)
 def test_kvcache_advance_bad_type(n, exc):
     c = genkern.KVCache(1, 3, 1, 10, 16)
     with pytest.raises(exc):
@@ -664,9 +724,11 @@ def test_kvcache_write():
     with pytest.raises(ValueError, match=r"the KV cache is full: a row of length 7 plus 6 new tokens"):
         c.write(0, utils.randn((b, hkv, 6, d), F32, seed=83), utils.randn((b, hkv, 6, d), F32, seed=84))
     assert_same_bits(c.k, k_mirror, "k after a refused write")
-    bad = [((b, hkv + 1, 2, d), (b, hkv + 1, 2, d), ValueError, r"^k_new must have shape \(B=3, Hkv=2, Tnew, D=16\)"),
-           ((b, hkv, 2, d), (b, hkv, 3, d), ValueError, r"^v_new must have shape"),
-           ((b, hkv, 2), (b, hkv, 2), ValueError, r"^k_new must have shape")]
+    bad = [
+        ((b, hkv + 1, 2, d), (b, hkv + 1, 2, d), ValueError, r"^k_new must have shape \(B=3, Hkv=2, Tnew, D=16\)"),
+        ((b, hkv, 2, d), (b, hkv, 3, d), ValueError, r"^v_new must have shape"),
+        ((b, hkv, 2), (b, hkv, 2), ValueError, r"^k_new must have shape"),
+    ]
     for ks, vs, exc, match in bad:
         with pytest.raises(exc, match=match):
             c.write(0, torch.randn(ks), torch.randn(vs))
@@ -689,15 +751,19 @@ def test_kvcache_reset():
     assert c.seqlens.tolist() == [8, 8]
 
 
-@pytest.mark.parametrize("kw,exc,match", [
-    (dict(num_layers=0), ValueError, r"^num_layers must be a positive int, got 0"),
-    (dict(batch_size=-1), ValueError, r"^batch_size must be a positive int"),
-    (dict(num_kv_heads=2.0), ValueError, r"^num_kv_heads must be a positive int, got 2.0"),
-    (dict(max_seq_len=True), ValueError, r"^max_seq_len must be a positive int, got True"),
-    (dict(head_dim=None), ValueError, r"^head_dim must be a positive int"),
-    (dict(dtype=torch.int32), TypeError, r"^dtype must be a floating torch.dtype"),
-    (dict(dtype="float32"), TypeError, r"^dtype must be a floating torch.dtype"),
-], ids=("layers-0", "batch-neg", "heads-float", "len-bool", "dim-none", "dtype-int", "dtype-str"))
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(num_layers=0), ValueError, r"^num_layers must be a positive int, got 0"),
+        (dict(batch_size=-1), ValueError, r"^batch_size must be a positive int"),
+        (dict(num_kv_heads=2.0), ValueError, r"^num_kv_heads must be a positive int, got 2.0"),
+        (dict(max_seq_len=True), ValueError, r"^max_seq_len must be a positive int, got True"),
+        (dict(head_dim=None), ValueError, r"^head_dim must be a positive int"),
+        (dict(dtype=torch.int32), TypeError, r"^dtype must be a floating torch.dtype"),
+        (dict(dtype="float32"), TypeError, r"^dtype must be a floating torch.dtype"),
+    ],
+    ids=("layers-0", "batch-neg", "heads-float", "len-bool", "dim-none", "dtype-int", "dtype-str"),
+)
 def test_kvcache_bad_args(kw, exc, match):
     sizes = dict(num_layers=2, batch_size=2, num_kv_heads=1, max_seq_len=8, head_dim=16)
     dtype = kw.pop("dtype", F32)

@@ -1,4 +1,5 @@
 """genkern.nn.GaussianLatent: shapes, KL against the reference, learned prior, eval mode."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """genkern.profile_generation / `genkern profile`, and the decode-attention benchmark cases."""
+
 import json
 import os
 
@@ -17,15 +18,17 @@ MODES = ("genkern", "torch", "no_cache") if cpp_available() else ("torch", "no_c
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
-    rep = profile_generation("tiny", batch_sizes=(1, 2), context_lengths=(8, 24), new_tokens=3, modes=MODES,
-                             out=out, progress=False)
+    rep = profile_generation(
+        "tiny", batch_sizes=(1, 2), context_lengths=(8, 24), new_tokens=3, modes=MODES, out=out, progress=False
+    )
     return rep, out
 
 
 def test_report_rows(report):
     rep, _ = report
-    assert {(r["mode"], r["batch"], r["context"]) for r in rep["rows"]} == \
-        {(m, b, c) for m in MODES for b in (1, 2) for c in (8, 24)}
+    assert {(r["mode"], r["batch"], r["context"]) for r in rep["rows"]} == {
+        (m, b, c) for m in MODES for b in (1, 2) for c in (8, 24)
+    }
     for r in rep["rows"]:
         assert 0 < r["decode_ms_median"] <= r["decode_ms_p90"]
         assert r["tokens_per_s"] == pytest.approx(r["batch"] / (r["decode_ms_median"] / 1e3))
@@ -55,6 +58,7 @@ def test_attention_share_hooks_the_attention_modules():
     # The share is timed by forward hooks on the model's attention modules, removed afterwards.
     from genkern.nn.attention import CausalAttention
     from genkern.profiling import _attention_share
+
     net = TransformerLM(ModelArgs(vocab_size=32, dim=32, n_layers=2, n_heads=2, max_seq_len=64, impl="torch"))
     attn = [m for m in net.modules() if isinstance(m, CausalAttention)]
     assert len(attn) == 2
@@ -75,6 +79,7 @@ def test_model_impl_restored(tmp_path):
 
 def test_checkpoint_directory(tmp_path):
     from safetensors.torch import save_file
+
     args = ModelArgs(vocab_size=32, dim=32, n_layers=1, n_heads=2, max_seq_len=64, tie_embeddings=False)
     net = TransformerLM(args)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
@@ -89,8 +94,16 @@ def test_checkpoint_directory(tmp_path):
 
 def test_training_run_directory(tmp_path):
     from genkern.train import train
-    res = train("transformer", data="digits", steps=2, batch_size=8, out=tmp_path / "run", progress=False,
-                model={"dim": 32, "n_layers": 1, "n_heads": 2})
+
+    res = train(
+        "transformer",
+        data="digits",
+        steps=2,
+        batch_size=8,
+        out=tmp_path / "run",
+        progress=False,
+        model={"dim": 32, "n_layers": 1, "n_heads": 2},
+    )
     for where in (tmp_path / "run", next((tmp_path / "run" / "checkpoints").iterdir())):
         loaded = load_model(str(where))
         for (k, a), (_, b) in zip(res.model.state_dict().items(), loaded.state_dict().items()):
@@ -100,14 +113,17 @@ def test_training_run_directory(tmp_path):
         load_model(str(tmp_path / "vae"))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"modes": ("fast",)}, "modes must be among"),
-    ({"batch_sizes": (0,)}, "batch_sizes must be positive"),
-    ({"context_lengths": ()}, "context_lengths must be positive"),
-    ({"new_tokens": 1}, "new_tokens must be an int >= 2"),
-    ({"context_lengths": (5000,)}, "exceeds the model's max_seq_len"),
-    ({"model": "no-such-preset"}, "model must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"modes": ("fast",)}, "modes must be among"),
+        ({"batch_sizes": (0,)}, "batch_sizes must be positive"),
+        ({"context_lengths": ()}, "context_lengths must be positive"),
+        ({"new_tokens": 1}, "new_tokens must be an int >= 2"),
+        ({"context_lengths": (5000,)}, "exceeds the model's max_seq_len"),
+        ({"model": "no-such-preset"}, "model must be one of"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     kwargs = {"model": "tiny", "progress": False, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -115,8 +131,21 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_cli_profile(tmp_path, capsys):
-    rc = cli.main(["profile", "--model", "tiny", "--context", "8", "--new-tokens", "2", "--modes", "torch,no_cache",
-                   "--out", str(tmp_path)])
+    rc = cli.main(
+        [
+            "profile",
+            "--model",
+            "tiny",
+            "--context",
+            "8",
+            "--new-tokens",
+            "2",
+            "--modes",
+            "torch,no_cache",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     assert "tokens/s" in capsys.readouterr().out
     assert (tmp_path / "profile.json").exists() and (tmp_path / "profile.png").exists()

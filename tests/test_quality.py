@@ -5,6 +5,7 @@
 - GAN on digits: samples of all 10 classes (1,000 samples, the digit classifier).
 - GAN on the ring of 8 Gaussians: at least 7 modes covered.
 """
+
 from __future__ import annotations
 
 import math

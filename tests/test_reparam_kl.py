@@ -5,6 +5,7 @@ error of the plain-PyTorch computation in the same dtype, plus a small floor
 (utils.assert_close_rule). With eps=None the cpp/triton noise must be
 reference.philox_normal(seed) for the seed the op draws from the generator.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,11 +21,24 @@ from utils import NOISE_ATOL, assert_close_rule, impl_device, impl_dtype_params
 
 # Every D in {1, 3, 127, 1000} with 0..3 batch dims; numel <= 4000 (the Triton interpreter is slow).
 SHAPES = [
-    (1,), (7, 1), (2, 3, 1), (2, 1, 3, 1),
-    (3,), (113, 3), (2, 5, 3), (4, 1, 2, 3),
-    (127,), (9, 127), (2, 3, 127), (1, 2, 2, 127),
-    (1000,), (3, 1000), (2, 2, 1000), (1, 2, 2, 1000),
-    (1025, 1), (1025, 3),
+    (1,),
+    (7, 1),
+    (2, 3, 1),
+    (2, 1, 3, 1),
+    (3,),
+    (113, 3),
+    (2, 5, 3),
+    (4, 1, 2, 3),
+    (127,),
+    (9, 127),
+    (2, 3, 127),
+    (1, 2, 2, 127),
+    (1000,),
+    (3, 1000),
+    (2, 2, 1000),
+    (1, 2, 2, 1000),
+    (1025, 1),
+    (1025, 3),
 ]
 EMPTY_SHAPES = [(0, 5), (3, 0), (0,), (2, 0, 4), (0, 0)]
 EPS_MODES = ("given", "none")
@@ -55,8 +69,20 @@ def _noise_for(impl, shape, dtype, device, gen):
     return utils.kernel_noise(utils.seed_like_op(clone, device), shape, device), True
 
 
-def check_op(impl, mu, logvar, *, eps_mode="given", prior_mu=None, prior_logvar=None, grads=True,
-             eps_requires_grad=False, seed=1234, eps=None, gz_scale=1.0):
+def check_op(
+    impl,
+    mu,
+    logvar,
+    *,
+    eps_mode="given",
+    prior_mu=None,
+    prior_logvar=None,
+    grads=True,
+    eps_requires_grad=False,
+    seed=1234,
+    eps=None,
+    gz_scale=1.0,
+):
     """Runs the op once (forward and, with grads, backward) and checks everything against the reference."""
     device, dtype = mu.device, mu.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -67,19 +93,32 @@ def check_op(impl, mu, logvar, *, eps_mode="given", prior_mu=None, prior_logvar=
         assert eps is None
         noise, from_kernel = _noise_for(impl, mu.shape, dtype, device, gen)
 
-    named = {"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar,
-             "eps": eps if eps_requires_grad else None}
+    named = {
+        "mu": mu,
+        "logvar": logvar,
+        "prior_mu": prior_mu,
+        "prior_logvar": prior_logvar,
+        "eps": eps if eps_requires_grad else None,
+    }
     leaves = {k: v.detach().requires_grad_(grads) for k, v in named.items() if v is not None}
     eps_in = leaves.get("eps", eps)
-    z, kl = _op(impl, leaves["mu"], leaves["logvar"], eps_in, prior_mu=leaves.get("prior_mu"),
-                prior_logvar=leaves.get("prior_logvar"), generator=gen)
+    z, kl = _op(
+        impl,
+        leaves["mu"],
+        leaves["logvar"],
+        eps_in,
+        prior_mu=leaves.get("prior_mu"),
+        prior_logvar=leaves.get("prior_logvar"),
+        generator=gen,
+    )
 
     assert z.shape == mu.shape and kl.shape == mu.shape[:-1]
     assert z.dtype == kl.dtype == dtype and z.device == kl.device == device
 
     def run_reference(ls, n):
-        return reference.reparameterize_kl(ls["mu"], ls["logvar"], ls.get("eps", n), prior_mu=ls.get("prior_mu"),
-                                           prior_logvar=ls.get("prior_logvar"))
+        return reference.reparameterize_kl(
+            ls["mu"], ls["logvar"], ls.get("eps", n), prior_mu=ls.get("prior_mu"), prior_logvar=ls.get("prior_logvar")
+        )
 
     leaves64 = {k: v.detach().double().requires_grad_(grads) for k, v in leaves.items()}
     leaves_same = {k: v.detach().clone().requires_grad_(grads) for k, v in leaves.items()}
@@ -109,6 +148,7 @@ def check_op(impl, mu, logvar, *, eps_mode="given", prior_mu=None, prior_logvar=
 
 # --- values and gradients ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("eps_mode", EPS_MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=_sid)
 @pytest.mark.parametrize("impl,dtype", impl_dtype_params())
@@ -122,8 +162,13 @@ def test_values(impl, dtype, shape, eps_mode):
 @pytest.mark.parametrize("impl,dtype", impl_dtype_params())
 def test_gradients(impl, dtype, shape, eps_mode):
     mu, logvar = utils.make_inputs(shape, dtype, impl_device(impl))
-    check_op(impl, mu, logvar, eps_mode="none" if eps_mode == "none" else "given",
-             eps_requires_grad=eps_mode == "given_requires_grad")
+    check_op(
+        impl,
+        mu,
+        logvar,
+        eps_mode="none" if eps_mode == "none" else "given",
+        eps_requires_grad=eps_mode == "given_requires_grad",
+    )
 
 
 @pytest.mark.parametrize("eps_mode", EPS_MODES)
@@ -148,12 +193,14 @@ def test_noncontiguous(impl, dtype, layout, eps_mode):
     nc = lambda t: None if t is None else utils.make_noncontiguous(t, layout)  # noqa: E731
     mu, logvar, eps, pm, plv = map(nc, (mu, logvar, eps, pm, plv))
     assert not mu.is_contiguous()
-    check_op(impl, mu, logvar, eps_mode=eps_mode, eps=eps, prior_mu=pm, prior_logvar=plv,
-             eps_requires_grad=eps is not None)
+    check_op(
+        impl, mu, logvar, eps_mode=eps_mode, eps=eps, prior_mu=pm, prior_logvar=plv, eps_requires_grad=eps is not None
+    )
 
 
-PRIOR_CASES = [("none", None)] + [(which, pshape) for which in ("mu", "logvar", "both")
-                                  for pshape in ("D", "scalar", "full", "1xD")]
+PRIOR_CASES = [("none", None)] + [
+    (which, pshape) for which in ("mu", "logvar", "both") for pshape in ("D", "scalar", "full", "1xD")
+]
 
 
 @pytest.mark.parametrize("eps_mode", EPS_MODES)
@@ -167,9 +214,14 @@ def test_priors(impl, dtype, which, pshape, eps_mode):
     g = torch.Generator().manual_seed(11)
     pm = (torch.randn(full, generator=g, dtype=torch.float64) * 0.7).to(dtype).to(device) if full is not None else None
     plv = (torch.randn(full, generator=g, dtype=torch.float64) * 0.7).to(dtype).to(device) if full is not None else None
-    check_op(impl, mu, logvar, eps_mode=eps_mode,
-             prior_mu=pm if which in ("mu", "both") else None,
-             prior_logvar=plv if which in ("logvar", "both") else None)
+    check_op(
+        impl,
+        mu,
+        logvar,
+        eps_mode=eps_mode,
+        prior_mu=pm if which in ("mu", "both") else None,
+        prior_logvar=plv if which in ("logvar", "both") else None,
+    )
 
 
 @pytest.mark.parametrize("impl,dtype", impl_dtype_params(dtypes=(torch.float16,)))
@@ -182,12 +234,14 @@ def test_priors_low_precision(impl, dtype):
 
 def _fixed_seed_fn(impl, eps_given, priors):
     """A function of the differentiable inputs only; every call draws the same seed."""
+
     def fn(mu, logvar, *rest):
         rest = list(rest)
         eps = rest.pop(0) if eps_given else None
         pm, plv = (rest[0], rest[1]) if priors else (None, None)
         gen = torch.Generator().manual_seed(2024)
         return genkern.reparameterize_kl(mu, logvar, eps, prior_mu=pm, prior_logvar=plv, generator=gen, impl=impl)
+
     return fn
 
 
@@ -259,6 +313,7 @@ def test_cpp_and_triton_draw_the_same_noise(dtype):
 
 # --- noise statistics -------------------------------------------------------------------
 
+
 def _stat_numel(impl):
     return 1 << 12 if (impl == "triton" and not utils.HAS_CUDA) else 1 << 20
 
@@ -307,6 +362,7 @@ def test_seeds(impl):
 
 
 # --- numerics ---------------------------------------------------------------------------
+
 
 def _shuffled_linspace(lo, hi, shape, dtype, device, seed):
     n = math.prod(shape)
@@ -361,6 +417,7 @@ def test_nan_propagates(impl, dtype):
 
 # --- bad input --------------------------------------------------------------------------
 
+
 def _bad_cases():
     f32 = lambda *s: torch.randn(*s)  # noqa: E731
     meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
@@ -376,8 +433,12 @@ def _bad_cases():
         ("logvar-device", dict(logvar=meta(3, 4)), ValueError, "logvar"),
         ("eps-device", dict(eps=meta(3, 4)), ValueError, "eps"),
         ("prior_mu-device", dict(prior_mu=meta(4)), ValueError, "prior_mu"),
-        ("mu-int", dict(mu=torch.ones(3, 4, dtype=torch.int64), logvar=torch.ones(3, 4, dtype=torch.int64)),
-         TypeError, "mu"),
+        (
+            "mu-int",
+            dict(mu=torch.ones(3, 4, dtype=torch.int64), logvar=torch.ones(3, 4, dtype=torch.int64)),
+            TypeError,
+            "mu",
+        ),
         ("logvar-int", dict(logvar=torch.ones(3, 4, dtype=torch.int32)), TypeError, "logvar"),
         ("mu-bool", dict(mu=torch.ones(3, 4, dtype=torch.bool)), TypeError, "mu"),
         ("mu-complex", dict(mu=torch.ones(3, 4, dtype=torch.complex64)), TypeError, "mu"),
@@ -403,8 +464,14 @@ def test_bad_input(impl, case):
     dev = impl_device(impl)
     args = {k: v.to(dev) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in args.items()}
     with pytest.raises(exc, match=rf"^{name}\b"):
-        genkern.reparameterize_kl(args["mu"], args["logvar"], args["eps"], prior_mu=args["prior_mu"],
-                                  prior_logvar=args["prior_logvar"], impl=impl)
+        genkern.reparameterize_kl(
+            args["mu"],
+            args["logvar"],
+            args["eps"],
+            prior_mu=args["prior_mu"],
+            prior_logvar=args["prior_logvar"],
+            impl=impl,
+        )
 
 
 def test_bogus_impl():
@@ -471,6 +538,7 @@ def test_raw_op_checks_arguments(impl):
 
 
 # --- opcheck and torch.compile ------------------------------------------------------------
+
 
 def _opcheck_samples(device, dtype):
     g = torch.Generator().manual_seed(0)
@@ -539,6 +607,7 @@ def test_torch_compile_fullgraph_cpp():
 
 
 # --- GPU (Triton on CUDA) -----------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("eps_mode", EPS_MODES)

@@ -4,6 +4,7 @@ Comparisons between the incremental and the full forward run in float64, where t
 two orders of the same arithmetic agree to ~1e-15; a wrong state would move logits
 by ~1e-2 or more.
 """
+
 from __future__ import annotations
 
 import math
@@ -127,8 +128,8 @@ def test_log_likelihood_by_hand(kind, n_layers):
     want = torch.zeros(3, dtype=torch.float64)
     state = None
     for t in range(8):
-        logits, state = m(x[:, t:t + 1], state)
-        want += logits[:, 0].log_softmax(dim=-1).gather(-1, x[:, t + 1:t + 2]).squeeze(-1)
+        logits, state = m(x[:, t : t + 1], state)
+        want += logits[:, 0].log_softmax(dim=-1).gather(-1, x[:, t + 1 : t + 2]).squeeze(-1)
     ll = m.log_likelihood(x)
     assert ll.shape == (3,)
     torch.testing.assert_close(ll, want, rtol=1e-12, atol=1e-12)
@@ -188,12 +189,21 @@ def test_config_rejects_unknown_keys():
         RNNConfig.from_dict([("vocab_size", 10)])
 
 
-@pytest.mark.parametrize("kw,name", [
-    (dict(vocab_size=0), "vocab_size"), (dict(dim=2.5), "dim"), (dict(hidden=-1), "hidden"),
-    (dict(n_layers=True), "n_layers"), (dict(kind="rnn"), "kind"), (dict(dropout=1.0), "dropout"),
-    (dict(dropout=-0.1), "dropout"), (dict(tie_weights=1), "tie_weights"),
-    (dict(tie_weights=True, dim=8, hidden=16), "tie_weights"), (dict(bos_token=10), "bos_token"),
-])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(dim=2.5), "dim"),
+        (dict(hidden=-1), "hidden"),
+        (dict(n_layers=True), "n_layers"),
+        (dict(kind="rnn"), "kind"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(tie_weights=1), "tie_weights"),
+        (dict(tie_weights=True, dim=8, hidden=16), "tie_weights"),
+        (dict(bos_token=10), "bos_token"),
+    ],
+)
 def test_config_validation(kw, name):
     args = dict(vocab_size=10)
     args.update(kw)

@@ -1,4 +1,5 @@
 """genkern.data.text: the standard-library character corpus and its training windows."""
+
 from __future__ import annotations
 
 import importlib
@@ -111,8 +112,8 @@ def test_contiguous_windows_predict_every_id_once():
     ids = torch.arange(103)
     w = T.contiguous_windows(ids, 10)
     assert w.shape == (10, 11)
-    assert torch.equal(w[:, 1:].reshape(-1), torch.arange(1, 101))   # targets 1..100, once each
-    assert torch.equal(w[1:, 0], w[:-1, -1])                          # neighbours share one id
+    assert torch.equal(w[:, 1:].reshape(-1), torch.arange(1, 101))  # targets 1..100, once each
+    assert torch.equal(w[1:, 0], w[:-1, -1])  # neighbours share one id
 
 
 @pytest.mark.parametrize("split", ["training", "", None, "Train"])

@@ -1,4 +1,5 @@
 """The trainer: run directories, checkpoints, resume, bad input, the CLI and distributed training."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,11 @@ QUIET = {"progress": False, "log_every": 5}
 
 def _tree_digest(path: Path) -> dict:
     """{relative path: sha1 of its bytes} for every file under `path`."""
-    return {str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _weights(run_dir: Path) -> dict:
@@ -115,8 +119,13 @@ def test_resume_with_a_different_configuration_changes_nothing(tmp_path):
     out = tmp_path / "run"
     _run("vae", out, steps=6)
     before = _tree_digest(out)
-    cases = [({"lr": 0.5}, "lr"), ({"seed": 1}, "seed"), ({"batch_size": 16}, "batch_size"),
-             ({"model": {"latent_dim": 5}}, "model"), ({"data": "ring"}, "data")]
+    cases = [
+        ({"lr": 0.5}, "lr"),
+        ({"seed": 1}, "seed"),
+        ({"batch_size": 16}, "batch_size"),
+        ({"model": {"latent_dim": 5}}, "model"),
+        ({"data": "ring"}, "data"),
+    ]
     for change, word in cases:
         with pytest.raises(ValueError, match=word):
             train("vae", steps=12, resume=out, progress=False, **change)
@@ -182,8 +191,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
 def test_bad_data_and_settings(tmp_path):
     x = torch.rand(256, 1, 8, 8)
     with pytest.raises(ValueError, match="levels"):  # not on the 17-level grid of the categorical decoder
-        train("vae", data=x, steps=2, model={"levels": 17, "likelihood": "categorical", "hidden": 8},
-              progress=False)
+        train("vae", data=x, steps=2, model={"levels": 17, "likelihood": "categorical", "hidden": 8}, progress=False)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         train("vae", data=x * 3, steps=2, model={"likelihood": "bernoulli", "hidden": 8}, progress=False)
     bad = x.clone()
@@ -222,14 +230,33 @@ def test_custom_tensor_data_trains_and_resumes(tmp_path):
 def _cli(*args, env=None, timeout=300):
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     full_env.pop("GENKERN_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "genkern", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "genkern", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def test_cli_train_sample_and_errors(tmp_path):
     out = tmp_path / "run"
-    r = _cli("train", "vae", "--steps", "4", "--out", str(out), "--batch-size", "32", "--set", "hidden=16",
-             "--eval-every", "4", "--quiet")
+    r = _cli(
+        "train",
+        "vae",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+        "--batch-size",
+        "32",
+        "--set",
+        "hidden=16",
+        "--eval-every",
+        "4",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert "step 4" in r.stdout and (out / "latest.json").is_file()
     png = tmp_path / "grid.png"
@@ -237,12 +264,13 @@ def test_cli_train_sample_and_errors(tmp_path):
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:4] == b"\x89PNG"
     before = _tree_digest(out)
-    for args, word in [(("train", "vae", "--steps", "8", "--resume", str(out), "--lr", "0.3"), "lr"),
-                       (("train", "vae", "--steps", "8", "--out", str(out)), "already exists"),
-                       (("sample", "--checkpoint", str(tmp_path / "missing")), "does not exist"),
-                       (("train", "vae", "--steps", "2", "--out", str(tmp_path / "new"), "--set", "latent_dim=-1"),
-                        "latent_dim"),
-                       (("train", "vae", "--steps", "2"), "--out DIR is required")]:
+    for args, word in [
+        (("train", "vae", "--steps", "8", "--resume", str(out), "--lr", "0.3"), "lr"),
+        (("train", "vae", "--steps", "8", "--out", str(out)), "already exists"),
+        (("sample", "--checkpoint", str(tmp_path / "missing")), "does not exist"),
+        (("train", "vae", "--steps", "2", "--out", str(tmp_path / "new"), "--set", "latent_dim=-1"), "latent_dim"),
+        (("train", "vae", "--steps", "2"), "--out DIR is required"),
+    ]:
         r = _cli(*args)
         assert r.returncode == 1, (args, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
@@ -261,14 +289,43 @@ GAN_DDP = ["--set", "loss=nonsaturating", "--set", "r1_gamma=0.1", "--set", "spe
 
 @pytest.mark.parametrize("family,settings", [("vae", []), ("gan", GAN_DDP)])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, family, settings):
-    common = [family, "--steps", "6", "--batch-size", "64", "--set", "hidden=32", *settings, "--eval-every", "6",
-              "--log-every", "2", "--quiet"]
+    common = [
+        family,
+        "--steps",
+        "6",
+        "--batch-size",
+        "64",
+        "--set",
+        "hidden=32",
+        *settings,
+        "--eval-every",
+        "6",
+        "--log-every",
+        "2",
+        "--quiet",
+    ]
     one = _cli("train", *common, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "genkern", "train", *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "genkern",
+            "train",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     run = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert run["processes"] == 2
@@ -297,7 +354,6 @@ def test_sample_command_on_a_ring_gan(tmp_path):
 
 
 def test_gan_without_ema_trains():
-    res = train("gan", steps=3, batch_size=32, model={**SMALL["gan"], "ema_decay": 0.0}, progress=False,
-                eval_every=3)
+    res = train("gan", steps=3, batch_size=32, model={**SMALL["gan"], "ema_decay": 0.0}, progress=False, eval_every=3)
     assert res.model.generator_ema is None and res.step == 3
     assert res.history[-1]["classes_covered"] >= 1

@@ -1,5 +1,6 @@
 """The shape of genkern.train and genkern.eval, read from their source: no import cycle in the
 trainer, metrics that never reach into the trainer, short functions with few parameters."""
+
 from __future__ import annotations
 
 import ast
@@ -45,7 +46,7 @@ def _find_cycle(graph: dict):
         state[node] = "open"
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt, path + [nxt])
                 if cycle:

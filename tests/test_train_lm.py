@@ -1,4 +1,5 @@
 """The autoregressive families in the trainer: Transformer and RNN language models on text and digits."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,7 @@ from genkern.train.trainer import build_model, train
 from utils import ROOT, KernelCalls, one_thread, require_impl  # noqa: F401  (one_thread: an autouse fixture)
 
 # Head dim 16: a size the C++ attention kernel takes, so the default impl runs it.
-TINY = {"transformer": {"dim": 32, "n_layers": 2, "n_heads": 2},
-        "rnn": {"dim": 32, "hidden": 64}}
+TINY = {"transformer": {"dim": 32, "n_layers": 2, "n_heads": 2}, "rnn": {"dim": 32, "hidden": 64}}
 QUIET = {"progress": False, "log_every": 2}
 # Every run of this file trains 8 steps, evaluating and saving at steps 4 and 8.
 RUN = {"steps": 8, "eval_every": 4, "ckpt_every": 4, "lr": 3e-3, **QUIET}
@@ -49,8 +49,9 @@ def _weights(run_dir: Path, name: str = "model") -> dict:
 def _cli(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("GENKERN_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "genkern", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "genkern", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,22 +137,22 @@ def test_run_writes_checkpoints_logs_samples_and_improves(runs, family, data):
 def test_digits_bpd_is_the_exact_test_likelihood(runs, family):
     """test_bpd against an independent float64 computation of -log p(test images) / (64 ln 2)."""
     res, out = runs(family, "digits")
-    x = digits("test").x                                                        # (N, 1, 8, 8)
-    levels = (x.flatten(1) * 16).round().long()                                 # (N, 64)
-    tokens = torch.cat([torch.full((len(x), 1), 17), levels], dim=1)           # (N, 65)
+    x = digits("test").x  # (N, 1, 8, 8)
+    levels = (x.flatten(1) * 16).round().long()  # (N, 64)
+    tokens = torch.cat([torch.full((len(x), 1), 17), levels], dim=1)  # (N, 65)
     model = res.model
     if family == "transformer":
         # A float64 copy over the plain-PyTorch attention, not the kernels the run evaluated with.
         ref = TransformerLM(ModelArgs(**{**vars(model.args), "impl": "torch"}))
         ref.load_state_dict(model.state_dict())
         ref = ref.double().eval()
-        logits = ref(tokens[:, :-1])                                            # (N, 64, 18)
+        logits = ref(tokens[:, :-1])  # (N, 64, 18)
     else:
         ref = type(model)(model.args)
         ref.load_state_dict(model.state_dict())
-        logits = ref.double().eval()(tokens[:, :-1])[0]                         # (N, 64, 18)
+        logits = ref.double().eval()(tokens[:, :-1])[0]  # (N, 64, 18)
     assert logits.dtype == torch.float64
-    logp = F.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)   # (N, 64)
+    logp = F.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (N, 64)
     bpd = -logp.sum().item() / (len(x) * 64 * math.log(2))
     assert res.history[-1]["test_bpd"] == pytest.approx(bpd, rel=1e-6)
 
@@ -187,8 +188,16 @@ def test_default_impl_matches_the_torch_reference(monkeypatch):
     """The default runs genkern's C++ flash attention on the CPU; impl="torch" the reference."""
     require_impl("cpp")
     spy = KernelCalls(monkeypatch, attention_op.ATTENTION, "cpp")
-    kw = dict(data="text", out=None, steps=6, batch_size=8, model={**TINY["transformer"], "seq_len": 32},
-              progress=False, log_every=1, eval_every=100)
+    kw = dict(
+        data="text",
+        out=None,
+        steps=6,
+        batch_size=8,
+        model={**TINY["transformer"], "seq_len": 32},
+        progress=False,
+        log_every=1,
+        eval_every=100,
+    )
     ours = train("transformer", **kw)
     used = spy.calls
     ref = train("transformer", impl="torch", **kw)
@@ -270,12 +279,40 @@ def test_rnn_accepts_the_impl_every_family_is_given():
 def test_two_processes_match_one_on_the_same_global_batch(runs, tmp_path):
     _, one = runs("transformer", "digits")
     sets = [a for k, v in TINY["transformer"].items() for a in ("--set", f"{k}={v}")]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "genkern", "train", "transformer", "--data", "digits", "--steps", "8",
-                          "--batch-size", "32", "--lr", str(RUN["lr"]), *sets, "--eval-every", "4",
-                          "--ckpt-every", "4", "--quiet", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "genkern",
+            "train",
+            "transformer",
+            "--data",
+            "digits",
+            "--steps",
+            "8",
+            "--batch-size",
+            "32",
+            "--lr",
+            str(RUN["lr"]),
+            *sets,
+            "--eval-every",
+            "4",
+            "--ckpt-every",
+            "4",
+            "--quiet",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     a, b = _weights(one), _weights(tmp_path / "two")

@@ -8,6 +8,7 @@ max(1, max |reference|)). Logits and gradients here are O(1), so that is about 1
 float32 rounding through two layers is ~1e-6, while a wrong mask, position or cache
 entry moves logits by ~1e-2 or more.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,14 +23,21 @@ from utils import assert_close_rule, one_thread  # noqa: F401 (autouse fixture)
 V = 64
 
 
-
-
 def make_model(*, positions="rotary", n_heads=4, n_kv_heads=2, impl="torch", seed=0, perturb=True, **kw):
     """A small model; `perturb` moves the biases off 0 and the LayerNorm weights off 1
     (as after training), so that no parameter's gradient is zero or symmetric by construction."""
     torch.manual_seed(seed)
-    args = ModelArgs(vocab_size=V, dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, max_seq_len=64,
-                     positions=positions, impl=impl, **kw)
+    args = ModelArgs(
+        vocab_size=V,
+        dim=64,
+        n_layers=2,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        max_seq_len=64,
+        positions=positions,
+        impl=impl,
+        **kw,
+    )
     model = TransformerLM(args)
     if perturb:
         with torch.no_grad():
@@ -59,6 +67,7 @@ CONFIGS = {
 
 
 # --- forward ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_forward_shapes(config):
@@ -116,6 +125,7 @@ def test_new_cache():
 
 # --- training ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("impl", ("torch", "cpp"))
 @pytest.mark.parametrize("positions", ("rotary", "learned"))
 def test_learns_a_repeating_sequence(positions, impl):
@@ -139,13 +149,17 @@ def test_learns_a_repeating_sequence(positions, impl):
 
 # --- impls agree -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_cpp_matches_torch(config):
     base = make_model(**CONFIGS[config])
     idx = tokens(2, 33, seed=2)
     results = {}
-    for name, impl, dtype in (("cpp", "cpp", torch.float32), ("torch32", "torch", torch.float32),
-                              ("torch64", "torch", torch.float64)):
+    for name, impl, dtype in (
+        ("cpp", "cpp", torch.float32),
+        ("torch32", "torch", torch.float32),
+        ("torch64", "torch", torch.float64),
+    ):
         m = with_impl(base, impl, dtype)
         logits = m(idx)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
@@ -160,6 +174,7 @@ def test_cpp_matches_torch(config):
 
 
 # --- cached decoding ---------------------------------------------------------------------------
+
 
 def _cached_logits(model, idx, schedule, lengths=None, prefill=None):
     """Feeds idx (B, T) through a KVCache: a prefill of schedule[0] tokens, then chunks
@@ -180,7 +195,7 @@ def _cached_logits(model, idx, schedule, lengths=None, prefill=None):
         rows = [[logits[r, lengths[r] - 1]] for r in range(b)]
         pos = lengths.clone()
         for n in schedule[1:]:
-            chunk = torch.stack([idx[r, pos[r]:pos[r] + n] for r in range(b)])  # (B, n)
+            chunk = torch.stack([idx[r, pos[r] : pos[r] + n] for r in range(b)])  # (B, n)
             logits = model(chunk, cache)
             cache.advance(n)
             for r in range(b):
@@ -190,8 +205,9 @@ def _cached_logits(model, idx, schedule, lengths=None, prefill=None):
     return torch.stack([torch.stack(r) for r in rows])
 
 
-@pytest.mark.parametrize("schedule", ([7] + [1] * 13, [7, 5, 1, 1, 3, 1, 1, 1], [1] * 20),
-                         ids=("prefill-then-steps", "chunks", "steps-only"))
+@pytest.mark.parametrize(
+    "schedule", ([7] + [1] * 13, [7, 5, 1, 1, 3, 1, 1, 1], [1] * 20), ids=("prefill-then-steps", "chunks", "steps-only")
+)
 @pytest.mark.parametrize("impl", ("torch", "cpp"))
 @pytest.mark.parametrize("config", CONFIGS)
 def test_cached_forward_matches_full(config, impl, schedule):
@@ -224,28 +240,45 @@ def test_cached_forward_ragged(config, impl):
         full64 = with_impl(base, "torch", torch.float64)(idx)
         full32 = with_impl(base, "torch")(idx)
     for r, n in enumerate(lengths):
-        want64, want32 = full64[r, n - 1:n + 10], full32[r, n - 1:n + 10]
+        want64, want32 = full64[r, n - 1 : n + 10], full32[r, n - 1 : n + 10]
         assert_close_rule(cached[r], want64, want32, name=f"row {r}")
         assert_close_rule(cached_pad[r], want64, want32, name=f"row {r} (other padding)")
 
 
 # --- ModelArgs -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(vocab_size=0), r"^vocab_size must be a positive int, got 0"),
-    (dict(dim=-8), r"^dim must be a positive int"),
-    (dict(n_layers=2.0), r"^n_layers must be a positive int, got 2.0"),
-    (dict(n_heads="4"), r"^n_heads must be a positive int"),
-    (dict(n_kv_heads=0), r"^n_kv_heads must be a positive int"),
-    (dict(max_seq_len=0), r"^max_seq_len must be a positive int"),
-    (dict(mlp_hidden=0), r"^mlp_hidden must be a positive int"),
-    (dict(dim=60, n_heads=8), r"^dim=60 must be a multiple of n_heads=8"),
-    (dict(n_heads=4, n_kv_heads=3), r"n_heads of n_kv_heads=3"),
-    (dict(positions="alibi"), r"^positions must be 'rotary' or 'learned', got 'alibi'"),
-    (dict(dim=12, n_heads=4), r"^rotary positions need an even head dim, got 3"),
-    (dict(impl="fast"), r"^impl must be one of auto, torch, cpp, triton, got 'fast'"),
-], ids=("vocab-0", "dim-neg", "layers-float", "heads-str", "kv-heads-0", "len-0", "mlp-0", "dim-heads",
-        "heads-kv-heads", "positions", "rotary-odd", "impl"))
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(vocab_size=0), r"^vocab_size must be a positive int, got 0"),
+        (dict(dim=-8), r"^dim must be a positive int"),
+        (dict(n_layers=2.0), r"^n_layers must be a positive int, got 2.0"),
+        (dict(n_heads="4"), r"^n_heads must be a positive int"),
+        (dict(n_kv_heads=0), r"^n_kv_heads must be a positive int"),
+        (dict(max_seq_len=0), r"^max_seq_len must be a positive int"),
+        (dict(mlp_hidden=0), r"^mlp_hidden must be a positive int"),
+        (dict(dim=60, n_heads=8), r"^dim=60 must be a multiple of n_heads=8"),
+        (dict(n_heads=4, n_kv_heads=3), r"n_heads of n_kv_heads=3"),
+        (dict(positions="alibi"), r"^positions must be 'rotary' or 'learned', got 'alibi'"),
+        (dict(dim=12, n_heads=4), r"^rotary positions need an even head dim, got 3"),
+        (dict(impl="fast"), r"^impl must be one of auto, torch, cpp, triton, got 'fast'"),
+    ],
+    ids=(
+        "vocab-0",
+        "dim-neg",
+        "layers-float",
+        "heads-str",
+        "kv-heads-0",
+        "len-0",
+        "mlp-0",
+        "dim-heads",
+        "heads-kv-heads",
+        "positions",
+        "rotary-odd",
+        "impl",
+    ),
+)
 def test_model_args_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         ModelArgs(**kw)

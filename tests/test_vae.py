@@ -1,5 +1,6 @@
 """genkern.models.vae: config checks, shapes, the likelihoods against torch.distributions, the
 importance-weighted bound, impl agreement, gradients, and a short learning check."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ SHAPE = (2, 4, 6)  # two channels and a non-square image: catches a wrong reshap
 
 
 def _cfg(arch="mlp", likelihood="categorical", **kw):
-    kw = {"data_shape": SHAPE, "arch": arch, "likelihood": likelihood, "levels": 5, "hidden": 16, "depth": 1,
-          "latent_dim": 3, **kw}
+    kw = {
+        "data_shape": SHAPE,
+        "arch": arch,
+        "likelihood": likelihood,
+        "levels": 5,
+        "hidden": 16,
+        "depth": 1,
+        "latent_dim": 3,
+        **kw,
+    }
     return VAEConfig(**kw)
 
 
@@ -48,6 +57,7 @@ def _zero_decoder(m):
 
 # --- config ---------------------------------------------------------------------------
 
+
 def test_config_round_trip():
     cfg = VAEConfig(data_shape=(1, 4, 4), likelihood="bernoulli", arch="conv", beta=0.5)
     d = json.loads(json.dumps(cfg.to_dict()))
@@ -66,10 +76,24 @@ def test_config_from_dict_rejects_unknown_keys():
         VAEConfig.from_dict({"hiden": 3})
 
 
-@pytest.mark.parametrize("field, value", [
-    ("data_shape", ()), ("data_shape", (1, 0)), ("data_shape", "8x8"), ("likelihood", "poisson"),
-    ("arch", "resnet"), ("impl", "cuda"), ("levels", 1), ("hidden", 0), ("depth", 0), ("latent_dim", 2.0),
-    ("beta", -1.0), ("beta", float("nan")), ("levels", True)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("data_shape", ()),
+        ("data_shape", (1, 0)),
+        ("data_shape", "8x8"),
+        ("likelihood", "poisson"),
+        ("arch", "resnet"),
+        ("impl", "cuda"),
+        ("levels", 1),
+        ("hidden", 0),
+        ("depth", 0),
+        ("latent_dim", 2.0),
+        ("beta", -1.0),
+        ("beta", float("nan")),
+        ("levels", True),
+    ],
+)
 def test_config_rejects(field, value):
     with pytest.raises(ValueError, match=field):
         VAEConfig(**{field: value})
@@ -83,6 +107,7 @@ def test_conv_config_needs_even_image_shape():
 
 
 # --- shapes and parts -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("arch", ARCHS)
@@ -126,7 +151,7 @@ def test_loss_is_recon_plus_beta_kl(likelihood):
     mu, logvar = m.encode(x)
     z = mu + torch.exp(0.5 * logvar) * eps
     torch.testing.assert_close(a.recon, -m.log_prob(x.reshape(6, -1), m.decode(z)).mean())
-    torch.testing.assert_close(a.kl, (0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)).sum(-1).mean())
+    torch.testing.assert_close(a.kl, (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(-1).mean())
 
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
@@ -176,6 +201,7 @@ def test_categorical_sampling_follows_the_decoder():
 
 
 # --- the importance-weighted bound ---------------------------------------------------
+
 
 def test_log_likelihood_is_exact_when_the_posterior_is_the_prior():
     # Decoder output 0 and encoder output 0: every weight p(x, z) / q(z | x) is (1/levels)^D,
@@ -261,6 +287,7 @@ def test_k1_bound_matches_the_elbo_and_k100_is_tighter(trained):
 
 # --- impls and gradients --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_torch_and_cpp_impls_agree_given_eps(arch, likelihood):
@@ -304,6 +331,7 @@ def test_float64_model():
 
 
 # --- bad input ---------------------------------------------------------------------------
+
 
 def test_bad_inputs():
     m = _model(likelihood="categorical")

@@ -2,6 +2,7 @@
 
 The math lives in genkern.reference (imported, never copied here).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -100,8 +101,10 @@ ABS_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 def _fmt_worst(err, allowed, out, ref):
     i = int(torch.argmax((err - allowed).flatten()))
-    return (f"worst at flat index {i}: out={out.flatten()[i].item()!r} ref={ref.flatten()[i].item()!r} "
-            f"err={err.flatten()[i].item():.3e} allowed={allowed.flatten()[i].item():.3e}")
+    return (
+        f"worst at flat index {i}: out={out.flatten()[i].item()!r} ref={ref.flatten()[i].item()!r} "
+        f"err={err.flatten()[i].item():.3e} allowed={allowed.flatten()[i].item():.3e}"
+    )
 
 
 def assert_close_rule(out, ref64, same_dtype, *, extra_atol=None, name="out", absolute=True):
@@ -127,21 +130,26 @@ def assert_close_rule(out, ref64, same_dtype, *, extra_atol=None, name="out", ab
 
     finite = torch.isfinite(rounded)
     bad = ~finite & ~same_value(out64, rounded)
-    assert not bool(bad.any()), (f"{name}: where the reference is {rounded[bad][:5].tolist()}, "
-                                 f"got {out64[bad][:5].tolist()}")
+    assert not bool(bad.any()), (
+        f"{name}: where the reference is {rounded[bad][:5].tolist()}, got {out64[bad][:5].tolist()}"
+    )
     like_plain = finite & ~torch.isfinite(out64) & same_value(out64, same64)
     check = finite & ~like_plain
     assert bool(torch.isfinite(out64[check]).all()), (
         f"{name}: non-finite {out64[check & ~torch.isfinite(out64)][:5].tolist()} where the reference is "
-        f"{ref64[check & ~torch.isfinite(out64)][:5].tolist()}")
+        f"{ref64[check & ~torch.isfinite(out64)][:5].tolist()}"
+    )
     if not bool(check.any()):
         return
     o, r = out64[check], ref64[check]
     s_ok = finite & torch.isfinite(same64)
     base = (same64[s_ok] - ref64[s_ok]).abs().max() if bool(s_ok.any()) else torch.tensor(0.0, dtype=torch.float64)
     scale = max(1.0, ref64[finite].abs().max().item())
-    extra = torch.zeros(o.shape, dtype=torch.float64) if extra_atol is None else \
-        extra_atol.detach().double().cpu().expand(ref64.shape)[check]
+    extra = (
+        torch.zeros(o.shape, dtype=torch.float64)
+        if extra_atol is None
+        else extra_atol.detach().double().cpu().expand(ref64.shape)[check]
+    )
     allowed = 2 * base + FLOOR[out.dtype] * scale + extra
     err = (o - r).abs()
     assert bool((err <= allowed).all()), f"{name} ({out.dtype}): {_fmt_worst(err, allowed, o, r)}"
@@ -151,6 +159,7 @@ def assert_close_rule(out, ref64, same_dtype, *, extra_atol=None, name="out", ab
 
 
 # --- the reference, evaluated the ways the tests need --------------------------------
+
 
 def seed_like_op(generator: torch.Generator | None, device) -> int:
     """The seed genkern.ops.reparam_kl._draw_seed draws from (a clone of) `generator`."""
@@ -167,6 +176,7 @@ def clone_generator(gen: torch.Generator) -> torch.Generator:
 def kernel_noise(seed: int, shape, device="cpu") -> torch.Tensor:
     """The cpp/triton noise for an output of `shape` (row-major element index), float32."""
     from genkern.reference.reparam_kl import philox_normal
+
     numel = 1
     for s in shape:
         numel *= s
@@ -178,6 +188,7 @@ def to64(*ts):
 
 
 # --- input makers ----------------------------------------------------------------------
+
 
 def make_inputs(shape, dtype, device="cpu", *, gen=None, mu_scale=1.0, logvar_scale=1.0):
     """Random mu, logvar (never zeros) of `shape`, rounded to `dtype`."""
@@ -210,6 +221,7 @@ def make_noncontiguous(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 # --- subprocesses ------------------------------------------------------------------------
 
+
 def run_python(code: str, env_overrides: dict, timeout: int = 120) -> subprocess.CompletedProcess:
     """Runs `code` in a fresh interpreter (fresh caches) with the environment changed."""
     env = dict(os.environ)
@@ -219,8 +231,9 @@ def run_python(code: str, env_overrides: dict, timeout: int = 120) -> subprocess
         else:
             env[k] = v
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def resolve(impl, device, dtype):
@@ -228,6 +241,7 @@ def resolve(impl, device, dtype):
 
 
 # --- generic random inputs ----------------------------------------------------------------
+
 
 def randn(shape, dtype=torch.float32, device="cpu", *, seed: int, scale: float = 1.0) -> torch.Tensor:
     """Seeded N(0, scale^2) values of `shape` (drawn in float64, rounded to `dtype`)."""
@@ -262,4 +276,5 @@ class KernelCalls:
         def counting(*args):
             self.calls += 1
             return kernel(*args)
+
         monkeypatch.setitem(op._fwd, family, counting)

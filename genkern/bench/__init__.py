@@ -9,6 +9,7 @@ Every case is timed for "torch" (the plain-PyTorch reference), the fast impl,
 COMPILE, and the extra baselines the case names (`Case.baselines`, e.g. SDPA).
 A case reports GB/s from `bytes_moved`, and TFLOP/s when it defines `flops`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,8 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-CASE_MODULES = ("genkern.bench.reparam_kl", "genkern.bench.gan_loss", "genkern.bench.attention",
-                "genkern.bench.kv_decode", "genkern.bench.training")
+CASE_MODULES = (
+    "genkern.bench.reparam_kl",
+    "genkern.bench.gan_loss",
+    "genkern.bench.attention",
+    "genkern.bench.kv_decode",
+    "genkern.bench.training",
+)
 # "step": one whole optimizer step of a model built on the ops (end to end, not one op).
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd", "step")
 FAST = "fast"  # stands for the op's fast impl on the device: cpp on CPU, triton on CUDA
@@ -33,6 +39,7 @@ class Target:
     metric "copy_bw": achieved GB/s / the device's measured copy GB/s >= minimum.
     metric "read_bw": achieved GB/s / the device's measured read GB/s >= minimum (read-bound ops).
     """
+
     device: str  # "cpu" | "cuda"
     direction: str
     metric: str

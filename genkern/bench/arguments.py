@@ -1,4 +1,5 @@
 """`genkern bench` options: the parser's arguments, their checked values, and the impls they select."""
+
 from __future__ import annotations
 
 import os
@@ -18,17 +19,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="the smallest cases, few repeats: finishes in seconds")
     parser.add_argument("--direction", choices=DIRECTIONS, action="append", help="only these directions (repeatable)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument("--impl", default="auto", choices=("auto", "cpp", "triton", "torch"),
-                        help="the fast impl to compare with plain PyTorch (auto: cpp on CPU, triton on CUDA)")
+    parser.add_argument(
+        "--impl",
+        default="auto",
+        choices=("auto", "cpp", "triton", "torch"),
+        help="the fast impl to compare with plain PyTorch (auto: cpp on CPU, triton on CUDA)",
+    )
     parser.add_argument("--repeats", type=int, help="at most this many timed runs per impl (default 100; quick 10)")
     parser.add_argument("--budget", type=float, help="timing seconds per case and direction (default 1, quick 0.05)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch and the C++ kernels (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    parser.add_argument("--mem-limit", type=float, metavar="GIB",
-                        help="skip an impl estimated to need more memory than this many GiB "
-                             "(default: half the memory available at the start; 0: no limit)")
-    parser.add_argument("--out", default=os.path.join("bench", "results"),
-                        help="results directory (default bench/results, under the current directory)")
+    parser.add_argument(
+        "--mem-limit",
+        type=float,
+        metavar="GIB",
+        help="skip an impl estimated to need more memory than this many GiB "
+        "(default: half the memory available at the start; 0: no limit)",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join("bench", "results"),
+        help="results directory (default bench/results, under the current directory)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 if an impl failed or a target was missed")
 
 
@@ -66,6 +78,7 @@ def max_repeats(args) -> int:
 
 
 # --- which impls run ------------------------------------------------------------------
+
 
 def fast_impl(device, impl="auto") -> str:
     """The impl `--impl` names; "auto" (or FAST) is cpp on CPU and triton on CUDA."""

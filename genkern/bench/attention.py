@@ -26,6 +26,7 @@ its retained graph; fwd+bwd) float32 score matrices of 4*B*H*T*S bytes, as measu
 on CPU for float32 and bfloat16 (scores, probabilities, the mask, their gradients).
 The fused kernels and sdpa need O(B*H*T*D): never guarded.
 """
+
 from __future__ import annotations
 
 import re
@@ -49,12 +50,25 @@ class AttentionCase(Case):
     grad_inputs = ("q", "k", "v")
     baselines = (SDPA,)
 
-    def __init__(self, B: int, H: int, T: int, D: int, causal: bool = True, kv_heads: int | None = None,
-                 dtype=torch.float32, targets=(), quick=False, devices=("cpu", "cuda")):
+    def __init__(
+        self,
+        B: int,
+        H: int,
+        T: int,
+        D: int,
+        causal: bool = True,
+        kv_heads: int | None = None,
+        dtype=torch.float32,
+        targets=(),
+        quick=False,
+        devices=("cpu", "cuda"),
+    ):
         kv_heads = H if kv_heads is None else kv_heads
         if min(B, H, T, D, kv_heads) < 1 or H % kv_heads:
-            raise ValueError(f"attention cases need B, H, T, D >= 1 and kv heads dividing H, "
-                             f"got B={B} H={H} T={T} D={D} kv={kv_heads}")
+            raise ValueError(
+                f"attention cases need B, H, T, D >= 1 and kv heads dividing H, "
+                f"got B={B} H={H} T={T} D={D} kv={kv_heads}"
+            )
         super().__init__({"B": B, "H": H, "Hkv": kv_heads, "T": T, "D": D}, dtype, targets, quick, devices)
         self.causal = bool(causal)
 
@@ -76,13 +90,16 @@ class AttentionCase(Case):
         causal = self.causal
         if impl == SDPA:
             from torch.nn.functional import scaled_dot_product_attention as sdpa
+
             gqa = {"enable_gqa": True} if self.sizes["Hkv"] != self.sizes["H"] else {}
             return lambda x: (sdpa(x["q"], x["k"], x["v"], is_causal=causal, **gqa),)
         if impl == COMPILE:
             from genkern.reference.attention import attention as reference
+
             fn = torch.compile(reference, dynamic=False)
             return lambda x: (fn(x["q"], x["k"], x["v"], causal),)
         from genkern.ops.attention import flash_attention
+
         return lambda x: (flash_attention(x["q"], x["k"], x["v"], causal=causal, impl=impl),)
 
     def flops(self, direction: str) -> int:
@@ -117,14 +134,19 @@ def make_case(label: str) -> AttentionCase:
         kv = int(m.group(6)) if m.group(6) else None
         return AttentionCase(B, H, T, D, causal=m.group(5) == "causal", kv_heads=kv, dtype=DTYPES[m.group(7) or "fp32"])
     except ValueError:
-        raise ValueError(f"attention sizes are 'BxHxTxD-causal|full[-kvN][-bf16|-fp16|-fp64]' with N dividing H "
-                         f"(e.g. 1x8x2048x64-causal, 1x8x2048x64-full-kv2), got {label!r}") from None
+        raise ValueError(
+            f"attention sizes are 'BxHxTxD-causal|full[-kvN][-bf16|-fp16|-fp64]' with N dividing H "
+            f"(e.g. 1x8x2048x64-causal, 1x8x2048x64-full-kv2), got {label!r}"
+        ) from None
 
 
 _FB = "fwd+bwd"
 # CPU, float32, 1x8x2048x64 causal: the fused fwd+bwd beats the plain version 4x and sdpa; its fwd beats sdpa.
-CPU_TARGETS = (Target("cpu", _FB, "speedup", 4.0), Target("cpu", _FB, "speedup", 1.0, vs=SDPA),
-               Target("cpu", "fwd", "speedup", 1.0, vs=SDPA))
+CPU_TARGETS = (
+    Target("cpu", _FB, "speedup", 4.0),
+    Target("cpu", _FB, "speedup", 1.0, vs=SDPA),
+    Target("cpu", "fwd", "speedup", 1.0, vs=SDPA),
+)
 GPU_TARGETS = (Target("cuda", "fwd", "speedup", 1.0, vs=SDPA), Target("cuda", "bwd", "speedup", 1.0, vs=SDPA))
 # GPU sizes as in the FlashAttention benchmarks: B * T = 16k tokens and H * D = 2048, so every
 # case does about the same work per token; bfloat16, D = 128, B * H enough to fill an H100.
@@ -144,9 +166,18 @@ def _cases():
     ]
     for t in GPU_SEQ_LENS:
         for causal in (True, False):
-            cases.append(AttentionCase(GPU_TOKENS // t, GPU_HEADS, t, GPU_HEAD_DIM, causal=causal,
-                                       dtype=torch.bfloat16, targets=GPU_TARGETS if causal else (),
-                                       devices=("cuda",)))
+            cases.append(
+                AttentionCase(
+                    GPU_TOKENS // t,
+                    GPU_HEADS,
+                    t,
+                    GPU_HEAD_DIM,
+                    causal=causal,
+                    dtype=torch.bfloat16,
+                    targets=GPU_TARGETS if causal else (),
+                    devices=("cuda",),
+                )
+            )
     return cases
 
 

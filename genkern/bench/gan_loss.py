@@ -6,6 +6,7 @@ shape (B, 1) for B = 64, 256, 4096, 2^20 and on PatchGAN maps (64, 1, 30, 30); r
 fake logits of one shape. Case names read "<d|g>-<kind>-<shape>", e.g. "d-hinge-256x1",
 and `--sizes` takes any such label.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +56,11 @@ class GANLossCase(Case):
     def impl_fn(self, impl: str):
         if impl == COMPILE:
             from genkern.reference import gan_loss as reference
+
             fn = torch.compile(self._fn(reference), dynamic=False)
             return lambda x: (fn(x["real"], x["fake"]),)
         from genkern.ops import gan_loss as ops
+
         fn = self._fn(ops)
         return lambda x: (fn(x["real"], x["fake"], impl=impl),)
 
@@ -79,8 +82,10 @@ def make_case(label: str) -> GANLossCase:
         shape = tuple(int(v) for v in dims.split("x"))
         return GANLossCase(loss, kind, shape)
     except ValueError:
-        raise ValueError(f"gan_loss sizes are '<d|g>-<kind>-<dims>' with kind one of {', '.join(_KINDS)} "
-                         f"(e.g. d-hinge-256x1, g-relativistic-64x1x30x30), got {label!r}") from None
+        raise ValueError(
+            f"gan_loss sizes are '<d|g>-<kind>-<dims>' with kind one of {', '.join(_KINDS)} "
+            f"(e.g. d-hinge-256x1, g-relativistic-64x1x30x30), got {label!r}"
+        ) from None
 
 
 _FB = "fwd+bwd"
@@ -98,9 +103,17 @@ def _targets(shape):
 
 def _cases():
     variants = [("d", k) for k in _KINDS] + [("g", "nonsaturating"), ("g", "relativistic")]
-    return [GANLossCase(loss, kind, shape, targets=_targets(shape),
-                        quick=shape == (256, 1) and (loss, kind) == ("d", "nonsaturating"))
-            for loss, kind in variants for shape in SHAPES]
+    return [
+        GANLossCase(
+            loss,
+            kind,
+            shape,
+            targets=_targets(shape),
+            quick=shape == (256, 1) and (loss, kind) == ("d", "nonsaturating"),
+        )
+        for loss, kind in variants
+        for shape in SHAPES
+    ]
 
 
 CASES = _cases()

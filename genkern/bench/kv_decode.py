@@ -15,6 +15,7 @@ GB/s counts the bytes a decoding step must move: reading K and V over all S posi
 (which dominates), reading q and the new key/value, writing them into the caches and
 writing out. The CPU target reads at 80% of the device's measured read bandwidth.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,12 +37,24 @@ class KVDecodeCase(Case):
     directions = ("fwd",)
     baselines = (SDPA,)
 
-    def __init__(self, B: int, H: int, S: int, D: int, kv_heads: int | None = None, dtype=torch.float32,
-                 targets=(), quick=False, devices=("cpu", "cuda")):
+    def __init__(
+        self,
+        B: int,
+        H: int,
+        S: int,
+        D: int,
+        kv_heads: int | None = None,
+        dtype=torch.float32,
+        targets=(),
+        quick=False,
+        devices=("cpu", "cuda"),
+    ):
         kv_heads = H if kv_heads is None else kv_heads
         if min(B, H, S, D, kv_heads) < 1 or H % kv_heads:
-            raise ValueError(f"kv_decode cases need B, H, S, D >= 1 and kv heads dividing H, "
-                             f"got B={B} H={H} S={S} D={D} kv={kv_heads}")
+            raise ValueError(
+                f"kv_decode cases need B, H, S, D >= 1 and kv heads dividing H, "
+                f"got B={B} H={H} S={S} D={D} kv={kv_heads}"
+            )
         super().__init__({"B": B, "H": H, "Hkv": kv_heads, "S": S, "D": D}, dtype, targets, quick, devices)
 
     @property
@@ -54,24 +67,32 @@ class KVDecodeCase(Case):
     def make_inputs(self, device) -> dict:
         s, kw = self.sizes, {"device": device, "dtype": self.dtype}
         b, hkv, n, d = s["B"], s["Hkv"], s["S"], s["D"]
-        return {"q": torch.randn(b, s["H"], 1, d, **kw),
-                "k_cache": torch.randn(b, hkv, n, d, **kw), "v_cache": torch.randn(b, hkv, n, d, **kw),
-                "k_new": torch.randn(b, hkv, 1, d, **kw), "v_new": torch.randn(b, hkv, 1, d, **kw),
-                "seqlens": torch.full((b,), n - 1, dtype=torch.int32, device=device)}
+        return {
+            "q": torch.randn(b, s["H"], 1, d, **kw),
+            "k_cache": torch.randn(b, hkv, n, d, **kw),
+            "v_cache": torch.randn(b, hkv, n, d, **kw),
+            "k_new": torch.randn(b, hkv, 1, d, **kw),
+            "v_new": torch.randn(b, hkv, 1, d, **kw),
+            "seqlens": torch.full((b,), n - 1, dtype=torch.int32, device=device),
+        }
 
     def impl_fn(self, impl: str):
         if impl == SDPA:
             from torch.nn.functional import scaled_dot_product_attention as sdpa
+
             gqa = {"enable_gqa": True} if self.sizes["Hkv"] != self.sizes["H"] else {}
 
             def run(x):
                 x["k_cache"][:, :, -1:].copy_(x["k_new"])
                 x["v_cache"][:, :, -1:].copy_(x["v_new"])
                 return (sdpa(x["q"], x["k_cache"], x["v_cache"], **gqa),)
+
             return run
         from genkern.ops.kv_decode import attention_with_kvcache
-        return lambda x: (attention_with_kvcache(x["q"], x["k_cache"], x["v_cache"], x["seqlens"], x["k_new"],
-                                                 x["v_new"], impl=impl),)
+
+        return lambda x: (
+            attention_with_kvcache(x["q"], x["k_cache"], x["v_cache"], x["seqlens"], x["k_new"], x["v_new"], impl=impl),
+        )
 
     def bytes_moved(self, direction: str) -> int:
         s, size = self.sizes, torch.empty((), dtype=self.dtype).element_size()
@@ -91,8 +112,10 @@ def make_case(label: str) -> KVDecodeCase:
         kv = int(m.group(5)) if m.group(5) else None
         return KVDecodeCase(B, H, S, D, kv_heads=kv, dtype=DTYPES[m.group(6) or "fp32"])
     except ValueError:
-        raise ValueError(f"kv_decode sizes are 'BxHxSxD[-kvN][-bf16|-fp16|-fp64]' with N dividing H "
-                         f"(e.g. 8x8x4096x64, 8x32x4096x64-kv8), got {label!r}") from None
+        raise ValueError(
+            f"kv_decode sizes are 'BxHxSxD[-kvN][-bf16|-fp16|-fp64]' with N dividing H "
+            f"(e.g. 8x8x4096x64, 8x32x4096x64-kv8), got {label!r}"
+        ) from None
 
 
 _CPU_READ = (Target("cpu", "fwd", "read_bw", 0.8),)
@@ -115,8 +138,18 @@ def _cases():
         for h, hkv in ((8, 8), (32, 8)):
             for s in (4096, 32768):
                 if b * hkv * s <= 32 * 8 * 32768:
-                    cases.append(KVDecodeCase(b, h, s, 128, kv_heads=hkv, dtype=torch.float16,
-                                              targets=_GPU if s == 32768 else (), devices=("cuda",)))
+                    cases.append(
+                        KVDecodeCase(
+                            b,
+                            h,
+                            s,
+                            128,
+                            kv_heads=hkv,
+                            dtype=torch.float16,
+                            targets=_GPU if s == 32768 else (),
+                            devices=("cuda",),
+                        )
+                    )
     return cases
 
 

@@ -4,6 +4,7 @@ The limits (copy and read bandwidth, matmul rate) are what a kernel's GB/s and
 TFLOP/s are compared with in the report: measured, not taken from a data sheet,
 so that a share of them means the same on every machine.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -42,13 +43,18 @@ def device_slug(device) -> str:
 def machine_header(device, quick=False) -> dict:
     """The device, versions, date, threads, load and measured limits: the head of a results file."""
     import genkern
+
     device = torch.device(device)
     dtypes = ("float32", "bfloat16") if device.type == "cuda" else ("float32",)
     return {
         "device": _device_info(device),
-        "versions": {"genkern": genkern.__version__, "torch": torch.__version__,
-                     "triton": package_version("triton"), "cuda": torch.version.cuda,
-                     "python": platform.python_version()},
+        "versions": {
+            "genkern": genkern.__version__,
+            "torch": torch.__version__,
+            "triton": package_version("triton"),
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+        },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,

@@ -20,6 +20,7 @@ starts (CPU: MemAvailable in /proc/meminfo; CUDA: the device's free memory):
 the other half is left to the other impls' retained graphs and to the other
 processes of a shared machine. `--mem-limit 0` turns the guard off.
 """
+
 from __future__ import annotations
 
 import os

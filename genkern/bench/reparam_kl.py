@@ -1,4 +1,5 @@
 """Benchmark cases for genkern.reparameterize_kl (eps drawn inside, standard prior)."""
+
 from __future__ import annotations
 
 import torch
@@ -27,9 +28,11 @@ class ReparamKLCase(Case):
     def impl_fn(self, impl: str):
         if impl == COMPILE:
             from genkern.reference.reparam_kl import reparameterize_kl as reference
+
             fn = torch.compile(reference, dynamic=False)
             return lambda x: fn(x["mu"], x["logvar"])
         from genkern.ops.reparam_kl import reparameterize_kl
+
         return lambda x: reparameterize_kl(x["mu"], x["logvar"], impl=impl)
 
     def bytes_moved(self, direction: str) -> int:

@@ -1,4 +1,5 @@
 """Reporting: an impl's times summarized, the table printed, the results merged into <device>.json."""
+
 from __future__ import annotations
 
 import json
@@ -10,26 +11,34 @@ import time
 from genkern._io import write_atomic
 from genkern.bench.timing import BWD_METHOD
 
-_COLS = ("{:<18} {:<26} {:<8} {:<7} {:<14} {:>10} {:>9} {:>7} {:>8} {:>6} {:>8} {:>9}  {}")
+_COLS = "{:<18} {:<26} {:<8} {:<7} {:<14} {:>10} {:>9} {:>7} {:>8} {:>6} {:>8} {:>9}  {}"
 
 
 # --- summaries ------------------------------------------------------------------------
+
 
 def speedup(ref_time: float, impl_time: float) -> float:
     """ratio = reference time / impl time: >1 means faster than plain PyTorch."""
     return ref_time / impl_time
 
 
-def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmul_tflops=None,
-              read_gbps=None) -> dict:
+def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmul_tflops=None, read_gbps=None) -> dict:
     """Median, quartiles, ratio, GB/s (and TFLOP/s when `flops` is given) of one impl's times (s)."""
     ms = sorted(t * 1e3 for t in times)
     q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
     gbps = nbytes / (med / 1e3) / 1e9 if nbytes else None  # no byte count: a whole training step
-    out = {"status": "ok", "median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "n": len(ms),
-           "ratio": speedup(ref_ms if ref_ms is not None else med, med), "gbps": gbps,
-           "frac_copy_bw": gbps / copy_gbps if copy_gbps and gbps else None,
-           "frac_read_bw": gbps / read_gbps if read_gbps and gbps else None}
+    out = {
+        "status": "ok",
+        "median_ms": med,
+        "q1_ms": q1,
+        "q3_ms": q3,
+        "iqr_ms": q3 - q1,
+        "n": len(ms),
+        "ratio": speedup(ref_ms if ref_ms is not None else med, med),
+        "gbps": gbps,
+        "frac_copy_bw": gbps / copy_gbps if copy_gbps and gbps else None,
+        "frac_read_bw": gbps / read_gbps if read_gbps and gbps else None,
+    }
     if flops is not None:
         out["tflops"] = flops / (med / 1e3) / 1e12
         out["frac_matmul"] = out["tflops"] / matmul_tflops if matmul_tflops else None
@@ -44,32 +53,58 @@ def all_good(entries) -> bool:
 
 # --- the table ------------------------------------------------------------------------
 
+
 def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
     """The machine, its measured limits, what the columns mean, and the column titles."""
     d, v = header["device"], header["versions"]
     rates = ", ".join(f"{k} {r:.3g}" for k, r in header["matmul_tflops"].items() if r)
-    print(f"genkern bench on {d['slug']} ({d['name']}, threads: {header['threads']}); "
-          f"torch {v['torch']}, triton {v['triton']}, genkern {v['genkern']}")
-    print(f"measured copy bandwidth {header['copy_gbps']:.1f} GB/s (read+write), read bandwidth "
-          f"{header.get('read_gbps') or 0:.1f} GB/s; matmul TFLOP/s: {rates}; "
-          f"load average {header['load_avg']}")
+    print(
+        f"genkern bench on {d['slug']} ({d['name']}, threads: {header['threads']}); "
+        f"torch {v['torch']}, triton {v['triton']}, genkern {v['genkern']}"
+    )
+    print(
+        f"measured copy bandwidth {header['copy_gbps']:.1f} GB/s (read+write), read bandwidth "
+        f"{header.get('read_gbps') or 0:.1f} GB/s; matmul TFLOP/s: {rates}; "
+        f"load average {header['load_avg']}"
+    )
     _warn_load(header)
     extra = f" (+ {', '.join(baselines)} where a case has it)" if baselines else ""
     limit = "none" if mem_limit is None else f"{mem_limit / 2**30:.1f} GiB"
-    print(f"impls: {', '.join(impls)}{extra}; ratio = torch time / impl time (>1: faster than plain PyTorch); "
-          f"bwd = {BWD_METHOD}")
-    print(f"TFLOP/s: the op's flops (see its case module) / median time; peak MiB: allocated during one call "
-          f"beyond the inputs (and a retained graph); memory limit {limit} (--mem-limit)")
-    print(_COLS.format("op", "case", "dtype", "dir", "impl", "median ms", "IQR ms", "ratio", "GB/s",
-                       "%copy", "TFLOP/s", "peak MiB", "target / note"))
+    print(
+        f"impls: {', '.join(impls)}{extra}; ratio = torch time / impl time (>1: faster than plain PyTorch); "
+        f"bwd = {BWD_METHOD}"
+    )
+    print(
+        f"TFLOP/s: the op's flops (see its case module) / median time; peak MiB: allocated during one call "
+        f"beyond the inputs (and a retained graph); memory limit {limit} (--mem-limit)"
+    )
+    print(
+        _COLS.format(
+            "op",
+            "case",
+            "dtype",
+            "dir",
+            "impl",
+            "median ms",
+            "IQR ms",
+            "ratio",
+            "GB/s",
+            "%copy",
+            "TFLOP/s",
+            "peak MiB",
+            "target / note",
+        )
+    )
     sys.stdout.flush()
 
 
 def _warn_load(header: dict) -> None:
     cores = os.cpu_count() or 1
     if header["device"]["type"] == "cpu" and header["load_avg"] and header["load_avg"][0] >= cores:
-        print(f"warning: load average {header['load_avg'][0]} on {cores} cores: other processes compete for the "
-              "CPU and multi-threaded ops wait on them; ratios are unreliable (try --threads 1)")
+        print(
+            f"warning: load average {header['load_avg'][0]} on {cores} cores: other processes compete for the "
+            "CPU and multi-threaded ops wait on them; ratios are unreliable (try --threads 1)"
+        )
 
 
 def _fmt(value, spec, scale=1.0):
@@ -84,10 +119,23 @@ def print_entry(entry: dict) -> None:
             error = r["error"] if len(r["error"]) <= 90 else r["error"][:87] + "..."
             notes.insert(0, f"{r['status']}: {error}")
         peak = r.get("peak_mem_bytes")
-        print(_COLS.format(entry["op"], entry["case"], entry["dtype"], entry["direction"], impl,
-                           _fmt(r.get("median_ms"), ".4f"), _fmt(r.get("iqr_ms"), ".4f"), _fmt(r.get("ratio"), ".2f"),
-                           _fmt(r.get("gbps"), ".1f"), _fmt(r.get("frac_copy_bw"), ".0%"),
-                           _fmt(r.get("tflops"), ".3g"), _fmt(peak, ".1f", 2**-20), "; ".join(notes)))
+        print(
+            _COLS.format(
+                entry["op"],
+                entry["case"],
+                entry["dtype"],
+                entry["direction"],
+                impl,
+                _fmt(r.get("median_ms"), ".4f"),
+                _fmt(r.get("iqr_ms"), ".4f"),
+                _fmt(r.get("ratio"), ".2f"),
+                _fmt(r.get("gbps"), ".1f"),
+                _fmt(r.get("frac_copy_bw"), ".0%"),
+                _fmt(r.get("tflops"), ".3g"),
+                _fmt(peak, ".1f", 2**-20),
+                "; ".join(notes),
+            )
+        )
     sys.stdout.flush()
 
 
@@ -97,6 +145,7 @@ def _verdict(t: dict) -> str:
 
 
 # --- the results file -----------------------------------------------------------------
+
 
 def write_results(out_dir: str, header: dict, entries) -> str:
     """Merges `entries` into <out_dir>/<device slug>.json by op and case key; atomic."""
@@ -127,6 +176,5 @@ def _load(path: str) -> dict:
     # Keep what the user had: set the unreadable file aside instead of overwriting it.
     kept = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
     os.replace(path, kept)
-    print(f"genkern bench: {path} is unreadable ({reason}); moved it to {kept} and starting afresh",
-          file=sys.stderr)
+    print(f"genkern bench: {path} is unreadable ({reason}); moved it to {kept} and starting afresh", file=sys.stderr)
     return {}

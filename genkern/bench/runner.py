@@ -12,6 +12,7 @@ This module only orchestrates; the work is done by genkern.bench.arguments
 report (summaries, the table, the results file). Their public names used by
 `genkern bench`, bench/ and the tests are importable from here too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,10 +39,31 @@ from genkern.bench.memory import guard, memory_limit, peak_memory
 from genkern.bench.report import all_good, print_entry, print_header, speedup, summarize, write_results
 from genkern.bench.timing import BWD_METHOD, MIN_ROUNDS, ImplError, measure, prepare, time_once
 
-__all__ = ["BWD_METHOD", "MIN_ROUNDS", "ImplError", "add_arguments", "bench_case", "case_impls", "copy_bandwidth",
-           "device_name", "device_slug", "fast_impl", "impls_for", "machine_header", "matmul_rate", "measure",
-           "prepare", "print_entry", "print_header", "read_bandwidth", "run", "speedup", "summarize", "time_once",
-           "write_results"]
+__all__ = [
+    "BWD_METHOD",
+    "MIN_ROUNDS",
+    "ImplError",
+    "add_arguments",
+    "bench_case",
+    "case_impls",
+    "copy_bandwidth",
+    "device_name",
+    "device_slug",
+    "fast_impl",
+    "impls_for",
+    "machine_header",
+    "matmul_rate",
+    "measure",
+    "prepare",
+    "print_entry",
+    "print_header",
+    "read_bandwidth",
+    "run",
+    "speedup",
+    "summarize",
+    "time_once",
+    "write_results",
+]
 
 
 def run(args) -> int:
@@ -65,8 +87,13 @@ def run(args) -> int:
         entries, header = _run_cases(cases, device, impls, args, budget, repeats, limit)
     finally:
         torch.set_num_threads(threads)
-    header["settings"] = {"impl": args.impl, "budget_s": budget, "repeats": repeats, "quick": args.quick,
-                          "mem_limit_gib": None if limit is None else round(limit / 2**30, 2)}
+    header["settings"] = {
+        "impl": args.impl,
+        "budget_s": budget,
+        "repeats": repeats,
+        "quick": args.quick,
+        "mem_limit_gib": None if limit is None else round(limit / 2**30, 2),
+    }
     path = write_results(args.out, header, entries)
     print(f"wrote {path}")
     return 1 if args.strict and not all_good(entries) else 0
@@ -82,16 +109,36 @@ def _run_cases(cases, device, impls, args, budget, repeats, limit):
             for direction in args.direction or DIRECTIONS:
                 if direction not in case.directions:  # e.g. inference-only ops have no backward
                     continue
-                entry = bench_case(case, direction, device, impls, budget, repeats, header["copy_gbps"],
-                                   matmul_tflops=header["matmul_tflops"], mem_limit=limit,
-                                   read_gbps=header["read_gbps"])
+                entry = bench_case(
+                    case,
+                    direction,
+                    device,
+                    impls,
+                    budget,
+                    repeats,
+                    header["copy_gbps"],
+                    matmul_tflops=header["matmul_tflops"],
+                    mem_limit=limit,
+                    read_gbps=header["read_gbps"],
+                )
                 print_entry(entry)
                 entries.append(entry)
     return entries, header
 
 
-def bench_case(case, direction, device, impls, budget_s, max_rounds, copy_gbps=None, *,
-               matmul_tflops=None, mem_limit=None, read_gbps=None) -> dict:
+def bench_case(
+    case,
+    direction,
+    device,
+    impls,
+    budget_s,
+    max_rounds,
+    copy_gbps=None,
+    *,
+    matmul_tflops=None,
+    mem_limit=None,
+    read_gbps=None,
+) -> dict:
     """Times `impls` (and the case's baselines) on one case and direction; returns the result entry.
 
     matmul_tflops: {dtype name: the device's measured rate}; mem_limit: bytes, for the memory guard;
@@ -107,14 +154,21 @@ def bench_case(case, direction, device, impls, budget_s, max_rounds, copy_gbps=N
     ref = samples.get("torch")
     ref_ms = statistics.median(ref) * 1e3 if ref else None
     for impl, times in samples.items():
-        results[impl] = summarize(times, nbytes, ref_ms, copy_gbps, flops, (matmul_tflops or {}).get(dtype),
-                                  read_gbps)
+        results[impl] = summarize(times, nbytes, ref_ms, copy_gbps, flops, (matmul_tflops or {}).get(dtype), read_gbps)
         if ref_ms is None:
             results[impl]["ratio"] = None
         results[impl]["peak_mem_bytes"] = peak_memory(calls[impl], device)
-    entry = {"op": case.op, "case": case.name, "sizes": case.sizes, "dtype": dtype, "direction": direction,
-             "bytes": nbytes, "fast_impl": fast, "impls": {i: results[i] for i in impls},
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    entry = {
+        "op": case.op,
+        "case": case.name,
+        "sizes": case.sizes,
+        "dtype": dtype,
+        "direction": direction,
+        "bytes": nbytes,
+        "fast_impl": fast,
+        "impls": {i: results[i] for i in impls},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     if flops is not None:
         entry["flops"] = flops
     if direction == "bwd":
@@ -130,8 +184,7 @@ def _prepare_all(case, impls, direction, device, mem_limit):
     for impl in impls:
         too_big = guard(case, impl, direction, mem_limit)
         if too_big:
-            results[impl] = {"status": "skipped", "error": too_big,
-                             "needs_bytes": case.memory_needed(impl, direction)}
+            results[impl] = {"status": "skipped", "error": too_big, "needs_bytes": case.memory_needed(impl, direction)}
             continue
         try:
             calls[impl] = prepare(case, impl, direction, device, inputs)

@@ -3,6 +3,7 @@
 On CUDA each call is timed with CUDA events on the current stream. `bwd` times
 torch.autograd.grad over a graph built once and retained (no forward inside).
 """
+
 from __future__ import annotations
 
 import sys
@@ -73,9 +74,11 @@ def _prepare(fn, case, direction, inputs):
         fn(inputs)
         return lambda: fn(inputs)
     if direction == "fwd":
+
         def fwd():
             with torch.no_grad():
                 return fn(inputs)
+
         fwd()
         return fwd
     leaves = [inputs[name].requires_grad_(True) for name in case.grad_inputs]
@@ -88,6 +91,7 @@ def _prepare(fn, case, direction, inputs):
 
 def _status(exc, impl) -> str:
     from genkern import ImplUnavailableError
+
     unavailable = isinstance(exc, (ImplUnavailableError, NotImplementedError))
     return "unavailable" if unavailable and impl != COMPILE else "failed"
 

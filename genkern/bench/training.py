@@ -6,6 +6,7 @@ for the Transformer one batch of windows through flash-attention),
 with the model's ops on the fast impl or on "torch". Both models start from
 the same weights and see the same batch and noise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,11 +50,15 @@ class TrainStepCase(Case):
                 device = next(iter(inputs.values())).device
                 model = build_model(fam, config, 0, impl, device)
                 noise = fam.noise(model, torch.Generator().manual_seed(1), self.sizes["B"])
-                state.update(model=model, opts=fam.optimizers(model, fam.lr, fam.betas),
-                             noise={k: v.to(device) for k, v in noise.items()})
+                state.update(
+                    model=model,
+                    opts=fam.optimizers(model, fam.lr, fam.betas),
+                    noise={k: v.to(device) for k, v in noise.items()},
+                )
             model = state["model"]
             out = fam.step(model, model, state["opts"], inputs, state["noise"])
             return tuple(out.values())
+
         return step
 
     def bytes_moved(self, direction: str) -> int:

@@ -5,11 +5,20 @@
 - arma_process(): ARMA/ARIMA series with known parameters.
 - text(): a character corpus from this Python's standard-library sources.
 """
+
 from genkern.data.arma import arma_process
 from genkern.data.base import Dataset
 from genkern.data.digits import digits
 from genkern.data.text import TextCorpus, text
 from genkern.data.toy import count_modes, mode_centres, ring_of_gaussians
 
-__all__ = ["Dataset", "arma_process", "TextCorpus", "count_modes", "digits", "mode_centres", "ring_of_gaussians",
-           "text"]
+__all__ = [
+    "Dataset",
+    "arma_process",
+    "TextCorpus",
+    "count_modes",
+    "digits",
+    "mode_centres",
+    "ring_of_gaussians",
+    "text",
+]

@@ -13,6 +13,7 @@ statsmodels' ``ArmaProcess(ar, ma)`` takes the lag-polynomial coefficients ``[1,
 The process is stationary when every root of phi(z) lies strictly outside the unit circle, and
 invertible when every root of theta(z) does; the mean is ``c / (1 - sum(phi))``.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,15 @@ import numpy as np
 import torch
 from scipy import signal
 
-__all__ = ["ar_from_pacf", "arma_process", "as_coefficients", "check_invertible", "check_stationary", "pacf_from_ar",
-           "psi_weights"]
+__all__ = [
+    "ar_from_pacf",
+    "arma_process",
+    "as_coefficients",
+    "check_invertible",
+    "check_stationary",
+    "pacf_from_ar",
+    "psi_weights",
+]
 
 
 def as_coefficients(value, name: str) -> np.ndarray:
@@ -60,8 +68,10 @@ def check_stationary(ar, name: str = "ar") -> np.ndarray:
     phi = as_coefficients(ar, name)
     modulus = _min_root_modulus(phi, -1.0)
     if not modulus > 1.0 + 1e-10:
-        raise ValueError(f"{name}={phi.tolist()} is not stationary: the AR polynomial 1 - phi_1 z - ... has a "
-                         f"root of modulus {modulus:.6g}, but all roots must lie outside the unit circle")
+        raise ValueError(
+            f"{name}={phi.tolist()} is not stationary: the AR polynomial 1 - phi_1 z - ... has a "
+            f"root of modulus {modulus:.6g}, but all roots must lie outside the unit circle"
+        )
     return phi
 
 
@@ -70,8 +80,10 @@ def check_invertible(ma, name: str = "ma") -> np.ndarray:
     theta = as_coefficients(ma, name)
     modulus = _min_root_modulus(theta, 1.0)
     if not modulus > 1.0 + 1e-10:
-        raise ValueError(f"{name}={theta.tolist()} is not invertible: the MA polynomial 1 + theta_1 z + ... has a "
-                         f"root of modulus {modulus:.6g}, but all roots must lie outside the unit circle")
+        raise ValueError(
+            f"{name}={theta.tolist()} is not invertible: the MA polynomial 1 + theta_1 z + ... has a "
+            f"root of modulus {modulus:.6g}, but all roots must lie outside the unit circle"
+        )
     return theta
 
 
@@ -118,7 +130,7 @@ def _default_burnin(phi: np.ndarray, theta: np.ndarray) -> int:
     """Steps for the zero start's influence to fall below 1e-12 of the stationary scale."""
     if phi.size == 0:
         return theta.size
-    rho = 1.0 / _min_root_modulus(phi, -1.0)      # largest |eigenvalue| of the AR companion matrix
+    rho = 1.0 / _min_root_modulus(phi, -1.0)  # largest |eigenvalue| of the AR companion matrix
     if rho <= 0.0:
         return phi.size + theta.size
     # rho**k < 1e-12, plus slack for polynomial factors of repeated roots; capped so near-unit
@@ -132,9 +144,18 @@ def _check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def arma_process(ar, ma, n: int, *, sigma: float = 1.0, const: float = 0.0, d: int = 0,
-                 burnin: int | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def arma_process(
+    ar,
+    ma,
+    n: int,
+    *,
+    sigma: float = 1.0,
+    const: float = 0.0,
+    d: int = 0,
+    burnin: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Simulate ``n`` values of an ARMA(p, q) series, or of an ARIMA(p, d, q) series when ``d > 0``.
 
     Args:

@@ -1,4 +1,5 @@
 """Dataset: a labelled tensor dataset small enough to live in memory."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,18 +31,21 @@ class Dataset:
             raise TypeError(f"x must be a floating torch.Tensor, got {getattr(self.x, 'dtype', type(self.x).__name__)}")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if tuple(self.x.shape[1:]) != self.shape:
-            raise ValueError(f"x must have shape (N, *shape) = (N, {', '.join(map(str, self.shape))}), "
-                             f"got {tuple(self.x.shape)}")
+            raise ValueError(
+                f"x must have shape (N, *shape) = (N, {', '.join(map(str, self.shape))}), got {tuple(self.x.shape)}"
+            )
         if self.y is not None:
             if not isinstance(self.y, torch.Tensor) or self.y.dtype != torch.int64:
-                raise TypeError(f"y must be an int64 torch.Tensor or None, got "
-                                f"{getattr(self.y, 'dtype', type(self.y).__name__)}")
+                raise TypeError(
+                    f"y must be an int64 torch.Tensor or None, got {getattr(self.y, 'dtype', type(self.y).__name__)}"
+                )
             if self.y.shape != (self.x.shape[0],):
                 raise ValueError(f"y must have shape (N,) = ({self.x.shape[0]},), got {tuple(self.y.shape)}")
             if self.y.device != self.x.device:
                 raise ValueError(f"x and y must be on one device, got {self.x.device} and {self.y.device}")
-        if self.levels is not None and (isinstance(self.levels, bool) or not isinstance(self.levels, int)
-                                        or self.levels < 2):
+        if self.levels is not None and (
+            isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 2
+        ):
             raise ValueError(f"levels must be an int >= 2 or None, got {self.levels!r}")
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ The split is a stratified 20% test set chosen by a hand-rolled hash of the image
 index, not by torch's or numpy's random generators, so it is the same on every
 machine and every library version.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,8 +65,9 @@ def _load():
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise ImportError("genkern.data.digits needs scikit-learn, whose package ships the 8x8 digits "
-                          "file: pip install scikit-learn") from err
+        raise ImportError(
+            "genkern.data.digits needs scikit-learn, whose package ships the 8x8 digits file: pip install scikit-learn"
+        ) from err
     pixels, labels = load_digits(return_X_y=True)  # (1797, 64) float64 levels 0..16, (1797,)
     x = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, *SHAPE) / (LEVELS - 1)  # (N, 1, 8, 8)
     y = torch.as_tensor(labels, dtype=torch.int64)
@@ -78,15 +80,15 @@ def pixels_to_tokens(x: torch.Tensor) -> torch.Tensor:
 
     The sequence an autoregressive model reads: its exact likelihood is in the same bits/dim
     as a VAE's bound on the same images."""
-    levels = (x.reshape(x.shape[0], -1) * (LEVELS - 1)).round().long()            # (N, 64)
+    levels = (x.reshape(x.shape[0], -1) * (LEVELS - 1)).round().long()  # (N, 64)
     bos = torch.full((x.shape[0], 1), BOS, dtype=torch.int64, device=x.device)
-    return torch.cat([bos, levels], dim=1)                                        # (N, 65)
+    return torch.cat([bos, levels], dim=1)  # (N, 65)
 
 
 def tokens_to_pixels(tokens: torch.Tensor) -> torch.Tensor:
     """(N, 65) or (N, 64) tokens -> (N, 1, 8, 8) float32 images in [0, 1]."""
     levels = tokens[:, -PIXELS:].clamp(0, LEVELS - 1).float()
-    return (levels / (LEVELS - 1)).reshape(-1, *SHAPE)                           # (N, 1, 8, 8)
+    return (levels / (LEVELS - 1)).reshape(-1, *SHAPE)  # (N, 1, 8, 8)
 
 
 def split_indices(labels, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -110,7 +112,7 @@ def split_indices(labels, test_fraction: float, seed: int) -> tuple[list[int], l
     test = []
     for c in classes:
         ranked = sorted(by_class[c], key=lambda i: _hash64(seed, i))
-        test.extend(ranked[:n_test[c]])
+        test.extend(ranked[: n_test[c]])
     test_set = set(test)
     return [i for i in range(len(labels)) if i not in test_set], sorted(test)
 

@@ -12,6 +12,7 @@ reads the corpus of another.
 The concatenated text is split by character, contiguously: the first 90% is "train",
 the next 5% "valid", the last 5% "test".
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,15 +24,56 @@ import torch
 
 # Fixed and sorted, so the corpus does not depend on what else is installed. All exist
 # in CPython 3.10 through 3.13; their text changes between minor versions.
-STDLIB_FILES = tuple(sorted((
-    "abc.py", "argparse.py", "base64.py", "bisect.py", "calendar.py", "collections/__init__.py",
-    "colorsys.py", "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "difflib.py", "enum.py",
-    "fnmatch.py", "fractions.py", "functools.py", "genericpath.py", "gettext.py", "glob.py", "heapq.py",
-    "hmac.py", "json/__init__.py", "json/decoder.py", "json/encoder.py", "keyword.py", "ntpath.py",
-    "numbers.py", "operator.py", "posixpath.py", "pprint.py", "queue.py", "random.py", "reprlib.py",
-    "sched.py", "shlex.py", "shutil.py", "stat.py", "statistics.py", "string.py", "tempfile.py",
-    "textwrap.py", "tokenize.py", "traceback.py", "weakref.py",
-)))
+STDLIB_FILES = tuple(
+    sorted(
+        (
+            "abc.py",
+            "argparse.py",
+            "base64.py",
+            "bisect.py",
+            "calendar.py",
+            "collections/__init__.py",
+            "colorsys.py",
+            "contextlib.py",
+            "copy.py",
+            "csv.py",
+            "dataclasses.py",
+            "difflib.py",
+            "enum.py",
+            "fnmatch.py",
+            "fractions.py",
+            "functools.py",
+            "genericpath.py",
+            "gettext.py",
+            "glob.py",
+            "heapq.py",
+            "hmac.py",
+            "json/__init__.py",
+            "json/decoder.py",
+            "json/encoder.py",
+            "keyword.py",
+            "ntpath.py",
+            "numbers.py",
+            "operator.py",
+            "posixpath.py",
+            "pprint.py",
+            "queue.py",
+            "random.py",
+            "reprlib.py",
+            "sched.py",
+            "shlex.py",
+            "shutil.py",
+            "stat.py",
+            "statistics.py",
+            "string.py",
+            "tempfile.py",
+            "textwrap.py",
+            "tokenize.py",
+            "traceback.py",
+            "weakref.py",
+        )
+    )
+)
 
 PLACEHOLDER = "\ufffd"  # stands for every character outside the vocabulary
 VOCAB = ("\n",) + tuple(chr(c) for c in range(32, 127)) + (PLACEHOLDER,)
@@ -55,8 +97,7 @@ def decode(ids) -> str:
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() != 1:
         raise ValueError(f"ids must be a 1-d integer sequence, got {ids.dtype} of shape {tuple(ids.shape)}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(VOCAB)):
-        raise ValueError(f"ids must lie in [0, {len(VOCAB)}), got values in "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+        raise ValueError(f"ids must lie in [0, {len(VOCAB)}), got values in [{int(ids.min())}, {int(ids.max())}]")
     return "".join(VOCAB[i] for i in ids.tolist())
 
 
@@ -70,6 +111,7 @@ class TextCorpus:
         vocab: the characters, index = id (the same for every split and machine).
         files: the source files the whole corpus was read from, in order.
     """
+
     split: str
     ids: torch.Tensor
     vocab: tuple
@@ -99,12 +141,16 @@ def _load(root: str) -> tuple:
     paths = [os.path.join(root, *name.split("/")) for name in STDLIB_FILES]
     missing = [p for p in paths if not os.path.isfile(p)]
     if len(missing) == len(paths):
-        raise FileNotFoundError(f"no Python source files found under {root!r} (looked for {STDLIB_FILES[0]}, "
-                                f"{STDLIB_FILES[1]}, ...); this Python may ship only compiled modules")
+        raise FileNotFoundError(
+            f"no Python source files found under {root!r} (looked for {STDLIB_FILES[0]}, "
+            f"{STDLIB_FILES[1]}, ...); this Python may ship only compiled modules"
+        )
     if missing:
         # A partial corpus would silently differ from other machines' corpus.
-        raise FileNotFoundError(f"{len(missing)} of the corpus' source files are missing under {root!r}: "
-                                f"{[os.path.relpath(p, root) for p in missing]}")
+        raise FileNotFoundError(
+            f"{len(missing)} of the corpus' source files are missing under {root!r}: "
+            f"{[os.path.relpath(p, root) for p in missing]}"
+        )
     parts = []
     for p in paths:
         # Universal newlines: a checkout with CRLF endings gives the same text.
@@ -128,8 +174,7 @@ def text(split: str = "train", *, max_chars: int | None = None, root: str | None
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int)
-                                  or max_chars < 1):
+    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
         raise ValueError(f"max_chars must be None or a positive int, got {max_chars!r}")
     root = os.path.abspath(stdlib_dir() if root is None else os.fspath(root))
     ids, paths = _load(root)
@@ -141,8 +186,13 @@ def text(split: str = "train", *, max_chars: int | None = None, root: str | None
 
 
 def _check_ids(ids, seq_len: int) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() \
-            or ids.dtype == torch.bool:
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dim() != 1
+        or ids.is_floating_point()
+        or ids.is_complex()
+        or ids.dtype == torch.bool
+    ):
         got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"ids must be a 1-d integer tensor, got {got}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
@@ -166,9 +216,9 @@ def random_windows(ids: torch.Tensor, n: int, seq_len: int, generator: torch.Gen
     _check_ids(ids, seq_len)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=generator)        # (n,)
-    offsets = torch.arange(seq_len + 1)                                                 # (L+1,)
-    return ids[(starts[:, None] + offsets[None, :]).to(ids.device)]                     # (n, L+1)
+    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=generator)  # (n,)
+    offsets = torch.arange(seq_len + 1)  # (L+1,)
+    return ids[(starts[:, None] + offsets[None, :]).to(ids.device)]  # (n, L+1)
 
 
 def contiguous_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -187,7 +237,7 @@ def contiguous_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """
     _check_ids(ids, seq_len)
     m = (ids.numel() - 1) // seq_len
-    return ids[: m * seq_len + 1].unfold(0, seq_len + 1, seq_len)                       # (M, L+1)
+    return ids[: m * seq_len + 1].unfold(0, seq_len + 1, seq_len)  # (M, L+1)
 
 
 def batches(ids: torch.Tensor, batch_size: int, seq_len: int, steps: int, seed: int = 0):

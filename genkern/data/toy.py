@@ -3,6 +3,7 @@
 `ring_of_gaussians` draws the data; `count_modes` scores samples from a model:
 how many modes it reaches and what fraction of its samples land on a mode.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ def mode_centres(n_modes: int = 8, radius: float = 2.0) -> torch.Tensor:
     return radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)  # (n_modes, 2)
 
 
-def ring_of_gaussians(n_modes: int = 8, n: int = 10_000, radius: float = 2.0, std: float = 0.02,
-                      seed: int = 0, device=None) -> Dataset:
+def ring_of_gaussians(
+    n_modes: int = 8, n: int = 10_000, radius: float = 2.0, std: float = 0.02, seed: int = 0, device=None
+) -> Dataset:
     """n points from an equal-weight mixture of isotropic Gaussians on a circle.
 
     Args:
@@ -60,8 +62,14 @@ class ModeCount(NamedTuple):
     high_quality: float
 
 
-def count_modes(samples, n_modes: int = 8, radius: float = 2.0, std: float = 0.02, threshold_std: float = 3.0,
-                min_fraction: float = 0.01) -> ModeCount:
+def count_modes(
+    samples,
+    n_modes: int = 8,
+    radius: float = 2.0,
+    std: float = 0.02,
+    threshold_std: float = 3.0,
+    min_fraction: float = 0.01,
+) -> ModeCount:
     """Scores 2-D samples against the ring: which modes they reach and how many are on a mode.
 
     A sample is high-quality when it lies within threshold_std * std of its nearest
@@ -94,8 +102,9 @@ def count_modes(samples, n_modes: int = 8, radius: float = 2.0, std: float = 0.0
     counts = torch.bincount(nearest[good], minlength=n_modes)  # (n_modes,)
     # The small slack keeps e.g. 0.01 * 300 = 3.0000000000000004 from demanding 4 samples.
     min_count = max(1, math.ceil(min_fraction * x.shape[0] - 1e-9))
-    return ModeCount(covered=int((counts >= min_count).sum()), counts=counts.tolist(),
-                     high_quality=float(good.double().mean()))
+    return ModeCount(
+        covered=int((counts >= min_count).sum()), counts=counts.tolist(), high_quality=float(good.double().mean())
+    )
 
 
 def _check_ring(n_modes, radius):

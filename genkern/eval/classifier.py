@@ -4,6 +4,7 @@ It plays the part Inception plays for FID on photographs: `features` gives the
 penultimate activations for the Fréchet distance, `predict_proba` the class
 probabilities for class coverage. It trains in seconds on the CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,9 @@ class DigitClassifier(nn.Module):
     def __init__(self, hidden: tuple = (256, 128)):
         super().__init__()
         widths = (PIXELS, *hidden)
-        self.body = nn.Sequential(*[m for i in range(len(hidden))
-                                    for m in (nn.Linear(widths[i], widths[i + 1]), nn.ReLU())])
+        self.body = nn.Sequential(
+            *[m for i in range(len(hidden)) for m in (nn.Linear(widths[i], widths[i + 1]), nn.ReLU())]
+        )
         self.head = nn.Linear(widths[-1], NUM_CLASSES)
         self.feature_dim = widths[-1]
 
@@ -40,7 +42,7 @@ class DigitClassifier(nn.Module):
         with torch.no_grad():
             for layer in self.modules():
                 if isinstance(layer, nn.Linear):
-                    bound = layer.in_features ** -0.5
+                    bound = layer.in_features**-0.5
                     for p in (layer.weight, layer.bias):
                         p.copy_(torch.rand(p.shape, generator=generator) * (2 * bound) - bound)
 
@@ -79,14 +81,23 @@ class DigitClassifier(nn.Module):
         if x.numel() and not torch.isfinite(x).all():
             raise ValueError("x must be finite (found NaN or inf)")
         if x.numel() and (x.min() < -_RANGE_SLACK or x.max() > 1 + _RANGE_SLACK):
-            raise ValueError(f"x must lie in [0, 1] (pixel level / 16), got values in "
-                             f"[{float(x.min()):.4g}, {float(x.max()):.4g}]; clamp model samples first")
+            raise ValueError(
+                f"x must lie in [0, 1] (pixel level / 16), got values in "
+                f"[{float(x.min()):.4g}, {float(x.max()):.4g}]; clamp model samples first"
+            )
         param = self.head.weight
         return x.reshape(x.shape[0], PIXELS).to(param.device, param.dtype).clamp(0, 1)  # (N, 64)
 
 
-def train_digit_classifier(seed: int = 0, steps: int = 500, device="cpu", *, batch_size: int = 128,
-                           lr: float = 3e-3, weight_decay: float = 1e-4) -> DigitClassifier:
+def train_digit_classifier(
+    seed: int = 0,
+    steps: int = 500,
+    device="cpu",
+    *,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+) -> DigitClassifier:
     """Trains a DigitClassifier on digits("train") with Adam and returns it frozen, in eval mode.
 
     The run depends only on `seed` (a private torch.Generator draws the init and the
@@ -115,7 +126,7 @@ def train_digit_classifier(seed: int = 0, steps: int = 500, device="cpu", *, bat
         for _ in range(steps):
             if pos + batch_size > len(order):  # a new epoch: reshuffle, drop the ragged tail
                 order, pos = torch.randperm(len(train), generator=gen), 0
-            idx = order[pos:pos + batch_size].to(device)
+            idx = order[pos : pos + batch_size].to(device)
             pos += batch_size
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)

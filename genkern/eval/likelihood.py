@@ -13,6 +13,7 @@ What each family can say about log p(x) differs, and the result states which it 
 
 bits/dim = nats / (D ln 2), D the number of modelled dimensions (64 pixels for digits).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,10 +32,14 @@ from genkern.models.vae import VAE
 
 GAN_NOTE = "a GAN defines no likelihood: it has an implicit density (the push-forward of its noise)"
 _EXACT_NOTE = "exact: the chain rule over the pixels, one conditional per pixel"
-_BOUND_NOTE = ("upper bound on the true bits/dim (the ELBO and the importance-weighted bound are lower "
-               "bounds on log p(x)); bits_per_dim is the tighter importance-weighted one")
-_CONTINUOUS_NOTE = ("the {lik} decoder bounds a density, not the probability of the 17 discrete levels: "
-                    "not comparable with a categorical model's bits/dim")
+_BOUND_NOTE = (
+    "upper bound on the true bits/dim (the ELBO and the importance-weighted bound are lower "
+    "bounds on log p(x)); bits_per_dim is the tighter importance-weighted one"
+)
+_CONTINUOUS_NOTE = (
+    "the {lik} decoder bounds a density, not the probability of the 17 discrete levels: "
+    "not comparable with a categorical model's bits/dim"
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,9 @@ def bits_per_dim(nats: float, dims: int) -> float:
     return nats / (dims * math.log(2.0))
 
 
-def log_likelihood(model, data=None, *, num_samples: int = 100, batch_size: int | None = None,
-                   generator: torch.Generator | None = None) -> LikelihoodResult:
+def log_likelihood(
+    model, data=None, *, num_samples: int = 100, batch_size: int | None = None, generator: torch.Generator | None = None
+) -> LikelihoodResult:
     """The model's (bound on the) negative log-likelihood of `data`, in bits/dim.
 
     Args:
@@ -88,8 +94,7 @@ def log_likelihood(model, data=None, *, num_samples: int = 100, batch_size: int 
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
     if data is None:
         data = digits("test")
@@ -111,8 +116,10 @@ def log_likelihood(model, data=None, *, num_samples: int = 100, batch_size: int 
 def _vae(model, x: torch.Tensor, k: int, batch_size: int, generator) -> LikelihoodResult:
     cfg = model.config
     if not x.is_floating_point() or tuple(x.shape[1:]) != tuple(cfg.data_shape):
-        raise ValueError(f"data must be floating images of shape (N, {', '.join(map(str, cfg.data_shape))}) "
-                         f"for this VAE, got {x.dtype} of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"data must be floating images of shape (N, {', '.join(map(str, cfg.data_shape))}) "
+            f"for this VAE, got {x.dtype} of shape {tuple(x.shape)}"
+        )
     device = next(model.parameters()).device
     x = x.to(device)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -126,35 +133,56 @@ def _vae(model, x: torch.Tensor, k: int, batch_size: int, generator) -> Likeliho
     elbo_nats = elbo_sum / x.shape[0]
     iw_nats = -model.log_likelihood(x, num_samples=k, generator=gen, batch_size=batch_size).mean().item()
     dims = math.prod(cfg.data_shape)
-    note = _BOUND_NOTE if cfg.likelihood == "categorical" else _BOUND_NOTE + "; " + \
-        _CONTINUOUS_NOTE.format(lik=cfg.likelihood)
+    note = (
+        _BOUND_NOTE
+        if cfg.likelihood == "categorical"
+        else _BOUND_NOTE + "; " + _CONTINUOUS_NOTE.format(lik=cfg.likelihood)
+    )
     iw_bpd = bits_per_dim(iw_nats, dims)
-    return LikelihoodResult("bound", iw_bpd, iw_nats, dims, x.shape[0], note,
-                            elbo_bits_per_dim=bits_per_dim(elbo_nats, dims), iw_bits_per_dim=iw_bpd,
-                            num_samples=k)
+    return LikelihoodResult(
+        "bound",
+        iw_bpd,
+        iw_nats,
+        dims,
+        x.shape[0],
+        note,
+        elbo_bits_per_dim=bits_per_dim(elbo_nats, dims),
+        iw_bits_per_dim=iw_bpd,
+        num_samples=k,
+    )
 
 
 def _autoregressive(model, x: torch.Tensor, batch_size: int) -> LikelihoodResult:
     vocab = model.args.vocab_size
     if vocab != LEVELS + 1:
-        raise ValueError(f"model must model the {LEVELS} pixel levels and the start token (vocab_size "
-                         f"{LEVELS + 1}), got vocab_size {vocab}")
+        raise ValueError(
+            f"model must model the {LEVELS} pixel levels and the start token (vocab_size "
+            f"{LEVELS + 1}), got vocab_size {vocab}"
+        )
     if x.is_floating_point():
         if tuple(x.shape[1:]) not in ((1, 8, 8), (8, 8), (PIXELS,)):
-            raise ValueError(f"data must be digit images (N, 1, 8, 8) or tokens (N, {PIXELS + 1}), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"data must be digit images (N, 1, 8, 8) or tokens (N, {PIXELS + 1}), got shape {tuple(x.shape)}"
+            )
         levels = x.reshape(x.shape[0], -1) * (LEVELS - 1)
         if x.min() < 0 or x.max() > 1 or (levels - levels.round()).abs().max() > 1e-4:
             raise ValueError(f"data must hold the {LEVELS} levels k / {LEVELS - 1} in [0, 1]")
         tokens = pixels_to_tokens(x.reshape(-1, 1, 8, 8))
     else:
         tokens = x.long()
-        if tokens.dim() != 2 or tokens.shape[1] != PIXELS + 1 or (tokens[:, 0] != BOS).any() \
-                or tokens[:, 1:].min() < 0 or tokens[:, 1:].max() >= LEVELS:
-            raise ValueError(f"token data must be (N, {PIXELS + 1}): the start token {BOS}, then 64 levels "
-                             f"in [0, {LEVELS - 1}], got shape {tuple(x.shape)}")
+        if (
+            tokens.dim() != 2
+            or tokens.shape[1] != PIXELS + 1
+            or (tokens[:, 0] != BOS).any()
+            or tokens[:, 1:].min() < 0
+            or tokens[:, 1:].max() >= LEVELS
+        ):
+            raise ValueError(
+                f"token data must be (N, {PIXELS + 1}): the start token {BOS}, then 64 levels "
+                f"in [0, {LEVELS - 1}], got shape {tuple(x.shape)}"
+            )
     device = next(model.parameters()).device
-    nll = sequence_nll(model, tokens.to(device), batch_size=batch_size)   # (N,) float64 nats
+    nll = sequence_nll(model, tokens.to(device), batch_size=batch_size)  # (N,) float64 nats
     nats = nll.mean().item()
     return LikelihoodResult("exact", bits_per_dim(nats, PIXELS), nats, PIXELS, tokens.shape[0], _EXACT_NOTE)
 

@@ -6,6 +6,7 @@ Fréchet distance compares Gaussians fitted to the classifier's penultimate
 features of the samples and of held-out data (FID, with a digit classifier in
 place of Inception).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ from genkern.eval.classifier import DigitClassifier, get_digit_classifier
 _OUT_OF_RANGE = 0.5
 
 
-def class_coverage(samples: torch.Tensor, classifier: DigitClassifier | None = None,
-                   min_count: int | None = None) -> dict:
+def class_coverage(
+    samples: torch.Tensor, classifier: DigitClassifier | None = None, min_count: int | None = None
+) -> dict:
     """How many digit classes the samples reach, by the classifier's predictions.
 
     Args:
@@ -47,8 +49,11 @@ def class_coverage(samples: torch.Tensor, classifier: DigitClassifier | None = N
     probs = classifier.predict_proba(samples).double().cpu()  # (N, 10)
     confidence, labels = probs.max(dim=1)  # (N,) each
     counts = torch.bincount(labels, minlength=NUM_CLASSES)
-    return {"covered": int((counts >= min_count).sum()), "counts": counts.tolist(),
-            "mean_confidence": float(confidence.mean())}
+    return {
+        "covered": int((counts >= min_count).sum()),
+        "counts": counts.tolist(),
+        "mean_confidence": float(confidence.mean()),
+    }
 
 
 def frechet_distance(feats_a, feats_b) -> float:
@@ -112,15 +117,16 @@ def _check_samples(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name} must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 2 or x.shape[0] == 0 or x.shape[1:] not in ((1, 8, 8), (8, 8), (64,)):
-        raise ValueError(f"{name} must have shape (N, 1, 8, 8), (N, 8, 8) or (N, 64) with N >= 1, "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape (N, 1, 8, 8), (N, 8, 8) or (N, 64) with N >= 1, got {tuple(x.shape)}")
     x = x.detach()
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} must be finite (found NaN or inf)")
     lo, hi = float(x.min()), float(x.max())
     if lo < -_OUT_OF_RANGE or hi > 1 + _OUT_OF_RANGE:
-        raise ValueError(f"{name} must hold values in [0, 1] (digit level / 16), got values in "
-                         f"[{lo:.4g}, {hi:.4g}]; map model outputs to the data range first")
+        raise ValueError(
+            f"{name} must hold values in [0, 1] (digit level / 16), got values in "
+            f"[{lo:.4g}, {hi:.4g}]; map model outputs to the data range first"
+        )
     return x.clamp(0, 1)
 
 

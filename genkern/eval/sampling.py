@@ -4,6 +4,7 @@ The trainer's sample grids, `genkern sample`, the quality metrics and the speed
 measurements all draw through `draw_samples`, so the same seed gives the same
 samples wherever they are drawn.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,6 +40,7 @@ def sampler_for(family: str, model):
     if family not in MODELS:
         raise ValueError(f"family must be one of {', '.join(MODELS)}, got {family!r}")
     if not isinstance(model, MODELS[family]):
-        raise TypeError(f"model must be a {MODELS[family][0].__name__} for the {family} family, "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a {MODELS[family][0].__name__} for the {family} family, got {type(model).__name__}"
+        )
     return draw_samples

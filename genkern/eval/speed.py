@@ -6,6 +6,7 @@ call), or a training family's `samples`. A VAE or a GAN draws a batch in one dec
 pass, an autoregressive model needs one pass per pixel. Runs are warmed up first (allocator, kernels, caches)
 and, on a GPU, bracketed by synchronisation so the time covers the work, not the launch.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,10 @@ def _sampler(family, model):
         return sampler_for(family, model)
     sample = getattr(family, "samples", family)  # a training family: its samples method
     if not callable(sample):
-        raise TypeError(f"family must be a family name, a sampler (model, n, generator) -> samples or an "
-                        f"object with such a samples method, got {type(family).__name__}")
+        raise TypeError(
+            f"family must be a family name, a sampler (model, n, generator) -> samples or an "
+            f"object with such a samples method, got {type(family).__name__}"
+        )
     return sample
 
 
@@ -53,8 +56,9 @@ def timed_samples(family, model, n: int, *, seed: int = 0, device=None) -> tuple
         model.train(was_training)
 
 
-def sampling_speed(family, model, n: int = 1000, *, device=None, repeats: int = 3, warmup: int = 1,
-                   seed: int = 0) -> float:
+def sampling_speed(
+    family, model, n: int = 1000, *, device=None, repeats: int = 3, warmup: int = 1, seed: int = 0
+) -> float:
     """Samples per second of drawing n samples of `model`: the median of `repeats` timed runs
     after `warmup` untimed ones.
 
@@ -71,8 +75,7 @@ def sampling_speed(family, model, n: int = 1000, *, device=None, repeats: int = 
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     for i in range(warmup):
         timed_samples(family, model, n, seed=seed + i, device=device)
-    times = sorted(timed_samples(family, model, n, seed=seed + warmup + i, device=device)[1]
-                   for i in range(repeats))
+    times = sorted(timed_samples(family, model, n, seed=seed + warmup + i, device=device)[1] for i in range(repeats))
     return n / max(times[len(times) // 2], 1e-9)
 
 
@@ -96,8 +99,9 @@ def training_speed(run) -> float:
             raise ValueError("run: the history has no rows with step_ms")
         ms = times[len(times) // 2]
     else:
-        raise TypeError(f"run must be a TrainResult, its summary (dict) or its history (list), "
-                        f"got {type(run).__name__}")
+        raise TypeError(
+            f"run must be a TrainResult, its summary (dict) or its history (list), got {type(run).__name__}"
+        )
     if not ms > 0:
         raise ValueError(f"run: the step time must be positive, got {ms!r} ms")
     return 1e3 / ms

@@ -1,4 +1,5 @@
 """What every model config dataclass shares: a JSON-safe dict and back, naming unknown keys."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, fields
@@ -23,7 +24,10 @@ class ConfigDict:
 
 def check_data_shape(shape) -> tuple:
     """The shape of one example as a tuple of positive ints (JSON gives lists), or ValueError."""
-    if not isinstance(shape, (tuple, list)) or not shape or \
-            not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+    if (
+        not isinstance(shape, (tuple, list))
+        or not shape
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
         raise ValueError(f"data_shape must be a non-empty tuple of positive ints, got {shape!r}")
     return tuple(shape)

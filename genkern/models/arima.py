@@ -26,6 +26,7 @@ with variance 1e6 instead, so for d > 0 its llf differs from this one by about 1
 Inputs may be lists, numpy arrays or tensors; the computation is numpy/scipy float64, and every
 series returned (``forecast``, ``simulate``) is a 1-D torch.float64 CPU tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,10 +55,11 @@ _TREND_NAMES = {0: "const", 1: "trend"}
 
 class Forecast(NamedTuple):
     """Forecasts for steps 1..h ahead: each field an (h,) torch.float64 tensor."""
+
     mean: torch.Tensor
     lower: torch.Tensor
     upper: torch.Tensor
-    se: torch.Tensor       # standard error of the forecast (prediction error std)
+    se: torch.Tensor  # standard error of the forecast (prediction error std)
 
 
 def _as_series(y, name: str = "y") -> np.ndarray:
@@ -77,8 +79,7 @@ def _as_series(y, name: str = "y") -> np.ndarray:
 
 def _lags(x: np.ndarray, k: int, start: int) -> np.ndarray:
     """(len(x) - start, k) matrix whose row for t holds x[t-1], ..., x[t-k]."""
-    return np.column_stack([x[start - j:len(x) - j] for j in range(1, k + 1)]) if k else \
-        np.empty((len(x) - start, 0))
+    return np.column_stack([x[start - j : len(x) - j] for j in range(1, k + 1)]) if k else np.empty((len(x) - start, 0))
 
 
 def _state_space(phi: np.ndarray, theta: np.ndarray):
@@ -88,7 +89,7 @@ def _state_space(phi: np.ndarray, theta: np.ndarray):
     T = np.eye(r, k=1)
     T[:p, 0] = phi
     R = np.zeros(r)
-    R[0], R[1:q + 1] = 1.0, theta
+    R[0], R[1 : q + 1] = 1.0, theta
     return T, np.outer(R, R)
 
 
@@ -101,7 +102,7 @@ def _kalman(Y: np.ndarray, phi: np.ndarray, theta: np.ndarray, tol: float = 1e-1
     """
     T, RR = _state_space(phi, theta)
     P = linalg.solve_discrete_lyapunov(T, RR)
-    scale = max(1.0, float(np.abs(P).max()))      # rounding noise in P grows with its size
+    scale = max(1.0, float(np.abs(P).max()))  # rounding noise in P grows with its size
     m, k = Y.shape
     V, f = np.empty((m, k)), np.ones(m)
     a = np.zeros((T.shape[0], k))
@@ -146,7 +147,7 @@ def _hannan_rissanen(u: np.ndarray, p: int, q: int):
         if L >= 1 and m - start > p + q:
             # Yule-Walker (a Toeplitz solve) keeps the long AR cheap: least squares on an
             # (m, L) lag matrix costs O(m L^2), and these are only start values.
-            acov = np.array([u[:m - j] @ u[j:] for j in range(L + 1)]) / m
+            acov = np.array([u[: m - j] @ u[j:] for j in range(L + 1)]) / m
             e = np.zeros(m)
             e[L:] = u[L:] - _lags(u, L, L) @ linalg.solve_toeplitz(acov[:L], acov[1:])
             coef = _ols(u[start:], np.column_stack([_lags(u, p, start), _lags(e, q, start)]))
@@ -176,8 +177,11 @@ class ARIMA:
     """
 
     def __init__(self, order=(1, 0, 0), trend: str | None = None):
-        if (not isinstance(order, (tuple, list)) or len(order) != 3 or
-                any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in order)):
+        if (
+            not isinstance(order, (tuple, list))
+            or len(order) != 3
+            or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in order)
+        ):
             raise ValueError(f"order must be (p, d, q) with non-negative ints, got {order!r}")
         self.p, self.d, self.q = (int(v) for v in order)
         self.trend = ("c" if self.d == 0 else "n") if trend is None else trend
@@ -185,29 +189,37 @@ class ARIMA:
             raise ValueError(f"trend must be one of 'n', 'c', 't', 'ct' or None, got {trend!r}")
         self._terms = _TREND_TERMS[self.trend]
         if self._terms and min(self._terms) < self.d:
-            raise ValueError(f"trend={self.trend!r} has terms of lower order than d={self.d}; differencing "
-                             "removes them (use trend='t' with d=1, or 'n')")
-        self.param_names = ([_TREND_NAMES[k] for k in self._terms] + [f"ar.L{i}" for i in range(1, self.p + 1)]
-                            + [f"ma.L{j}" for j in range(1, self.q + 1)] + ["sigma2"])
+            raise ValueError(
+                f"trend={self.trend!r} has terms of lower order than d={self.d}; differencing "
+                "removes them (use trend='t' with d=1, or 'n')"
+            )
+        self.param_names = (
+            [_TREND_NAMES[k] for k in self._terms]
+            + [f"ar.L{i}" for i in range(1, self.p + 1)]
+            + [f"ma.L{j}" for j in range(1, self.q + 1)]
+            + ["sigma2"]
+        )
         self._fitted = False
 
     # ---- data preparation -------------------------------------------------------------
     def _differenced(self, y: np.ndarray, extra: int = 0):
         """Δ^d y (m,) and Δ^d of the trend columns for t = 1..len(y)+extra, ((m + extra), k)."""
         t = np.arange(1, len(y) + extra + 1, dtype=np.float64)
-        X = np.column_stack([t ** k for k in self._terms]) if self._terms else np.empty((len(t), 0))
+        X = np.column_stack([t**k for k in self._terms]) if self._terms else np.empty((len(t), 0))
         return np.diff(y, n=self.d), np.diff(X, n=self.d, axis=0)
 
     def _check_length(self, y: np.ndarray, need: int):
         if len(y) < need:
-            raise ValueError(f"y has {len(y)} values; ARIMA{(self.p, self.d, self.q)} with trend={self.trend!r} "
-                             f"needs at least {need}")
+            raise ValueError(
+                f"y has {len(y)} values; ARIMA{(self.p, self.d, self.q)} with trend={self.trend!r} "
+                f"needs at least {need}"
+            )
 
     # ---- estimation --------------------------------------------------------------------
     def _profile(self, phi, theta, w, X):
         """Concentrated log-likelihood, GLS beta and sigma2 for given ARMA coefficients."""
         V, f, _, _ = _kalman(np.column_stack([w, X]), phi, theta)
-        V = V / np.sqrt(f)[:, None]                       # standardised innovations
+        V = V / np.sqrt(f)[:, None]  # standardised innovations
         beta = _ols(V[:, 0], V[:, 1:]) if X.shape[1] else np.empty(0)
         resid = V[:, 0] - V[:, 1:] @ beta
         sigma2 = float(resid @ resid) / len(w)
@@ -233,14 +245,15 @@ class ARIMA:
         else:
             sp = as_coefficients(start_params, "start_params")
             if len(sp) not in (p + q, len(self.param_names)):
-                raise ValueError(f"start_params must have {p + q} (ar, ma) or {len(self.param_names)} values, "
-                                 f"got {len(sp)}")
-            sp = sp[len(self._terms):len(self._terms) + p + q] if len(sp) != p + q else sp
+                raise ValueError(
+                    f"start_params must have {p + q} (ar, ma) or {len(self.param_names)} values, got {len(sp)}"
+                )
+            sp = sp[len(self._terms) : len(self._terms) + p + q] if len(sp) != p + q else sp
             phi0 = check_stationary(sp[:p], "start_params (AR part)")
             theta0 = check_invertible(sp[p:], "start_params (MA part)")
 
         def split(x):
-            return ar_from_pacf(x[:p]), -ar_from_pacf(x[p:])   # theta(z) = 1 + ... as an AR-type polynomial
+            return ar_from_pacf(x[:p]), -ar_from_pacf(x[p:])  # theta(z) = 1 + ... as an AR-type polynomial
 
         def objective(x):
             return -self._profile(*split(x), w, X)[0] / len(w)
@@ -250,12 +263,19 @@ class ARIMA:
         if p + q:
             # Bounds keep the PACFs a hair inside (-1, 1), where the Lyapunov solve stays finite.
             self.optimizer_result = optimize.minimize(
-                objective, x, method="L-BFGS-B", bounds=[(-1e3, 1e3)] * (p + q),
-                options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-9})
+                objective,
+                x,
+                method="L-BFGS-B",
+                bounds=[(-1e3, 1e3)] * (p + q),
+                options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-9},
+            )
             x = self.optimizer_result.x
             if not self.optimizer_result.success:
-                warnings.warn(f"ARIMA{(p, self.d, q)} fit: L-BFGS-B did not converge "
-                              f"({self.optimizer_result.message})", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"ARIMA{(p, self.d, q)} fit: L-BFGS-B did not converge ({self.optimizer_result.message})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         phi, theta = split(x)
         _, beta, sigma2 = self._profile(phi, theta, w, X)
         self._set_fit(y, phi, theta, beta, sigma2)
@@ -342,7 +362,7 @@ class ARIMA:
         if not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         T, _ = _state_space(self._phi, self._theta)
-        G = np.empty((steps, T.shape[0]))                  # row h-1: Z T^(h-1)
+        G = np.empty((steps, T.shape[0]))  # row h-1: Z T^(h-1)
         G[0] = np.eye(T.shape[0])[0]
         for h in range(1, steps):
             G[h] = G[h - 1] @ T
@@ -357,8 +377,9 @@ class ARIMA:
         out = [torch.from_numpy(np.ascontiguousarray(v)) for v in (mean, mean - z * se, mean + z * se, se)]
         return Forecast(*out)
 
-    def simulate(self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None,
-                 initial: str = "stationary") -> torch.Tensor:
+    def simulate(
+        self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None, initial: str = "stationary"
+    ) -> torch.Tensor:
         """Draw ``n`` values from the fitted model; returns an (n,) torch.float64 tensor.
 
         initial: ``"stationary"`` starts the ARMA state from its stationary distribution, with
@@ -392,8 +413,9 @@ class ARIMA:
         w = np.empty(n)
         w[0] = alpha1[0]
         if n > 1:  # after alpha_1 the lfilter state is T alpha_1 (transposed direct form = Harvey form)
-            w[1:] = signal.lfilter(np.r_[1.0, self._theta], np.r_[1.0, -self._phi], scale * z[r:],
-                                   zi=(T @ alpha1)[:max(self.p, self.q)])[0]
+            w[1:] = signal.lfilter(
+                np.r_[1.0, self._theta], np.r_[1.0, -self._phi], scale * z[r:], zi=(T @ alpha1)[: max(self.p, self.q)]
+            )[0]
         w = w + X @ self._beta
         if initial == "continue":
             w = self._integrate(w)
@@ -431,8 +453,10 @@ class AR(ARIMA):
         try:
             check_stationary(phi, "ar")
         except ValueError as exc:
-            raise ValueError(f"y: the least-squares AR estimates are not stationary ({exc}); difference the "
-                             "series or fit ARIMA by maximum likelihood") from None
+            raise ValueError(
+                f"y: the least-squares AR estimates are not stationary ({exc}); difference the "
+                "series or fit ARIMA by maximum likelihood"
+            ) from None
         sigma2 = float(resid @ resid) / (len(y) - p)
         if sigma2 == 0.0:
             raise ValueError("y is fitted exactly by the AR recursion (zero residual variance)")

@@ -7,6 +7,7 @@ The discriminator has no BatchNorm: its batch statistics would mix real and fake
 and make a sharded batch differ from the same batch on one process. For the same reason the
 DCGAN generator normalizes per sample (GroupNorm).
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,17 +31,18 @@ MODES = ("d", "g")
 class GANConfig(ConfigDict):
     """Defaults: the MLP GAN that trains on the 8x8 digits in ~2,000 steps (Adam lr 1e-3,
     betas (0.5, 0.999), batch 256); the ring of Gaussians needs data_shape=(2,), output="linear"."""
+
     data_shape: tuple = (1, 8, 8)
-    arch: str = "mlp"              # "mlp" | "dcgan" (dcgan: (C, H, W), H and W multiples of 2**depth)
+    arch: str = "mlp"  # "mlp" | "dcgan" (dcgan: (C, H, W), H and W multiples of 2**depth)
     latent_dim: int = 32
-    hidden: int = 256              # MLP width; DCGAN: channels at the coarsest resolution
-    depth: int = 2                 # MLP: hidden layers per network; DCGAN: stride-2 stages
-    loss: str = "relativistic"     # any genkern GAN loss kind
-    spectral_norm: bool = False    # on every discriminator layer
-    r1_gamma: float = 0.01         # R1 penalty gamma / 2 * E ||grad_x D(real)||^2 (0: off)
-    ema_decay: float = 0.99        # decay of the generator's moving average (0: no EMA copy)
-    output: str = "sigmoid"        # generator output: "sigmoid" ([0, 1]) | "tanh" | "linear"
-    impl: str = "auto"             # GAN loss impl: "auto" | "torch" | "cpp" | "triton"
+    hidden: int = 256  # MLP width; DCGAN: channels at the coarsest resolution
+    depth: int = 2  # MLP: hidden layers per network; DCGAN: stride-2 stages
+    loss: str = "relativistic"  # any genkern GAN loss kind
+    spectral_norm: bool = False  # on every discriminator layer
+    r1_gamma: float = 0.01  # R1 penalty gamma / 2 * E ||grad_x D(real)||^2 (0: off)
+    ema_decay: float = 0.99  # decay of the generator's moving average (0: no EMA copy)
+    output: str = "sigmoid"  # generator output: "sigmoid" ([0, 1]) | "tanh" | "linear"
+    impl: str = "auto"  # GAN loss impl: "auto" | "torch" | "cpp" | "triton"
 
     def __post_init__(self):
         self.data_shape = check_data_shape(self.data_shape)
@@ -54,21 +56,32 @@ class GANConfig(ConfigDict):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.spectral_norm, bool):
             raise ValueError(f"spectral_norm must be a bool, got {self.spectral_norm!r}")
-        if isinstance(self.r1_gamma, bool) or not isinstance(self.r1_gamma, (int, float)) or \
-                not math.isfinite(self.r1_gamma) or self.r1_gamma < 0:
+        if (
+            isinstance(self.r1_gamma, bool)
+            or not isinstance(self.r1_gamma, (int, float))
+            or not math.isfinite(self.r1_gamma)
+            or self.r1_gamma < 0
+        ):
             raise ValueError(f"r1_gamma must be a finite number >= 0, got {self.r1_gamma!r}")
-        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or \
-                not 0 <= self.ema_decay < 1:
+        if (
+            isinstance(self.ema_decay, bool)
+            or not isinstance(self.ema_decay, (int, float))
+            or not 0 <= self.ema_decay < 1
+        ):
             raise ValueError(f"ema_decay must be a number in [0, 1), got {self.ema_decay!r}")
         self.r1_gamma, self.ema_decay = float(self.r1_gamma), float(self.ema_decay)
         if self.arch == "dcgan":
-            f = 2 ** self.depth
+            f = 2**self.depth
             if len(self.data_shape) != 3 or self.data_shape[1] % f or self.data_shape[2] % f:
-                raise ValueError(f"arch='dcgan' needs data_shape (C, H, W) with H and W multiples of "
-                                 f"2**depth = {f}, got {self.data_shape}")
+                raise ValueError(
+                    f"arch='dcgan' needs data_shape (C, H, W) with H and W multiples of "
+                    f"2**depth = {f}, got {self.data_shape}"
+                )
             if self.hidden >> (self.depth - 1) < 1:
-                raise ValueError(f"arch='dcgan' halves hidden at each of depth - 1 stages: hidden={self.hidden} "
-                                 f"is too small for depth={self.depth}")
+                raise ValueError(
+                    f"arch='dcgan' halves hidden at each of depth - 1 stages: hidden={self.hidden} "
+                    f"is too small for depth={self.depth}"
+                )
 
     @property
     def dim(self) -> int:
@@ -118,10 +131,14 @@ def dcgan_generator(cfg: GANConfig) -> nn.Sequential:
     """(N, latent_dim) -> linear to (N, hidden, H / 2**depth, W / 2**depth), then depth transposed
     convs 4x4 stride 2 halving the channels (GroupNorm + ReLU between) -> (N, C, H, W)."""
     c, h, w = cfg.data_shape
-    f = 2 ** cfg.depth
+    f = 2**cfg.depth
     ch = cfg.hidden
-    layers = [nn.Linear(cfg.latent_dim, ch * (h // f) * (w // f)), _Reshape(ch, h // f, w // f),
-              _group_norm(ch), nn.ReLU()]
+    layers = [
+        nn.Linear(cfg.latent_dim, ch * (h // f) * (w // f)),
+        _Reshape(ch, h // f, w // f),
+        _group_norm(ch),
+        nn.ReLU(),
+    ]
     for i in range(cfg.depth):
         last = i == cfg.depth - 1
         out = c if last else ch // 2
@@ -136,7 +153,7 @@ def dcgan_discriminator(cfg: GANConfig) -> nn.Sequential:
     """(N, C, H, W) -> depth convs 4x4 stride 2 (LeakyReLU, channels doubling up to hidden)
     -> (N, hidden, H / 2**depth, W / 2**depth) -> linear -> (N, 1)."""
     c, h, w = cfg.data_shape
-    f = 2 ** cfg.depth
+    f = 2**cfg.depth
     layers, ch = [], c
     for i in range(cfg.depth):
         out = cfg.hidden >> (cfg.depth - 1 - i)
@@ -187,7 +204,7 @@ class GAN(nn.Module):
         z = self._check_z(z, n) if z is not None else self._draw_z(n)
         if mode == "d":
             return self._d_step(real, z)
-        fake = self.generator(z)                                        # (M, *data_shape)
+        fake = self.generator(z)  # (M, *data_shape)
         if cfg.loss == "relativistic":
             logits = self.discriminator(torch.cat([real.detach().to(fake.dtype), fake]))[:, 0]  # (N + M,)
             real_logits, fake_logits = logits[:n], logits[n:]
@@ -204,7 +221,7 @@ class GAN(nn.Module):
         if cfg.r1_gamma > 0:
             real.requires_grad_(True)
         n = real.shape[0]
-        logits = self.discriminator(torch.cat([real, fake]))[:, 0]   # (N + M,): one forward
+        logits = self.discriminator(torch.cat([real, fake]))[:, 0]  # (N + M,): one forward
         real_logits, fake_logits = logits[:n], logits[n:]
         d_loss = discriminator_loss(real_logits, fake_logits, cfg.loss, impl=cfg.impl)
         out = {"loss": d_loss, "d_loss": d_loss}
@@ -246,17 +263,21 @@ class GAN(nn.Module):
     def _check_real(self, real):
         shape = self.config.data_shape
         if not isinstance(real, torch.Tensor) or not real.is_floating_point():
-            raise TypeError(f"real must be a floating-point tensor, got "
-                            f"{real.dtype if isinstance(real, torch.Tensor) else type(real).__name__}")
+            raise TypeError(
+                f"real must be a floating-point tensor, got "
+                f"{real.dtype if isinstance(real, torch.Tensor) else type(real).__name__}"
+            )
         if real.dim() != len(shape) + 1 or tuple(real.shape[1:]) != shape or real.shape[0] == 0:
-            raise ValueError(f"real must have shape (N, {', '.join(map(str, shape))}) with N >= 1, "
-                             f"got {tuple(real.shape)}")
+            raise ValueError(
+                f"real must have shape (N, {', '.join(map(str, shape))}) with N >= 1, got {tuple(real.shape)}"
+            )
 
     def _check_z(self, z, n):
         ld = self.config.latent_dim
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError(f"z must be a floating-point tensor, got "
-                            f"{z.dtype if isinstance(z, torch.Tensor) else type(z).__name__}")
+            raise TypeError(
+                f"z must be a floating-point tensor, got {z.dtype if isinstance(z, torch.Tensor) else type(z).__name__}"
+            )
         if z.dim() != 2 or z.shape[1] != ld or (n is not None and z.shape[0] != n) or z.shape[0] == 0:
             want = f"({n}, {ld})" if n is not None else f"(N, {ld}) with N >= 1"
             raise ValueError(f"z must have shape {want}, got {tuple(z.shape)}")

@@ -4,6 +4,7 @@ The recurrent state is the whole context, so generation feeds the prompt once an
 then one token at a time, carrying the state (never re-running the prefix): each new
 token costs O(1) in the sequence length, where the Transformer needs a KV cache.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,12 +20,12 @@ from genkern.models._config import ConfigDict
 @dataclass
 class RNNConfig(ConfigDict):
     vocab_size: int = 256
-    kind: str = "gru"             # "gru" | "lstm"
-    dim: int = 128                # embedding width
-    hidden: int = 256             # recurrent state width
+    kind: str = "gru"  # "gru" | "lstm"
+    dim: int = 128  # embedding width
+    hidden: int = 256  # recurrent state width
     n_layers: int = 1
-    dropout: float = 0.0          # on the embeddings, between layers and before the head (training only)
-    tie_weights: bool = False     # share the embedding and the head weights (needs dim == hidden)
+    dropout: float = 0.0  # on the embeddings, between layers and before the head (training only)
+    tie_weights: bool = False  # share the embedding and the head weights (needs dim == hidden)
     bos_token: int | None = None  # start token for generate(prompt=None); None: a prompt is required
 
     def __post_init__(self):
@@ -34,18 +35,23 @@ class RNNConfig(ConfigDict):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.kind not in ("gru", "lstm"):
             raise ValueError(f"kind must be 'gru' or 'lstm', got {self.kind!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0 <= self.dropout < 1:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
         if not isinstance(self.tie_weights, bool):
             raise ValueError(f"tie_weights must be a bool, got {self.tie_weights!r}")
         if self.tie_weights and self.dim != self.hidden:
-            raise ValueError(f"tie_weights needs dim == hidden (the head maps the hidden state onto the "
-                             f"embedding matrix), got dim={self.dim}, hidden={self.hidden}")
-        if self.bos_token is not None and (isinstance(self.bos_token, bool) or not isinstance(self.bos_token, int)
-                                           or not 0 <= self.bos_token < self.vocab_size):
-            raise ValueError(f"bos_token must be None or an int in [0, vocab_size={self.vocab_size}), got "
-                             f"{self.bos_token!r}")
+            raise ValueError(
+                f"tie_weights needs dim == hidden (the head maps the hidden state onto the "
+                f"embedding matrix), got dim={self.dim}, hidden={self.hidden}"
+            )
+        if self.bos_token is not None and (
+            isinstance(self.bos_token, bool)
+            or not isinstance(self.bos_token, int)
+            or not 0 <= self.bos_token < self.vocab_size
+        ):
+            raise ValueError(
+                f"bos_token must be None or an int in [0, vocab_size={self.vocab_size}), got {self.bos_token!r}"
+            )
 
 
 def check_tokens(tokens, vocab_size: int, *, name: str = "tokens", min_len: int = 1) -> None:
@@ -55,8 +61,7 @@ def check_tokens(tokens, vocab_size: int, *, name: str = "tokens", min_len: int 
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer token ids, got {tokens.dtype}")
     if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < min_len:
-        raise ValueError(f"{name} must have shape (B, T) with B >= 1 and T >= {min_len}, got "
-                         f"{tuple(tokens.shape)}")
+        raise ValueError(f"{name} must have shape (B, T) with B >= 1 and T >= {min_len}, got {tuple(tokens.shape)}")
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= vocab_size:
         # Caught here: an out-of-range id would fail deep inside the embedding, or on CUDA as a device assert.
@@ -86,8 +91,9 @@ class RNNLM(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         rnn = nn.GRU if c.kind == "gru" else nn.LSTM
         # torch applies this dropout between layers only (and warns when there is one layer).
-        self.rnn = rnn(c.dim, c.hidden, num_layers=c.n_layers, batch_first=True,
-                       dropout=c.dropout if c.n_layers > 1 else 0.0)
+        self.rnn = rnn(
+            c.dim, c.hidden, num_layers=c.n_layers, batch_first=True, dropout=c.dropout if c.n_layers > 1 else 0.0
+        )
         self.drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
         if c.tie_weights:
@@ -108,12 +114,15 @@ class RNNLM(nn.Module):
         want = (self.args.n_layers, batch_size, self.args.hidden)
         parts = state if isinstance(state, tuple) else (state,)
         ok = len(parts) == (2 if self.args.kind == "lstm" else 1) and all(
-            isinstance(s, torch.Tensor) and tuple(s.shape) == want for s in parts)
+            isinstance(s, torch.Tensor) and tuple(s.shape) == want for s in parts
+        )
         if not ok:
             layout = "a tuple (h, c) of tensors" if self.args.kind == "lstm" else "a tensor"
             got = [tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__ for s in parts]
-            raise ValueError(f"state must be {layout} of shape {want} for a {self.args.kind} with a batch of "
-                             f"{batch_size}, got {type(state).__name__} {got}")
+            raise ValueError(
+                f"state must be {layout} of shape {want} for a {self.args.kind} with a batch of "
+                f"{batch_size}, got {type(state).__name__} {got}"
+            )
 
     def forward(self, tokens, state=None):
         """tokens (B, T) int, state from init_state/forward or None -> (logits (B, T, V), state)."""
@@ -124,16 +133,16 @@ class RNNLM(nn.Module):
 
     def _run(self, tokens, state):
         """forward without the checks (for tokens the model sampled itself)."""
-        x = self.drop(self.embed(tokens.long()))                                   # (B, T, dim)
-        y, state = self.rnn(x, state)                                               # (B, T, hidden)
-        return self.head(self.drop(y)), state                                       # (B, T, V)
+        x = self.drop(self.embed(tokens.long()))  # (B, T, dim)
+        y, state = self.rnn(x, state)  # (B, T, hidden)
+        return self.head(self.drop(y)), state  # (B, T, V)
 
     def _target_log_probs(self, tokens):
         """tokens (B, T+1) -> (B, T) log p(tokens[:, t+1] | tokens[:, :t+1]), at least float32."""
         check_tokens(tokens, self.args.vocab_size, min_len=2)
-        logits, _ = self._run(tokens[:, :-1], None)                                # (B, T, V)
+        logits, _ = self._run(tokens[:, :-1], None)  # (B, T, V)
         logp = _at_least_float32(logits).log_softmax(dim=-1)
-        return logp.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)             # (B, T)
+        return logp.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)  # (B, T)
 
     def loss(self, tokens):
         """Mean next-token cross-entropy in nats of tokens (B, T+1), T >= 1.
@@ -142,7 +151,7 @@ class RNNLM(nn.Module):
         -log_likelihood(tokens).sum() / (B * T). Divide by ln 2 for bits per token.
         """
         check_tokens(tokens, self.args.vocab_size, min_len=2)
-        logits, _ = self._run(tokens[:, :-1], None)                                # (B, T, V)
+        logits, _ = self._run(tokens[:, :-1], None)  # (B, T, V)
         v = logits.shape[-1]
         return F.cross_entropy(_at_least_float32(logits).reshape(-1, v), tokens[:, 1:].reshape(-1).long())
 
@@ -165,14 +174,24 @@ class RNNLM(nn.Module):
     def decode_one_token(self, token, state):
         """token (B,) -> (next-token logits (B, V), state one token further)."""
         # No range check: the token came from sample_next, and checking would sync every step.
-        logits, state = self._run(token[:, None], state)                           # (B, 1, V)
+        logits, state = self._run(token[:, None], state)  # (B, 1, V)
         return logits[:, -1], state
 
     # no_grad rather than inference_mode: the returned tokens stay ordinary tensors, usable
     # as training input (inference tensors cannot be saved for backward, e.g. by the embedding).
     @torch.no_grad()
-    def generate(self, prompt, max_new_tokens: int, *, temperature=1.0, top_k=None, top_p=None, greedy=False,
-                 generator=None, batch_size: int = 1):
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int,
+        *,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        greedy=False,
+        generator=None,
+        batch_size: int = 1,
+    ):
         """Continues each prompt by max_new_tokens tokens, one at a time, carrying the state.
 
         Args:
@@ -191,19 +210,20 @@ class RNNLM(nn.Module):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-            raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1, got temperature="
-                             f"{temperature}, top_k={top_k}, top_p={top_p}")
+            raise ValueError(
+                f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1, got temperature="
+                f"{temperature}, top_k={top_k}, top_p={top_p}"
+            )
         device = self.head.weight.device
         squeeze = isinstance(prompt, torch.Tensor) and prompt.dim() == 1
         if prompt is None:
             if self.args.bos_token is None:
-                raise ValueError("prompt is None but config.bos_token is None: pass a prompt (B, T0) or set "
-                                 "bos_token")
+                raise ValueError("prompt is None but config.bos_token is None: pass a prompt (B, T0) or set bos_token")
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
             prompt = torch.full((batch_size, 1), self.args.bos_token, dtype=torch.int64, device=device)
         elif squeeze:
-            prompt = prompt[None]                                                   # (1, T0)
+            prompt = prompt[None]  # (1, T0)
         check_tokens(prompt, self.args.vocab_size, name="prompt")
         pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=not greedy, generator=generator)
         was_training = self.training
@@ -213,11 +233,11 @@ class RNNLM(nn.Module):
             if max_new_tokens:
                 logits, state = self.prefill(out[0])
                 for step in range(max_new_tokens):
-                    nxt = sample_next(logits, **pick)                               # (B,)
+                    nxt = sample_next(logits, **pick)  # (B,)
                     out.append(nxt[:, None])
                     if step + 1 < max_new_tokens:
                         logits, state = self.decode_one_token(nxt, state)
         finally:
             self.train(was_training)
-        tokens = torch.cat(out, dim=1)                                              # (B, T0 + new)
+        tokens = torch.cat(out, dim=1)  # (B, T0 + new)
         return tokens[0] if squeeze else tokens

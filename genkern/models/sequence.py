@@ -6,6 +6,7 @@ likelihood metric, `genkern sample`. Two kinds of sequence, told apart by the
 vocabulary: the 8x8 digits as 64 pixel tokens after a start token (exactly
 LEVELS + 1 = 18 tokens), or characters of text (at least the corpus' 97).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,7 @@ def sequence_nll(model, tokens: torch.Tensor, batch_size: int = 256) -> torch.Te
     try:
         out = []
         for chunk in tokens.split(batch_size):
-            logits = sequence_logits(model, chunk[:, :-1]).double()                  # (b, T, V)
+            logits = sequence_logits(model, chunk[:, :-1]).double()  # (b, T, V)
             logp = logits.log_softmax(-1).gather(-1, chunk[:, 1:, None]).squeeze(-1)  # (b, T)
             out.append(-logp.sum(-1))
     finally:
@@ -68,7 +69,7 @@ def sample_sequences(model, n: int, generator: torch.Generator) -> torch.Tensor:
     if is_digit_model(model):
         prompt = torch.full((n, 1), BOS, dtype=torch.int64, device=device)
         return tokens_to_pixels(_generate(model, prompt, PIXELS, generator).cpu())
-    prompt = encode("\n").to(device).expand(n, 1).contiguous()                      # (n, 1)
+    prompt = encode("\n").to(device).expand(n, 1).contiguous()  # (n, 1)
     return _generate(model, prompt, text_sample_len(model), generator).cpu()
 
 

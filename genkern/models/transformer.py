@@ -4,6 +4,7 @@ Training and full-context calls attend with genkern.flash_attention; calls with 
 genkern.KVCache decode from the cache with genkern.attention_with_kvcache. With
 impl="torch" both are the plain-PyTorch versions (the baseline).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,14 +27,14 @@ class ModelArgs:
     dim: int = 256
     n_layers: int = 6
     n_heads: int = 8
-    n_kv_heads: int | None = None   # None: n_heads; fewer: grouped-query attention
+    n_kv_heads: int | None = None  # None: n_heads; fewer: grouped-query attention
     max_seq_len: int = 2048
-    mlp_hidden: int | None = None   # None: 4 * dim
-    positions: str = "rotary"       # "rotary" | "learned"
+    mlp_hidden: int | None = None  # None: 4 * dim
+    positions: str = "rotary"  # "rotary" | "learned"
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    impl: str = "auto"              # attention impl: "auto" | "torch" | "cpp" | "triton"
+    impl: str = "auto"  # attention impl: "auto" | "torch" | "cpp" | "triton"
 
     def __post_init__(self):
         self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -42,8 +43,10 @@ class ModelArgs:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}, and n_heads of "
-                             f"n_kv_heads={self.n_kv_heads}")
+            raise ValueError(
+                f"dim={self.dim} must be a multiple of n_heads={self.n_heads}, and n_heads of "
+                f"n_kv_heads={self.n_kv_heads}"
+            )
         self.impl = check_impl(self.impl)
         if self.positions not in ("rotary", "learned"):
             raise ValueError(f"positions must be 'rotary' or 'learned', got {self.positions!r}")
@@ -67,13 +70,13 @@ _SAVED_NAMES = (("qkv.", "wqkv."), ("proj.", "wo."))
 def _to_saved_names(module, state_dict, prefix, local_metadata):
     for name, saved in _SAVED_NAMES:
         for key in [k for k in state_dict if k.startswith(prefix + name)]:
-            state_dict[prefix + saved + key[len(prefix + name):]] = state_dict.pop(key)
+            state_dict[prefix + saved + key[len(prefix + name) :]] = state_dict.pop(key)
 
 
 def _from_saved_names(module, state_dict, prefix, *args):
     for name, saved in _SAVED_NAMES:
         for key in [k for k in state_dict if k.startswith(prefix + saved)]:
-            state_dict[prefix + name + key[len(prefix + saved):]] = state_dict.pop(key)
+            state_dict[prefix + name + key[len(prefix + saved) :]] = state_dict.pop(key)
 
 
 def _report_saved_names(model, incompatible):
@@ -117,8 +120,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(args.dim, eps=args.norm_eps)
         self.attn = Attention(args)
         self.norm2 = nn.LayerNorm(args.dim, eps=args.norm_eps)
-        self.mlp = nn.Sequential(nn.Linear(args.dim, args.mlp_hidden), nn.GELU(),
-                                 nn.Linear(args.mlp_hidden, args.dim))
+        self.mlp = nn.Sequential(nn.Linear(args.dim, args.mlp_hidden), nn.GELU(), nn.Linear(args.mlp_hidden, args.dim))
 
     def forward(self, x, rope, cache, layer):
         x = x + self.attn(self.norm1(x), rope, cache, layer)
@@ -161,12 +163,19 @@ class TransformerLM(nn.Module):
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> KVCache:
         a = self.args
         p = self.tok_emb.weight
-        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_seq_len or a.max_seq_len, a.head_dim,
-                       dtype=dtype or p.dtype, device=device or p.device)
+        return KVCache(
+            a.n_layers,
+            batch_size,
+            a.n_kv_heads,
+            max_seq_len or a.max_seq_len,
+            a.head_dim,
+            dtype=dtype or p.dtype,
+            device=device or p.device,
+        )
 
     def forward(self, idx, cache: KVCache | None = None):
         b, t = idx.shape
-        start = 0 if cache is None else cache.seqlens.long()                   # (B,) or 0
+        start = 0 if cache is None else cache.seqlens.long()  # (B,) or 0
         cached = 0 if cache is None else cache.max_len
         # The cache may be shorter than the model's context (generate sizes it to the request).
         limit = self.args.max_seq_len if cache is None else min(self.args.max_seq_len, cache.max_seq_len)
@@ -174,8 +183,8 @@ class TransformerLM(nn.Module):
             raise ValueError(f"{t} tokens after {cached} cached ones exceed max_seq_len={limit}")
         pos = torch.arange(t, device=idx.device).expand(b, t)
         if cache is not None:
-            pos = pos + start[:, None]                                           # (B, T)
-        x = self.tok_emb(idx)                                                    # (B, T, dim)
+            pos = pos + start[:, None]  # (B, T)
+        x = self.tok_emb(idx)  # (B, T, dim)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
@@ -183,7 +192,7 @@ class TransformerLM(nn.Module):
             rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, hd/2) each
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i)
-        return self.head(self.norm(x))                                          # (B, T, vocab)
+        return self.head(self.norm(x))  # (B, T, vocab)
 
     def loss(self, idx):
         """Mean next-token cross-entropy (nats) of idx (B, T)."""

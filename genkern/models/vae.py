@@ -11,6 +11,7 @@ p(x|z) as one of three likelihoods:
 
 D = prod(data_shape). Two architectures: "mlp" (flattened x) and "conv" for (C, H, W) data.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,15 +39,16 @@ _LOG_2PI = math.log(2 * math.pi)
 class VAEConfig(ConfigDict):
     """Defaults: the categorical MLP VAE of the 8x8 digits (Adam lr 1e-3, batch 128, ~1,000 steps
     reach ~2.1 bits/dim on the test split; longer runs overfit the 1,438 training images)."""
+
     data_shape: tuple = (1, 8, 8)
     likelihood: str = "categorical"  # "categorical" | "bernoulli" | "gaussian"
-    levels: int = 17                 # grey levels of the categorical decoder (x = level / (levels - 1))
-    arch: str = "mlp"                # "mlp" | "conv" (conv needs (C, H, W) with even H and W)
-    hidden: int = 256                # width of the hidden layers (conv: channels hidden // 8, hidden // 4)
-    depth: int = 2                   # hidden layers of the encoder and of the decoder (conv: trunk + depth - 1)
+    levels: int = 17  # grey levels of the categorical decoder (x = level / (levels - 1))
+    arch: str = "mlp"  # "mlp" | "conv" (conv needs (C, H, W) with even H and W)
+    hidden: int = 256  # width of the hidden layers (conv: channels hidden // 8, hidden // 4)
+    depth: int = 2  # hidden layers of the encoder and of the decoder (conv: trunk + depth - 1)
     latent_dim: int = 16
-    beta: float = 1.0                # weight of the KL term in the loss
-    impl: str = "auto"               # reparameterize_kl impl: "auto" | "torch" | "cpp" | "triton"
+    beta: float = 1.0  # weight of the KL term in the loss
+    impl: str = "auto"  # reparameterize_kl impl: "auto" | "torch" | "cpp" | "triton"
 
     def __post_init__(self):
         self.data_shape = check_data_shape(self.data_shape)
@@ -57,16 +59,21 @@ class VAEConfig(ConfigDict):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or \
-                not math.isfinite(self.beta) or self.beta < 0:
+        if (
+            isinstance(self.beta, bool)
+            or not isinstance(self.beta, (int, float))
+            or not math.isfinite(self.beta)
+            or self.beta < 0
+        ):
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
         self.beta = float(self.beta)
         if self.arch == "conv":
             if len(self.data_shape) != 3 or self.data_shape[1] % 2 or self.data_shape[2] % 2:
                 raise ValueError(f"arch='conv' needs data_shape (C, H, W) with even H and W, got {self.data_shape}")
             if self.hidden < 8:
-                raise ValueError(f"arch='conv' needs hidden >= 8 (its channels are hidden // 8, hidden // 4), "
-                                 f"got {self.hidden}")
+                raise ValueError(
+                    f"arch='conv' needs hidden >= 8 (its channels are hidden // 8, hidden // 4), got {self.hidden}"
+                )
 
     @property
     def dim(self) -> int:
@@ -74,17 +81,15 @@ class VAEConfig(ConfigDict):
         return math.prod(self.data_shape)
 
 
-
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-
-
 class ELBO(NamedTuple):
     """Scalars: loss = recon + beta * kl; recon = mean -log p(x|z) (nats per example);
     kl = mean KL(q(z|x) || p(z)) per example."""
+
     loss: torch.Tensor
     recon: torch.Tensor
     kl: torch.Tensor
@@ -106,8 +111,13 @@ class _ConvEncoder(nn.Module):
         super().__init__()
         c, h, w = cfg.data_shape
         c1, c2 = cfg.hidden // 8, cfg.hidden // 4
-        self.trunk = nn.Sequential(nn.Conv2d(c, c1, 3, padding=1), nn.SiLU(),
-                                   nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.SiLU(), nn.Flatten())
+        self.trunk = nn.Sequential(
+            nn.Conv2d(c, c1, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Flatten(),
+        )
         self.head = mlp(c2 * (h // 2) * (w // 2), cfg.hidden, cfg.depth - 1, out_features)
 
     def forward(self, x):
@@ -123,8 +133,9 @@ class _ConvDecoder(nn.Module):
         c1, c2 = cfg.hidden // 8, cfg.hidden // 4
         self.grid = (c2, h // 2, w // 2)
         self.head = nn.Sequential(mlp(cfg.latent_dim, cfg.hidden, cfg.depth - 1, math.prod(self.grid)), nn.SiLU())
-        self.trunk = nn.Sequential(nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.SiLU(),
-                                   nn.Conv2d(c1, c * per_dim, 3, padding=1))
+        self.trunk = nn.Sequential(
+            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.SiLU(), nn.Conv2d(c1, c * per_dim, 3, padding=1)
+        )
 
     def forward(self, z):
         return self.trunk(self.head(z).view(z.shape[0], *self.grid))  # (N, c2, H/2, W/2) -> (N, C*K, H, W)
@@ -233,7 +244,7 @@ class VAE(nn.Module):
         rows, k_chunk = max(1, batch_size // k), min(k, batch_size)
         out = []
         for start in range(0, n, rows):
-            xb = x[start:start + rows]
+            xb = x[start : start + rows]
             nb = xb.shape[0]
             mu, logvar = (_up(t) for t in self.encode(xb))  # (nb, L) each
             std = torch.exp(0.5 * logvar)
@@ -241,15 +252,15 @@ class VAE(nn.Module):
             log_w = []
             for k0 in range(0, k, k_chunk):
                 kc = min(k_chunk, k - k0)
-                eps = _randn((nb, kc, ld), generator, x.device)           # (nb, kc, L)
-                z = mu[:, None] + std[:, None] * eps                      # (nb, kc, L)
+                eps = _randn((nb, kc, ld), generator, x.device)  # (nb, kc, L)
+                z = mu[:, None] + std[:, None] * eps  # (nb, kc, L)
                 log_q = -(0.5 * eps * eps + 0.5 * logvar[:, None] + 0.5 * _LOG_2PI).sum(-1)  # (nb, kc)
                 log_pz = -(0.5 * z * z + 0.5 * _LOG_2PI).sum(-1)
-                x_rep = repeat(x_flat, "n d -> (n k) d", k=kc)           # (nb*kc, D)
+                x_rep = repeat(x_flat, "n d -> (n k) d", k=kc)  # (nb*kc, D)
                 z_flat = rearrange(z, "n k l -> (n k) l").to(self._dtype())
                 log_px = rearrange(self.log_prob(x_rep, self.decode(z_flat)), "(n k) -> n k", k=kc)
                 log_w.append(log_px.double() + log_pz.double() - log_q.double())
-            log_w = torch.cat(log_w, dim=1)                               # (nb, K)
+            log_w = torch.cat(log_w, dim=1)  # (nb, K)
             out.append(torch.logsumexp(log_w, dim=1) - math.log(k))
         return torch.cat(out) if out else x.new_zeros(0, dtype=torch.float64)
 
@@ -264,7 +275,7 @@ class VAE(nn.Module):
         out = self.decode(z)
         if self.config.likelihood == "categorical":
             # Inverse-CDF sampling from uniforms drawn on the generator's own device.
-            cdf = F.softmax(_up(out), -1).cumsum(-1)                   # (n, D, levels)
+            cdf = F.softmax(_up(out), -1).cumsum(-1)  # (n, D, levels)
             u = _rand((n, self.config.dim, 1), generator, device)
             level = (cdf < u).sum(-1).clamp_(max=self.config.levels - 1)  # (n, D)
             x = level.float() / (self.config.levels - 1)
@@ -285,13 +296,16 @@ class VAE(nn.Module):
     def _check_x(self, x):
         cfg = self.config
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got "
-                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise TypeError(
+                f"x must be a floating-point tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         if x.dim() != len(cfg.data_shape) + 1 or tuple(x.shape[1:]) != cfg.data_shape:
             raise ValueError(f"x must have shape (N, {', '.join(map(str, cfg.data_shape))}), got {tuple(x.shape)}")
         if x.numel() and cfg.likelihood != "gaussian" and bool(((x < 0) | (x > 1) | x.isnan()).any()):
-            raise ValueError(f"x must lie in [0, 1] for the {cfg.likelihood} likelihood, got values in "
-                             f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+            raise ValueError(
+                f"x must lie in [0, 1] for the {cfg.likelihood} likelihood, got values in "
+                f"[{x.min().item():.4g}, {x.max().item():.4g}]"
+            )
 
     def _device(self):
         return next(self.parameters()).device

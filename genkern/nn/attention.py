@@ -1,4 +1,5 @@
 """Causal self-attention over genkern.flash_attention, and over a genkern.KVCache when decoding."""
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,17 @@ class CausalSelfAttention(nn.Module):
         impl: this call's impl instead of self.impl.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, bias: bool = False,
-                 impl: str = "auto", device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        *,
+        bias: bool = False,
+        impl: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if dim < 1 or n_heads < 1 or dim % n_heads:
@@ -82,7 +92,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = self.attend(q, k, v, cache, layer, self.impl if impl is None else impl)  # (B, H, T, hd)
-        return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))                   # (B, T, dim)
+        return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))  # (B, T, dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, impl={self.impl!r}"

@@ -1,4 +1,5 @@
 """GaussianLatent: the VAE latent layer over genkern.reparameterize_kl."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,15 @@ class GaussianLatent(nn.Module):
     log-variance per latent dimension) with `learn_prior=True`.
     """
 
-    def __init__(self, in_features: int, latent_dim: int, *, learn_prior: bool = False,
-                 sample_in_eval: bool = False, impl: str = "auto"):
+    def __init__(
+        self,
+        in_features: int,
+        latent_dim: int,
+        *,
+        learn_prior: bool = False,
+        sample_in_eval: bool = False,
+        impl: str = "auto",
+    ):
         super().__init__()
         if in_features < 1 or latent_dim < 1:
             raise ValueError(f"in_features and latent_dim must be positive, got {in_features}, {latent_dim}")
@@ -37,8 +45,9 @@ class GaussianLatent(nn.Module):
         if sample is None:
             sample = self.training or self.sample_in_eval
         eps = None if sample else torch.zeros_like(mu)
-        z, kl = reparameterize_kl(mu, logvar, eps, prior_mu=self.prior_mu, prior_logvar=self.prior_logvar,
-                                  generator=generator, impl=self.impl)
+        z, kl = reparameterize_kl(
+            mu, logvar, eps, prior_mu=self.prior_mu, prior_logvar=self.prior_logvar, generator=generator, impl=self.impl
+        )
         return z, kl, mu, logvar
 
     def extra_repr(self) -> str:

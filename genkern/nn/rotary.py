@@ -1,4 +1,5 @@
 """Rotary position embeddings (RoFormer): queries and keys rotated by angles that grow with position."""
+
 from __future__ import annotations
 
 import torch

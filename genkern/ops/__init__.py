@@ -1,4 +1,5 @@
 """Public ops: one file per hot path (function, autograd, fake kernel, registration)."""
+
 from genkern.ops.attention import flash_attention
 from genkern.ops.gan_loss import discriminator_loss, generator_loss
 from genkern.ops.kv_decode import attention_with_kvcache

@@ -13,6 +13,7 @@ A public op function checks its arguments (clear errors naming them), calls
 `OP.resolve(impl, tensor)` and then either the reference (genkern/reference/<stem>.py)
 or `OP(backend, *args)`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,19 @@ class KernelOp:
         cpp_dtypes, triton_dtypes: dtypes the kernels take, when not the defaults.
     """
 
-    def __init__(self, stem, public, *, fake, fake_bwd=None, backward=None, setup_context=None, eager=None,
-                 cpp_dtypes=None, triton_dtypes=None):
+    def __init__(
+        self,
+        stem,
+        public,
+        *,
+        fake,
+        fake_bwd=None,
+        backward=None,
+        setup_context=None,
+        eager=None,
+        cpp_dtypes=None,
+        triton_dtypes=None,
+    ):
         self.stem, self.public = stem, public
         self._fake, self._fake_bwd = fake, fake_bwd
         self._backward, self._setup_context = backward, setup_context
@@ -92,7 +104,8 @@ class KernelOp:
         op = self._ops.get((family, direction))
         if op is None:
             op = self._ops[family, direction] = getattr(
-                torch.ops.genkern, _library.op_name(self.stem, family, direction)).default
+                torch.ops.genkern, _library.op_name(self.stem, family, direction)
+            ).default
         return op
 
     def _setup_for(self, family: str):
@@ -100,6 +113,7 @@ class KernelOp:
         def setup_context(ctx, inputs, output):
             ctx.family = family
             self._setup_context(ctx, inputs, output)
+
         return setup_context
 
     def register(self) -> None:
@@ -125,5 +139,7 @@ def refuse_double_backward(op: str) -> None:
     """The fused backward kernels carry no graph: under create_graph=True a second derivative
     through them would silently be zero, so it is refused."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"{op}: the fused kernels do not support double backward (create_graph=True); "
-                           "use impl='torch' for higher-order gradients")
+        raise RuntimeError(
+            f"{op}: the fused kernels do not support double backward (create_graph=True); "
+            "use impl='torch' for higher-order gradients"
+        )

@@ -15,6 +15,7 @@ so that an explicitly requested impl is exactly what runs. Autograd is registere
 on <stem>_<family>_fwd (genkern/ops/_common.py). kv_decode has no backward: its
 op is kv_decode_<family>.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,10 +29,13 @@ FAMILIES = ("cpp", "triton")
 # `prior_mu`/`prior_logvar` are both given (already broadcast to mu's shape) or both None
 # (standard normal prior). The backward returns (grad_mu, grad_logvar, grad_prior_mu,
 # grad_prior_logvar); the last two are empty (shape (0,)) when there is no prior.
-_REPARAM_KL_FWD = ("(Tensor mu, Tensor logvar, Tensor? eps, Tensor? prior_mu, Tensor? prior_logvar, Tensor? seed)"
-                   " -> (Tensor, Tensor)")
-_REPARAM_KL_BWD = ("(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? eps, Tensor? prior_mu, "
-                   "Tensor? prior_logvar, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)")
+_REPARAM_KL_FWD = (
+    "(Tensor mu, Tensor logvar, Tensor? eps, Tensor? prior_mu, Tensor? prior_logvar, Tensor? seed) -> (Tensor, Tensor)"
+)
+_REPARAM_KL_BWD = (
+    "(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? eps, Tensor? prior_mu, "
+    "Tensor? prior_logvar, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 # gan_loss: the discriminator (generator=False) or generator loss of one kind, with kind =
 # 0 nonsaturating, 1 minimax, 2 hinge, 3 wasserstein, 4 least_squares, 5 relativistic and
@@ -40,8 +44,10 @@ _REPARAM_KL_BWD = ("(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Te
 # and its gradient with respect to each logits tensor, all in one pass (grad_real empty (0,)
 # without real logits; a 0-d gradient is that value at every element). The backward only
 # scales those gradients by the incoming one, so there is no _bwd kernel.
-_GAN_LOSS_FWD = ("(Tensor? real_logits, Tensor fake_logits, int kind, int reduction, float real_label, "
-                 "bool generator) -> (Tensor, Tensor, Tensor)")
+_GAN_LOSS_FWD = (
+    "(Tensor? real_logits, Tensor fake_logits, int kind, int reduction, float real_label, "
+    "bool generator) -> (Tensor, Tensor, Tensor)"
+)
 
 # attention: softmax(scale * q k^T [+ causal mask]) v, flash-attention style (no score matrix
 # in memory). q (B, H, T, D); k, v (B, Hkv, S, D) with H % Hkv == 0 (query head h reads KV head
@@ -53,8 +59,10 @@ _GAN_LOSS_FWD = ("(Tensor? real_logits, Tensor fake_logits, int kind, int reduct
 # lse: it adds P_ij * grad_lse_i to the score gradient, i.e. delta_i = rowsum(dO_i * O_i) -
 # grad_lse_i.
 _ATTENTION_FWD = "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)"
-_ATTENTION_BWD = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
-                  "bool causal, float scale) -> (Tensor, Tensor, Tensor)")
+_ATTENTION_BWD = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
+    "bool causal, float scale) -> (Tensor, Tensor, Tensor)"
+)
 
 # kv_decode: attention of q (B, H, Tnew, D) against preallocated caches k_cache, v_cache
 # (B, Hkv, Smax, D), H % Hkv == 0, with cache_seqlens (B,) int32 the filled length L_b of each
@@ -64,8 +72,10 @@ _ATTENTION_BWD = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, T
 # n_b = L_b + Tnew positions, else n_b = L_b. Query i of row b attends to positions j < n_b with
 # j <= i + n_b - Tnew; a row with n_b = 0 gives zeros. Returns out (B, H, Tnew, D) contiguous in
 # q's dtype. No backward. cache_seqlens is not modified.
-_KV_DECODE = ("(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
-              "Tensor? v_new, float scale) -> Tensor")
+_KV_DECODE = (
+    "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
+    "Tensor? v_new, float scale) -> Tensor"
+)
 
 # (stem, direction) -> schema; the op names are <stem>_<family>_<direction>.
 SCHEMAS = {

@@ -1,4 +1,5 @@
 """Flash-attention: softmax(scale * q k^T) v without the score matrix, forward and backward."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ from genkern.ops._common import FLOAT_DTYPES, KernelOp, check_float_tensor, refu
 from genkern.reference import attention as reference
 
 HEAD_DIMS = range(16, 257, 8)  # head dims the C++ and Triton kernels take
-CPP_DTYPES = FLOAT_DTYPES       # float16/bfloat16 are computed in float32 on the CPU
+CPP_DTYPES = FLOAT_DTYPES  # float16/bfloat16 are computed in float32 on the CPU
 
 
 def flash_attention(q, k, v, *, causal=True, scale=None, return_lse=False, impl="auto"):
@@ -61,14 +62,14 @@ def _check_args(q, k, v):
     check_float_tensor(v, "v", like=q, like_name="q")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-d ({'B, H, T, D' if name == 'q' else 'B, Hkv, S, D'}), "
-                             f"got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be 4-d ({'B, H, T, D' if name == 'q' else 'B, Hkv, S, D'}), got shape {tuple(t.shape)}"
+            )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape (B, Hkv, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
     (b, h, t, d), (bk, hkv, s, dk) = q.shape, k.shape
     if bk != b or dk != d:
-        raise ValueError(f"k must be (B={b}, Hkv, S, D={d}) to match q of shape {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")
+        raise ValueError(f"k must be (B={b}, Hkv, S, D={d}) to match q of shape {tuple(q.shape)}, got {tuple(k.shape)}")
     if hkv == 0 or h % hkv:
         raise ValueError(f"q's heads H={h} must be a multiple of k's heads Hkv={hkv}")
     if t == 0 or s == 0 or d == 0:
@@ -101,6 +102,7 @@ def head_dim_backend(op: KernelOp, impl, q) -> str:
 
 # --- the op: fake kernels and autograd ------------------------------------------------
 
+
 def _fake_fwd(q, k, v, causal, scale):
     b, h, t, d = q.shape
     return q.new_empty((b, h, t, d)), q.new_empty((b, h, t), dtype=torch.float32)
@@ -126,6 +128,13 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None
 
 
-ATTENTION = KernelOp("attention", "flash_attention", fake=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward,
-                     setup_context=_setup_context, cpp_dtypes=CPP_DTYPES)
+ATTENTION = KernelOp(
+    "attention",
+    "flash_attention",
+    fake=_fake_fwd,
+    fake_bwd=_fake_bwd,
+    backward=_backward,
+    setup_context=_setup_context,
+    cpp_dtypes=CPP_DTYPES,
+)
 ATTENTION.register()

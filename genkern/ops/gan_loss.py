@@ -1,4 +1,5 @@
 """Fused GAN losses: the loss and its gradient with respect to the logits in one pass."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ _MEAN, _NONE = _REDUCTION_CODE["mean"], _REDUCTION_CODE["none"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def discriminator_loss(real_logits, fake_logits, kind="nonsaturating", *, reduction="mean", real_label=1.0,
-                       impl="auto"):
+def discriminator_loss(
+    real_logits, fake_logits, kind="nonsaturating", *, reduction="mean", real_label=1.0, impl="auto"
+):
     """The discriminator's loss on real and fake logits.
 
     Args:
@@ -38,8 +40,9 @@ def discriminator_loss(real_logits, fake_logits, kind="nonsaturating", *, reduct
     stride-0 (expanded) gradient, as torch's sum() does: torch.autograd.grad returns it as
     such (read-only in place), and backward() accumulates it into an ordinary .grad.
     """
-    backend, kind_code, red_code, label = _prepare(real_logits, fake_logits, kind, reduction, real_label, impl,
-                                                   "discriminator_loss")
+    backend, kind_code, red_code, label = _prepare(
+        real_logits, fake_logits, kind, reduction, real_label, impl, "discriminator_loss"
+    )
     if backend == "torch":
         return reference.discriminator_loss(real_logits, fake_logits, kind, reduction=reduction, real_label=label)
     return _fused(backend, real_logits, fake_logits, kind_code, red_code, label, False)
@@ -92,8 +95,12 @@ _MEMO_MAX = 256  # (a NaN real_label never equals its key: the memo stays bounde
 def _fused(backend, real_logits, fake_logits, kind, reduction, label, generator):
     """The loss from the fused kernel op (its gradients stay with the autograd node)."""
     dtype = fake_logits.dtype
-    if reduction == _MEAN and dtype in _HALF and torch.is_grad_enabled() and \
-            (fake_logits.requires_grad or (real_logits is not None and real_logits.requires_grad)):
+    if (
+        reduction == _MEAN
+        and dtype in _HALF
+        and torch.is_grad_enabled()
+        and (fake_logits.requires_grad or (real_logits is not None and real_logits.requires_grad))
+    ):
         # Half "mean" logits that need a gradient go to the kernel as float32: the saved
         # gradients d/N (below float16's normal range for N >~ 2^14) keep their bits until the
         # backward has applied the upstream gradient (AMP's loss scale) and the casts' backward
@@ -109,15 +116,23 @@ def _prepare(real_logits, fake_logits, kind, reduction, real_label, impl, op):
     if not isinstance(fake_logits, torch.Tensor) or fake_logits.dtype not in FLOAT_DTYPES:
         check_float_tensor(fake_logits, "fake_logits")  # raises, naming the argument
     device, dtype = fake_logits.device, fake_logits.dtype
-    hashable = type(kind) is str and type(reduction) is str and type(real_label) in (float, int) and \
-        (type(impl) is str or impl is None)
+    hashable = (
+        type(kind) is str
+        and type(reduction) is str
+        and type(real_label) in (float, int)
+        and (type(impl) is str or impl is None)
+    )
     key = (kind, reduction, real_label, impl, op, device, dtype) if hashable else None
     answer = _MEMO.get(key) if hashable else None
     if answer is None:
         label = check_settings(kind, reduction, real_label)
         explicit = impl is not None and impl != "auto"
-        answer = (GAN_LOSS.resolve(impl, fake_logits, op) if explicit else None,  # raises if it cannot run
-                  _KIND_CODE[kind], _REDUCTION_CODE[reduction], label)
+        answer = (
+            GAN_LOSS.resolve(impl, fake_logits, op) if explicit else None,  # raises if it cannot run
+            _KIND_CODE[kind],
+            _REDUCTION_CODE[reduction],
+            label,
+        )
         if hashable and len(_MEMO) < _MEMO_MAX:
             _MEMO[key] = answer
     if fake_logits.numel() == 0:
@@ -130,8 +145,10 @@ def _prepare(real_logits, fake_logits, kind, reduction, real_label, impl, op):
         if real_logits.numel() == 0:
             raise ValueError("real_logits is empty; a GAN loss needs at least one logit")
         if answer[2] == _NONE and real_logits.shape != fake_logits.shape:
-            raise ValueError(f'reduction="none" needs real_logits and fake_logits of one shape, got '
-                             f"{tuple(real_logits.shape)} and {tuple(fake_logits.shape)}")
+            raise ValueError(
+                f'reduction="none" needs real_logits and fake_logits of one shape, got '
+                f"{tuple(real_logits.shape)} and {tuple(fake_logits.shape)}"
+            )
     if answer[0] is None:  # impl "auto": GENKERN_IMPL is read on every call
         return (GAN_LOSS.resolve(impl, fake_logits, op),) + answer[1:]
     return answer
@@ -139,6 +156,7 @@ def _prepare(real_logits, fake_logits, kind, reduction, real_label, impl, op):
 
 # --- the op: fake kernel and autograd ------------------------------------------------
 # csrc/gan_loss_autograd.cpp registers the same autograd in C++ where genkern._C is loaded.
+
 
 def const_grads(kind: int, generator: bool):
     """(grad_real, grad_fake) is 0-d: which gradients of gan_loss_<family>_fwd are one constant.
@@ -182,11 +200,14 @@ def _backward(ctx, grad_loss, _grad_real, _grad_fake):
         tr, tf = grad_loss * saved[0], grad_loss * saved[1]
         return tr - tf.mean(), tf - tr.mean(), None, None, None, None
     # A constant (0-d) gradient reaches autograd as a stride-0 view, as torch's sum() gives.
-    grads = [None if shape is None else (grad_loss * g).expand(shape) if g.dim() == 0 and len(shape) else
-             grad_loss * g for g, shape in zip(saved, ctx.shapes)]
+    grads = [
+        None if shape is None else (grad_loss * g).expand(shape) if g.dim() == 0 and len(shape) else grad_loss * g
+        for g, shape in zip(saved, ctx.shapes)
+    ]
     return grads[0], grads[1], None, None, None, None
 
 
-GAN_LOSS = KernelOp("gan_loss", "gan_loss", fake=_fake_fwd, backward=_backward, setup_context=_setup_context,
-                    eager="gan_loss")
+GAN_LOSS = KernelOp(
+    "gan_loss", "gan_loss", fake=_fake_fwd, backward=_backward, setup_context=_setup_context, eager="gan_loss"
+)
 GAN_LOSS.register()

@@ -1,4 +1,5 @@
 """Attention against a preallocated KV cache: incremental decoding and chunked prefill."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,9 @@ from genkern.ops.attention import CPP_DTYPES, check_scale, head_dim_backend
 from genkern.reference import kv_decode as reference
 
 
-def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None,
-                           impl="auto", max_seqlen=None):
+def attention_with_kvcache(
+    q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None, impl="auto", max_seqlen=None
+):
     """Appends new keys/values to a KV cache in place and attends to the filled part.
 
     Args:
@@ -60,22 +62,29 @@ def _check_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
     check_float_tensor(v_cache, "v_cache", like=q, like_name="q")
     # getattr: k_new/v_new are checked to be tensors below; a bad one must reach that TypeError.
     if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k_cache, v_cache, k_new, v_new)):
-        raise RuntimeError("attention_with_kvcache has no backward: call it under torch.no_grad() or "
-                           "torch.inference_mode(), or detach the inputs")
+        raise RuntimeError(
+            "attention_with_kvcache has no backward: call it under torch.no_grad() or "
+            "torch.inference_mode(), or detach the inputs"
+        )
     if q.dim() != 4:
         raise ValueError(f"q must be 4-d (B, H, Tnew, D), got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must be (B, Hkv, Smax, D) of one shape, got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache and v_cache must be (B, Hkv, Smax, D) of one shape, got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     (b, h, tnew, d), (bc, hkv, smax, dc) = q.shape, k_cache.shape
     if bc != b or dc != d:
-        raise ValueError(f"k_cache must be (B={b}, Hkv, Smax, D={d}) to match q of shape {tuple(q.shape)}, "
-                         f"got {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"k_cache must be (B={b}, Hkv, Smax, D={d}) to match q of shape {tuple(q.shape)}, "
+            f"got {tuple(k_cache.shape)}"
+        )
     if hkv == 0 or h % hkv:
         raise ValueError(f"q's heads H={h} must be a multiple of the cache's heads Hkv={hkv}")
     if b == 0 or tnew == 0 or d == 0 or smax == 0:
-        raise ValueError(f"q and the caches need B, Tnew, D, Smax >= 1, got q {tuple(q.shape)} and "
-                         f"k_cache {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"q and the caches need B, Tnew, D, Smax >= 1, got q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}"
+        )
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim (it is written in place)")
@@ -91,8 +100,9 @@ def _check_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             check_float_tensor(t, name, like=q, like_name="q")
             if t.shape != (b, hkv, tnew, d):
-                raise ValueError(f"{name} must have shape (B, Hkv, Tnew, D) = {(b, hkv, tnew, d)}, "
-                                 f"got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must have shape (B, Hkv, Tnew, D) = {(b, hkv, tnew, d)}, got {tuple(t.shape)}"
+                )
 
 
 def _check_room(cache_seqlens, tnew, smax, max_len):
@@ -109,11 +119,13 @@ def _check_room(cache_seqlens, tnew, smax, max_len):
     if lo < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got a length of {lo}")
     if hi + tnew > smax:
-        raise ValueError(f"the KV cache is full: a row of length {hi} plus {tnew} new tokens exceeds "
-                         f"max_seq_len={smax}")
+        raise ValueError(
+            f"the KV cache is full: a row of length {hi} plus {tnew} new tokens exceeds max_seq_len={smax}"
+        )
 
 
 # --- the op: fake kernel (inference only: no autograd) --------------------------------
+
 
 def _fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
     return q.new_empty(q.shape)

@@ -1,4 +1,5 @@
 """Fused reparameterized sampling with its KL divergence (the VAE hot path)."""
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,9 @@ def reparameterize_kl(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
     _check_args(mu, logvar, eps, prior_mu, prior_logvar)
     backend = REPARAM_KL.resolve(impl, mu)
     if backend == "torch":
-        return reference.reparameterize_kl(mu, logvar, eps, prior_mu=prior_mu, prior_logvar=prior_logvar,
-                                           generator=generator)
+        return reference.reparameterize_kl(
+            mu, logvar, eps, prior_mu=prior_mu, prior_logvar=prior_logvar, generator=generator
+        )
     pm, plv = _broadcast_prior(mu, prior_mu, prior_logvar)
     seed = None if eps is not None else _draw_seed(generator, mu.device)
     return REPARAM_KL(backend, mu, logvar, eps, pm, plv, seed)
@@ -85,6 +87,7 @@ def _draw_seed(generator, device):
 # --- the op: fake kernels and autograd ------------------------------------------------
 # csrc/reparam_kl_autograd.cpp registers the same autograd in C++ where genkern._C is loaded.
 
+
 def _fake_fwd(mu, logvar, eps, prior_mu, prior_logvar, seed):
     return torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(mu.shape[:-1])
 
@@ -108,8 +111,9 @@ def _backward(ctx, grad_z, grad_kl):
     # An output that did not reach the loss has no gradient: it contributes zero.
     grad_z = torch.zeros_like(mu, memory_format=torch.contiguous_format) if grad_z is None else grad_z
     grad_kl = mu.new_zeros(mu.shape[:-1]) if grad_kl is None else grad_kl
-    g_mu, g_logvar, g_pm, g_plv = REPARAM_KL.op(ctx.family, "bwd")(grad_z, grad_kl, mu, logvar, eps, prior_mu,
-                                                                    prior_logvar, seed)
+    g_mu, g_logvar, g_pm, g_plv = REPARAM_KL.op(ctx.family, "bwd")(
+        grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar, seed
+    )
     g_eps = None
     if eps is not None and ctx.needs_input_grad[2]:
         # d z / d eps = exp(logvar / 2), in float32 for half inputs like the kernels.
@@ -119,6 +123,13 @@ def _backward(ctx, grad_z, grad_kl):
     return g_mu, g_logvar, g_eps, g_pm if has_prior else None, g_plv if has_prior else None, None
 
 
-REPARAM_KL = KernelOp("reparam_kl", "reparameterize_kl", fake=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward,
-                      setup_context=_setup_context, eager="reparam_kl")
+REPARAM_KL = KernelOp(
+    "reparam_kl",
+    "reparameterize_kl",
+    fake=_fake_fwd,
+    fake_bwd=_fake_bwd,
+    backward=_backward,
+    setup_context=_setup_context,
+    eager="reparam_kl",
+)
 REPARAM_KL.register()

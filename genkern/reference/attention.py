@@ -20,6 +20,7 @@ log-sum-exp is -inf (not NaN).
 This version materialises the (T, S) score matrix: it is O(T * S) in memory, which
 is what the fused kernels avoid.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,10 +43,10 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False):
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # Grouped-query attention: view the query heads as (Hkv, group) so each group
     # broadcasts against its own K/V head, without copying K/V.
-    qg = q.reshape(b, hkv, h // hkv, t, d)                            # (B, Hkv, G, T, D)
+    qg = q.reshape(b, hkv, h // hkv, t, d)  # (B, Hkv, G, T, D)
     scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, G, T, S)
     if causal:
-        mask = causal_mask(t, s, q.device)                              # (T, S)
+        mask = causal_mask(t, s, q.device)  # (T, S)
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax accumulates in float32 for float16/bfloat16 (as torch's fused softmax
     # does); float64 stays float64.
@@ -55,9 +56,9 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False):
         # A row with no visible key is all -inf, which softmax turns into NaN: zero
         # exactly those rows (a NaN from the inputs elsewhere stays NaN).
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-    out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))             # (B, Hkv, G, T, D)
+    out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))  # (B, Hkv, G, T, D)
     out = out.reshape(b, h, t, d)
     if not return_lse:
         return out
-    lse = torch.logsumexp(scores.to(acc), dim=-1).reshape(b, h, t)    # -inf for empty rows
+    lse = torch.logsumexp(scores.to(acc), dim=-1).reshape(b, h, t)  # -inf for empty rows
     return out, lse.float()

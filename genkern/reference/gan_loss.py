@@ -20,6 +20,7 @@ Reductions: "mean" averages each term over its own tensor and adds the two;
 real and fake of one shape (a generator loss without a real term returns its
 fake term). Float16 and bfloat16 are computed in float32.
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ v_new (B, Hkv, Tnew, D) or None.
 
 cache_seqlens is not modified: advancing it is the caller's job (genkern.KVCache).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ def write_new(k_cache, v_cache, cache_seqlens, k_new, v_new):
     """Writes k_new/v_new into the caches at each row's positions L_b .. L_b + Tnew - 1."""
     b, hkv, tnew, d = k_new.shape
     pos = cache_seqlens.long().view(b, 1, 1, 1) + torch.arange(tnew, device=k_new.device).view(1, 1, tnew, 1)
-    pos = pos.expand(b, hkv, tnew, d)                                   # (B, Hkv, Tnew, D)
+    pos = pos.expand(b, hkv, tnew, d)  # (B, Hkv, Tnew, D)
     k_cache.scatter_(2, pos, k_new.to(k_cache.dtype))
     v_cache.scatter_(2, pos, v_new.to(v_cache.dtype))
 
@@ -44,9 +45,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     i = torch.arange(tnew, device=q.device).view(1, tnew, 1)
     j = torch.arange(smax, device=q.device).view(1, 1, smax)
     nb = n.view(b, 1, 1)
-    visible = (j < nb) & (j <= i + nb - tnew)                           # (B, Tnew, Smax)
+    visible = (j < nb) & (j <= i + nb - tnew)  # (B, Tnew, Smax)
     visible = visible.view(b, 1, 1, tnew, smax)
-    qg = q.reshape(b, hkv, h // hkv, tnew, d)                           # (B, Hkv, G, Tnew, D)
+    qg = q.reshape(b, hkv, h // hkv, tnew, d)  # (B, Hkv, G, Tnew, D)
     scores = torch.matmul(qg, k_cache.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, G, Tnew, Smax)
     scores = scores.masked_fill(~visible, float("-inf"))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -55,7 +56,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
     # Zero weights times stale values that are inf/NaN would still be NaN: unfilled
     # positions must not reach the result, so their values are zeroed in a copy.
-    filled = (j.view(1, 1, smax, 1) < n.view(b, 1, 1, 1))              # (B, 1, Smax, 1)
+    filled = j.view(1, 1, smax, 1) < n.view(b, 1, 1, 1)  # (B, 1, Smax, 1)
     v = v_cache.masked_fill(~filled, 0.0)
-    out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))              # (B, Hkv, G, Tnew, D)
+    out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))  # (B, Hkv, G, Tnew, D)
     return out.reshape(b, h, tnew, d).to(q.dtype)

@@ -27,6 +27,7 @@ into the normals (n1, n2) and (n3, n4), with u1, u3 clamped below at 1e-7.
 Element i takes n[i % 4]. This is Triton's `tl.randn4x`; `philox_normal`
 below computes it in plain PyTorch for the tests.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,13 +3,18 @@
 The names below load their modules on first use: `import genkern` does not pay for the
 trainer (its families, loop, checkpoints) until something trains or loads a run.
 """
+
 from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"CheckpointError": "genkern.train.checkpoint", "RunConfig": "genkern.train.config",
-            "TrainResult": "genkern.train.loop", "load_trained": "genkern.train.trainer",
-            "train": "genkern.train.trainer"}
+_EXPORTS = {
+    "CheckpointError": "genkern.train.checkpoint",
+    "RunConfig": "genkern.train.config",
+    "TrainResult": "genkern.train.loop",
+    "load_trained": "genkern.train.trainer",
+    "train": "genkern.train.trainer",
+}
 
 __all__ = ["CheckpointError", "RunConfig", "TrainResult", "load_trained", "train"]
 

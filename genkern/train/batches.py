@@ -3,6 +3,7 @@
 Every random number of step s derives from (seed, stream, s) alone, so a run resumed
 at step s draws what an uninterrupted one would have drawn.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     per_epoch = n // batch_size
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=step_generator(seed, epoch, "epoch"))
-    return perm[pos * batch_size:(pos + 1) * batch_size]
+    return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
 def load_data(data) -> tuple:

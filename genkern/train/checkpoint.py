@@ -14,6 +14,7 @@ only then are older checkpoints removed. A crash at any moment leaves the
 previous checkpoint readable. Loading reads JSON and safetensors only: nothing
 is ever unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,7 @@ def _optimizer_from_flat(name: str, info: dict, tensors: dict) -> dict:
     prefix = f"{name}/"
     for key, value in tensors.items():
         if key.startswith(prefix):
-            idx, field = key[len(prefix):].split("/", 1)
+            idx, field = key[len(prefix) :].split("/", 1)
             state.setdefault(int(idx), {})[field] = value
     groups = []
     for group in info["param_groups"]:
@@ -87,8 +88,9 @@ def _optimizer_from_flat(name: str, info: dict, tensors: dict) -> dict:
 # --- save / load -------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizers: dict, config: dict,
-                    keep: int = KEEP) -> Path:
+def save_checkpoint(
+    run_dir, step: int, model: torch.nn.Module, optimizers: dict, config: dict, keep: int = KEEP
+) -> Path:
     """Writes checkpoints/step-<step>/ atomically, points latest.json at it, prunes old ones."""
     from safetensors.torch import save_file, save_model
 
@@ -137,8 +139,9 @@ def resolve_checkpoint(path) -> Path:
         return path
     latest = path / "latest.json"
     if not latest.is_file():
-        raise CheckpointError(f"{str(path)!r} is neither a checkpoint directory nor a run directory "
-                              f"with a checkpoint (no latest.json)")
+        raise CheckpointError(
+            f"{str(path)!r} is neither a checkpoint directory nor a run directory with a checkpoint (no latest.json)"
+        )
     try:
         target = path / json.loads(latest.read_text())["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -168,11 +171,14 @@ def load_weights(ckpt: Path, model: torch.nn.Module, device=None) -> None:
     from safetensors.torch import load_model
 
     try:
-        load_model(model, str(ckpt / "model.safetensors"), strict=True,
-                   device=str(device) if device is not None else "cpu")
+        load_model(
+            model, str(ckpt / "model.safetensors"), strict=True, device=str(device) if device is not None else "cpu"
+        )
     except (OSError, SafetensorError, RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{ckpt / 'model.safetensors'} does not fit the model: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise CheckpointError(
+            f"{ckpt / 'model.safetensors'} does not fit the model: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 def load_optimizers(ckpt: Path, meta: dict, optimizers: dict) -> None:
@@ -184,8 +190,9 @@ def load_optimizers(ckpt: Path, meta: dict, optimizers: dict) -> None:
     except (OSError, SafetensorError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt / 'optimizer.safetensors'} is unreadable: {exc}") from None
     if set(meta["optimizers"]) != set(optimizers):
-        raise CheckpointError(f"{ckpt} holds optimizers {sorted(meta['optimizers'])}, "
-                              f"the model trains with {sorted(optimizers)}")
+        raise CheckpointError(
+            f"{ckpt} holds optimizers {sorted(meta['optimizers'])}, the model trains with {sorted(optimizers)}"
+        )
     for name, opt in optimizers.items():
         try:
             opt.load_state_dict(_optimizer_from_flat(name, meta["optimizers"][name], tensors))

@@ -3,6 +3,7 @@
 run.json holds the settings that define the run (family, data, model, batch, optimizer,
 seed, steps); a resumed run reads them back and refuses given ones that differ.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,15 @@ class RunConfig:
 
     def run_options(self) -> dict:
         """The options that make up run.json (None where not given)."""
-        return {"steps": self.steps, "seed": self.seed, "batch_size": self.batch_size, "lr": self.lr,
-                "betas": self.betas, "model": self.model, "data": self.data}
+        return {
+            "steps": self.steps,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "betas": self.betas,
+            "model": self.model,
+            "data": self.data,
+        }
 
 
 def resolve_run(fam: Family, train_ds: Dataset, data_desc: dict, opts: dict, stored: dict | None) -> dict:
@@ -67,11 +75,17 @@ def resolve_run(fam: Family, train_ds: Dataset, data_desc: dict, opts: dict, sto
         return _resumed_run(fam, train_ds, data_desc, opts, stored)
     if opts["steps"] is None:
         raise ValueError("steps is required for a new run")
-    return {"format": RUN_FORMAT, "family": fam.name, "data": data_desc,
-            "model": model_config(fam, opts["model"] or {}, train_ds),
-            "batch_size": opts["batch_size"] or fam.batch_size, "lr": opts["lr"] or fam.lr,
-            "betas": list(opts["betas"] or fam.betas), "seed": 0 if opts["seed"] is None else opts["seed"],
-            "steps": opts["steps"]}
+    return {
+        "format": RUN_FORMAT,
+        "family": fam.name,
+        "data": data_desc,
+        "model": model_config(fam, opts["model"] or {}, train_ds),
+        "batch_size": opts["batch_size"] or fam.batch_size,
+        "lr": opts["lr"] or fam.lr,
+        "betas": list(opts["betas"] or fam.betas),
+        "seed": 0 if opts["seed"] is None else opts["seed"],
+        "steps": opts["steps"],
+    }
 
 
 def _resumed_run(fam: Family, train_ds: Dataset, data_desc: dict, opts: dict, stored: dict) -> dict:
@@ -86,8 +100,9 @@ def _resumed_run(fam: Family, train_ds: Dataset, data_desc: dict, opts: dict, st
         given["data"] = data_desc
     for key in FIXED:
         if key in given and _jsonable(given[key]) != stored.get(key):
-            raise ValueError(f"resume: {key} differs from the run being resumed "
-                             f"({_jsonable(given[key])!r} != {stored.get(key)!r})")
+            raise ValueError(
+                f"resume: {key} differs from the run being resumed ({_jsonable(given[key])!r} != {stored.get(key)!r})"
+            )
     return dict(stored, steps=opts["steps"] if opts["steps"] is not None else stored["steps"])
 
 
@@ -143,5 +158,7 @@ def read_run(path: Path) -> dict:
 
 def check_new_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"out {str(out)!r} already exists and is not empty: pass --resume {out} to continue "
-                         f"that run, or choose a new directory")
+        raise ValueError(
+            f"out {str(out)!r} already exists and is not empty: pass --resume {out} to continue "
+            f"that run, or choose a new directory"
+        )

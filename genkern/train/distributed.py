@@ -3,6 +3,7 @@
 Each process takes its shard of the same global batch and DistributedDataParallel
 averages the gradients, so N processes follow the single-process run on that batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,6 +45,7 @@ def setup_dist(device: torch.device) -> Dist:
     if world <= 1:
         return Dist()
     import torch.distributed as dist
+
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -68,5 +70,7 @@ def wrap_ddp(model: torch.nn.Module, dist: Dist, device: torch.device, find_unus
     if dist.world <= 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused)
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused
+    )

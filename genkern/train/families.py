@@ -1,4 +1,5 @@
 """The model families the trainer knows, by name (`genkern train <family>`)."""
+
 from __future__ import annotations
 
 from genkern.train.family import Family

@@ -8,6 +8,7 @@ Every random number a step uses comes from the step's generator and is drawn
 for the whole global batch, then sliced to this process's shard: a sharded
 run and a single-process run on the same global batch see the same noise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,10 @@ class Family:
     def check_data(self, model, data: Dataset, what: str) -> None:
         shape = tuple(model.config.data_shape)
         if data.x.dim() != len(shape) + 1 or tuple(data.x.shape[1:]) != shape:
-            raise ValueError(f"{what} must hold samples of shape {shape} (the model's data_shape), "
-                             f"got a tensor of shape {tuple(data.x.shape)}")
+            raise ValueError(
+                f"{what} must hold samples of shape {shape} (the model's data_shape), "
+                f"got a tensor of shape {tuple(data.x.shape)}"
+            )
         if not data.x.is_floating_point():
             raise ValueError(f"{what} must be a floating tensor, got {data.x.dtype}")
         if not torch.isfinite(data.x).all():
@@ -103,5 +106,8 @@ def is_digits(data: Dataset | None) -> bool:
 def digit_scores(samples: torch.Tensor, test: Dataset) -> dict:
     """The logged digit-quality metrics of `samples` against the test digits."""
     q = digit_quality(samples, reference=test.x)
-    return {"classes_covered": int(q["covered"]), "confidence": float(q["mean_confidence"]),
-            "frechet": float(q["frechet"])}
+    return {
+        "classes_covered": int(q["covered"]),
+        "confidence": float(q["mean_confidence"]),
+        "frechet": float(q["frechet"]),
+    }

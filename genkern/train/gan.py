@@ -1,5 +1,6 @@
 """The GAN family: a discriminator and a generator update per step (and the EMA), sample
 quality as evaluation: digit metrics, or the modes covered on the ring."""
+
 from __future__ import annotations
 
 import torch
@@ -29,12 +30,16 @@ class GANFamily(Family):
         super().check_data(model, data, what)
         lo, hi = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}.get(model.config.output, (None, None))
         if lo is not None and (data.x.min() < lo or data.x.max() > hi):
-            raise ValueError(f"{what} must lie in [{lo:g}, {hi:g}] for the generator's {model.config.output} "
-                             f"output, got values in [{data.x.min().item():.4g}, {data.x.max().item():.4g}]")
+            raise ValueError(
+                f"{what} must lie in [{lo:g}, {hi:g}] for the generator's {model.config.output} "
+                f"output, got values in [{data.x.min().item():.4g}, {data.x.max().item():.4g}]"
+            )
 
     def optimizers(self, model, lr, betas):
-        return {"generator": adam(model.generator.parameters(), lr, betas),
-                "discriminator": adam(model.discriminator.parameters(), lr, betas)}
+        return {
+            "generator": adam(model.generator.parameters(), lr, betas),
+            "discriminator": adam(model.discriminator.parameters(), lr, betas),
+        }
 
     def noise(self, model, gen, n):
         dim = model.config.latent_dim

@@ -12,6 +12,7 @@ window; for digits always 64). A digits model has exactly 18 tokens and a text
 model at least the corpus' 97 characters, so a trained model's vocabulary says
 which kind of samples it draws.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,16 @@ from genkern.train.batches import step_generator
 from genkern.train.family import Family, digit_scores, eval_generator, is_digits
 
 # The digit tokens, where they were first defined (genkern.data.digits holds them).
-__all__ = ["BOS", "EVAL_CHARS", "LEVELS", "LMFamily", "PIXELS", "TEXT_SAMPLE_CHARS", "pixels_to_tokens",
-           "tokens_to_pixels"]
+__all__ = [
+    "BOS",
+    "EVAL_CHARS",
+    "LEVELS",
+    "LMFamily",
+    "PIXELS",
+    "TEXT_SAMPLE_CHARS",
+    "pixels_to_tokens",
+    "tokens_to_pixels",
+]
 
 EVAL_CHARS = 32_768  # characters of "valid" scored at each evaluation (all of them at the end)
 
@@ -39,7 +48,7 @@ def is_text(data) -> bool:
 
 
 def data_kind(data, what: str, family: str) -> str:
-    """"text" or "digits"; anything else is not data a language model of this module reads."""
+    """ "text" or "digits"; anything else is not data a language model of this module reads."""
     # A TextCorpus has no `name`, so it is recognised before the digits test reads one.
     if is_text(data):
         return "text"
@@ -55,7 +64,7 @@ class LMFamily(Family):
     lr = 2e-3
     batch_size = 64
     seq_len = 128
-    model_cls = None   # TransformerLM or RNNLM
+    model_cls = None  # TransformerLM or RNNLM
     config_cls = None  # its config dataclass
 
     def model_fields(self, data) -> dict:
@@ -103,11 +112,12 @@ class LMFamily(Family):
             if data.vocab_size > vocab:
                 raise ValueError(f"{what} has {data.vocab_size} characters, the model's vocab_size is {vocab}")
             if len(data.ids) < model.train_seq_len + 1:
-                raise ValueError(f"{what} holds {len(data.ids)} characters, fewer than one window of "
-                                 f"seq_len + 1 = {model.train_seq_len + 1}")
+                raise ValueError(
+                    f"{what} holds {len(data.ids)} characters, fewer than one window of "
+                    f"seq_len + 1 = {model.train_seq_len + 1}"
+                )
         elif vocab != LEVELS + 1:
-            raise ValueError(f"vocab_size must be {LEVELS + 1} for digits (17 levels and a start token), "
-                             f"got {vocab}")
+            raise ValueError(f"vocab_size must be {LEVELS + 1} for digits (17 levels and a start token), got {vocab}")
 
     def num_examples(self, data) -> int:
         return len(data.ids) if is_text(data) else len(data.x)
@@ -115,8 +125,9 @@ class LMFamily(Family):
     def batch(self, model, data, step, seed, batch_size):
         if not is_text(data):
             return {"tokens": pixels_to_tokens(super().batch(model, data, step, seed, batch_size)["x"])}
-        return {"tokens": random_windows(data.ids, batch_size, model.train_seq_len,
-                                         step_generator(seed, step, "windows"))}
+        return {
+            "tokens": random_windows(data.ids, batch_size, model.train_seq_len, step_generator(seed, step, "windows"))
+        }
 
     def noise(self, model, gen, n):
         # Dropout draws from the global generator; seeding it from the step makes a resumed run
@@ -149,7 +160,7 @@ class LMFamily(Family):
                 out.update(digit_scores(self.samples(model, 1000, eval_generator(seed)), test))
             return out
         ids = test.ids if final else test.ids[:EVAL_CHARS]
-        windows = contiguous_windows(ids, model.train_seq_len).to(device)               # (W, seq_len + 1)
+        windows = contiguous_windows(ids, model.train_seq_len).to(device)  # (W, seq_len + 1)
         nll = sequence_nll(model, windows)
         return {"valid_bpc": nll.sum().item() / ((windows.shape[1] - 1) * windows.shape[0] * math.log(2))}
 
@@ -170,7 +181,7 @@ class LMFamily(Family):
 def _step(net, opts: dict, tokens: torch.Tensor) -> dict:
     opt = opts["model"]
     opt.zero_grad(set_to_none=True)
-    logits = sequence_logits(net, tokens[:, :-1])                                 # (B, T, V); tokens (B, T + 1)
+    logits = sequence_logits(net, tokens[:, :-1])  # (B, T, V); tokens (B, T + 1)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     loss.backward()
     opt.step()

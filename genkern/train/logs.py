@@ -1,4 +1,5 @@
 """The logged metrics: losses averaged over a window of steps, written as log.csv and log.json."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,11 @@ class LossWindow:
         if dist.world > 1:  # log the whole global batch's losses, not this shard's
             sums = dist.mean(sums, device)
         now = time.perf_counter()
-        row = {"step": done, **{k: float(v) / self.steps for k, v in sums.items()},
-               "step_ms": 1e3 * (now - self.t0) / self.steps}
+        row = {
+            "step": done,
+            **{k: float(v) / self.steps for k, v in sums.items()},
+            "step_ms": 1e3 * (now - self.t0) / self.steps,
+        }
         if not all(math.isfinite(v) for k, v in row.items() if k != "step"):
             raise FloatingPointError(f"training diverged at step {done}: {row}")
         self.steps, self.sums, self.t0 = 0, {}, time.perf_counter()
@@ -69,4 +73,3 @@ def read_history(out: Path, upto: int) -> list:
     except (OSError, ValueError):
         return []
     return [r for r in rows if isinstance(r, dict) and r.get("step", upto + 1) <= upto]
-

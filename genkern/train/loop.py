@@ -4,6 +4,7 @@ Reproducibility: the model is initialised from the seed, and the data order and
 every random number of step s derive from (seed, s) alone, so a run resumed
 from a checkpoint at step s reaches the same weights as one that never stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,15 +39,15 @@ class Run:
     """A resolved run: what every step of the loop reads."""
 
     family: Family
-    settings: dict            # the run's configuration, as in run.json
-    config: RunConfig         # the caller's options (impl, device, intervals, ...)
+    settings: dict  # the run's configuration, as in run.json
+    config: RunConfig  # the caller's options (impl, device, intervals, ...)
     train_data: Dataset
     test_data: Dataset | None
-    out: Path | None          # the run directory; None writes nothing
+    out: Path | None  # the run directory; None writes nothing
     device: torch.device
     dist: Dist
     checkpoint: Path | None = None  # the checkpoint a resumed run starts from
-    meta: dict | None = None        # its metadata
+    meta: dict | None = None  # its metadata
 
 
 @dataclass
@@ -90,9 +91,11 @@ def prepare(run: Run) -> State:
         (run.out / "samples").mkdir(parents=True, exist_ok=True)
         write_atomic(run.out / "run.json", json.dumps(settings, indent=1) + "\n")
     if run.dist.world > 1 and settings["model"].get("loss") == "relativistic" and run.dist.rank == 0:
-        warnings.warn("the relativistic average GAN loss takes its means over each process's shard of the "
-                      "batch, so a sharded run differs from a single-process one (the other losses do not)",
-                      stacklevel=4)
+        warnings.warn(
+            "the relativistic average GAN loss takes its means over each process's shard of the "
+            "batch, so a sharded run differs from a single-process one (the other losses do not)",
+            stacklevel=4,
+        )
     net = wrap_ddp(model, run.dist, run.device, find_unused=fam.name == "gan")
     return State(model=model, net=net, opts=opts, start=start, history=history)
 
@@ -143,8 +146,9 @@ def evaluate(run: Run, model: torch.nn.Module, step: int, final: bool) -> dict:
         row = fam.evaluate(model, run.test_data, final=final, seed=seed)
         if run.out is not None:
             samples = fam.samples(model, run.config.n_samples, step_generator(seed, step, "samples"))
-            fam.plot(samples, run.train_data, run.out / "samples" / f"step-{step:07d}.png",
-                     title=f"{fam.name}, step {step}")
+            fam.plot(
+                samples, run.train_data, run.out / "samples" / f"step-{step:07d}.png", title=f"{fam.name}, step {step}"
+            )
     finally:
         model.train()
     return row
@@ -169,10 +173,17 @@ def finish(run: Run, state: State, wall_s: float) -> TrainResult:
     """The run's summary (summary.json in the run directory) and its result."""
     steps, history = run.settings["steps"], state.history
     ms = [r["step_ms"] for r in history if "step_ms" in r and r["step"] > state.start]
-    summary = {"family": run.family.name, "impl": run.config.impl or "auto", "device": str(run.device),
-               "processes": run.dist.world, "step": steps, "steps_run": steps - state.start, "wall_s": wall_s,
-               "median_step_ms": sorted(ms)[len(ms) // 2] if ms else None,
-               "final": {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}}
+    summary = {
+        "family": run.family.name,
+        "impl": run.config.impl or "auto",
+        "device": str(run.device),
+        "processes": run.dist.world,
+        "step": steps,
+        "steps_run": steps - state.start,
+        "wall_s": wall_s,
+        "median_step_ms": sorted(ms)[len(ms) // 2] if ms else None,
+        "final": {k: v for k, v in (history[-1] if history else {}).items() if k != "step"},
+    }
     if run.out is not None and run.dist.rank == 0:
         write_atomic(run.out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return TrainResult(model=state.model, out=run.out, step=steps, history=history, summary=summary)
@@ -180,4 +191,5 @@ def finish(run: Run, state: State, wall_s: float) -> TrainResult:
 
 def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm  # only when training: tqdm costs at import
+
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True, leave=False)

@@ -2,6 +2,7 @@
 
 Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend change.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> t
     for i in range(n):
         r, col = divmod(i, nrow)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
-        out[:, top:top + h, left:left + w] = images[i].detach().float().cpu().clamp(0, 1)
+        out[:, top : top + h, left : left + w] = images[i].detach().float().cpu().clamp(0, 1)
     return out
 
 

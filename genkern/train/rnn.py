@@ -1,4 +1,5 @@
 """The RNN family: RNNLM (GRU or LSTM) over text windows or digit pixel tokens (genkern.train.lm)."""
+
 from __future__ import annotations
 
 from genkern._dispatch import check_impl

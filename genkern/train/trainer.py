@@ -6,6 +6,7 @@ checkpoint it resumes) and hands it to the loop (genkern.train.loop). Under
 DistributedDataParallel averages the gradients, so N processes follow the
 single-process run on the same global batch.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,17 @@ from genkern.train.families import get_family
 from genkern.train.family import build_model
 from genkern.train.loop import Run, TrainResult, run_training
 
-__all__ = ["RunConfig", "TrainResult", "batch_indices", "build_model", "load_data", "load_trained",
-           "resolve_device", "step_generator", "train"]
+__all__ = [
+    "RunConfig",
+    "TrainResult",
+    "batch_indices",
+    "build_model",
+    "load_data",
+    "load_trained",
+    "resolve_device",
+    "step_generator",
+    "train",
+]
 
 
 def train(family: str, **options) -> TrainResult:
@@ -50,8 +60,20 @@ def train(family: str, **options) -> TrainResult:
     device = resolve_device(cfg.device, world_size())
     dist = setup_dist(device)
     try:
-        return run_training(Run(family=fam, settings=settings, config=cfg, train_data=train_ds, test_data=test_ds,
-                                out=out, device=device, dist=dist, checkpoint=cdir, meta=meta))
+        return run_training(
+            Run(
+                family=fam,
+                settings=settings,
+                config=cfg,
+                train_data=train_ds,
+                test_data=test_ds,
+                out=out,
+                device=device,
+                dist=dist,
+                checkpoint=cdir,
+                meta=meta,
+            )
+        )
     finally:
         if dist.owned:
             torch.distributed.destroy_process_group()
@@ -84,8 +106,9 @@ def load_trained(path, device=None, impl: str | None = None):
     meta = ckpt.read_meta(cdir)
     try:
         fam = get_family(meta["config"]["family"])
-        model = build_model(fam, meta["config"]["model"], meta["config"].get("seed", 0), impl,
-                            resolve_device(device, 1))
+        model = build_model(
+            fam, meta["config"]["model"], meta["config"].get("seed", 0), impl, resolve_device(device, 1)
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ckpt.CheckpointError(f"{cdir / 'config.json'} describes no model genkern can build: {exc}") from None
     ckpt.load_weights(cdir, model, next(model.parameters()).device)

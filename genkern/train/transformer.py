@@ -1,4 +1,5 @@
 """The Transformer family: TransformerLM over text windows or digit pixel tokens (genkern.train.lm)."""
+
 from __future__ import annotations
 
 from genkern.data.digits import LEVELS, PIXELS
@@ -22,7 +23,9 @@ class TransformerFamily(LMFamily):
             raise ValueError(f"seq_len {seq_len} exceeds max_seq_len {config.max_seq_len}")
         # Sampling a digit feeds the start token and 64 pixels through the KV cache.
         if kind == "digits" and config.max_seq_len < PIXELS + 1:
-            raise ValueError(f"max_seq_len must be at least {PIXELS + 1} on digits (a start token and "
-                             f"{PIXELS} pixels), got {config.max_seq_len}")
+            raise ValueError(
+                f"max_seq_len must be at least {PIXELS + 1} on digits (a start token and "
+                f"{PIXELS} pixels), got {config.max_seq_len}"
+            )
         if kind == "text" and config.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2 to sample text, got {config.max_seq_len}")

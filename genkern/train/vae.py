@@ -1,5 +1,6 @@
 """The VAE family: one optimizer, the reparameterisation noise drawn per step, the ELBO and the
 importance-weighted bound as evaluation."""
+
 from __future__ import annotations
 
 import math
@@ -31,13 +32,17 @@ class VAEFamily(Family):
         cfg = model.config
         x = data.x
         if cfg.likelihood in ("categorical", "bernoulli") and (x.min() < 0 or x.max() > 1):
-            raise ValueError(f"{what} must lie in [0, 1] for the {cfg.likelihood} decoder, "
-                             f"got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
+            raise ValueError(
+                f"{what} must lie in [0, 1] for the {cfg.likelihood} decoder, "
+                f"got values in [{x.min().item():.4g}, {x.max().item():.4g}]"
+            )
         if cfg.likelihood == "categorical":
             levels = x * (cfg.levels - 1)
             if (levels - levels.round()).abs().max() > 1e-4:
-                raise ValueError(f"{what} must hold the {cfg.levels} levels k / {cfg.levels - 1} for the "
-                                 f"categorical decoder (levels={cfg.levels})")
+                raise ValueError(
+                    f"{what} must hold the {cfg.levels} levels k / {cfg.levels - 1} for the "
+                    f"categorical decoder (levels={cfg.levels})"
+                )
 
     def noise(self, model, gen, n):
         return {"eps": torch.randn(n, model.config.latent_dim, generator=gen)}
