@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import warnings
 
 import torch
@@ -117,7 +118,7 @@ def _resolve(impl, device: torch.device, dtype: torch.dtype, op: str, dtypes: di
     why = _unsupported(want, device, dtype, dtypes[want])
     if not why:
         return want
-    fall_back(op, want, why, stacklevel=5)
+    fall_back(op, want, why)
     return "torch"
 
 
@@ -126,8 +127,11 @@ def explicit(impl) -> bool:
     return (impl or "auto") != "auto" or default_impl() != "auto"
 
 
-def fall_back(op: str, want: str, why: str, stacklevel: int = 3) -> None:
-    """Says once per (op, impl, reason) that "auto" runs the plain-PyTorch impl instead of `want`."""
+def fall_back(op: str, want: str, why: str) -> None:
+    """Says once per (op, impl, reason) that "auto" runs the plain-PyTorch impl instead of `want`.
+
+    The warning points at the first frame outside genkern: the user's call.
+    """
     key = (op, want, why)
     # Warn from eager code only: a warning cannot be traced by torch.compile.
     if key not in _warned and not torch.compiler.is_compiling():
@@ -135,5 +139,16 @@ def fall_back(op: str, want: str, why: str, stacklevel: int = 3) -> None:
         warnings.warn(
             f"genkern.{op}: using the plain-PyTorch impl because {want} is unavailable: {why}",
             RuntimeWarning,
-            stacklevel=stacklevel,
+            stacklevel=_caller_stacklevel(),
         )
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel, for a warnings.warn in this module's caller, of the first frame outside genkern."""
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
