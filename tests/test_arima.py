@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from genkern.data.arma import ar_from_pacf, arma_process, pacf_from_ar, psi_weights
-from genkern.models.arima import AR, ARIMA, _kalman
+from genkern.models.arima import AR, ARIMA
+from genkern.models.arma_likelihood import kalman
 
 
 def _sm():
@@ -108,8 +109,8 @@ def test_arma_process_bad_input(kwargs, match):
 )
 def test_kalman_steady_state_switch_is_exact(phi, theta):
     Y = np.random.default_rng(0).standard_normal((150, 2))
-    fast = _kalman(Y, np.array(phi, float), np.array(theta, float))
-    full = _kalman(Y, np.array(phi, float), np.array(theta, float), tol=-1.0)  # never switches
+    fast = kalman(Y, np.array(phi, float), np.array(theta, float))
+    full = kalman(Y, np.array(phi, float), np.array(theta, float), tol=-1.0)  # never switches
     for a, b in zip(fast, full):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 

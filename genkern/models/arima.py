@@ -13,11 +13,8 @@ series, not the intercept of the ARMA recursion, and for ``d = 1`` the ``"trend"
 trend terms of order below ``d`` are rejected (differencing would remove them).
 
 Fitting works on the d-times differenced series ``Δ^d y = Δ^d x' beta + w``. The likelihood of
-``w`` is exact: a Kalman filter on Harvey's state-space form, started from the stationary
-covariance (discrete Lyapunov equation). Once the filtered covariance has vanished (the
-innovations then equal the ARMA residuals) the rest of the series is filtered with
-``scipy.signal.lfilter``, which makes long series cheap. ``beta`` and ``sigma2`` are
-concentrated out in closed form (GLS on the innovations), so L-BFGS-B only searches the ARMA
+``w`` is exact (a Kalman filter from the stationary state; see ``genkern.models.arma_likelihood``),
+with ``beta`` and ``sigma2`` concentrated out in closed form, so L-BFGS-B only searches the ARMA
 coefficients, through the PACF (Monahan / Jones) transform that keeps every iterate stationary
 and invertible. Start values come from Hannan-Rissanen. The log-likelihood is that of the
 ``n - d`` differenced values (the exact diffuse limit; statsmodels starts the integrated states
@@ -36,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import linalg, optimize, signal, stats
+from scipy import optimize, stats
 
 from genkern.data.arma import (
     ar_from_pacf,
@@ -45,6 +42,17 @@ from genkern.data.arma import (
     check_stationary,
     pacf_from_ar,
     psi_weights,
+)
+from genkern.models.arma_likelihood import (
+    as_series,
+    draw_arma,
+    gaussian_llf,
+    hannan_rissanen,
+    kalman,
+    lags,
+    ols,
+    profile,
+    state_loadings,
 )
 
 __all__ = ["AR", "ARIMA", "Forecast"]
@@ -60,107 +68,6 @@ class Forecast(NamedTuple):
     lower: torch.Tensor
     upper: torch.Tensor
     se: torch.Tensor  # standard error of the forecast (prediction error std)
-
-
-def _as_series(y, name: str = "y") -> np.ndarray:
-    """y as a 1-D finite float64 array (copy-free where possible)."""
-    if isinstance(y, torch.Tensor):
-        y = y.detach().cpu().to(torch.float64).numpy()
-    try:
-        arr = np.asarray(y, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a 1-D array of real numbers") from exc
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or inf values")
-    return arr
-
-
-def _lags(x: np.ndarray, k: int, start: int) -> np.ndarray:
-    """(len(x) - start, k) matrix whose row for t holds x[t-1], ..., x[t-k]."""
-    return np.column_stack([x[start - j : len(x) - j] for j in range(1, k + 1)]) if k else np.empty((len(x) - start, 0))
-
-
-def _state_space(phi: np.ndarray, theta: np.ndarray):
-    """Harvey form: alpha_t = T alpha_{t-1} + R e_t, w_t = alpha_t[0]; r = max(p, q + 1)."""
-    p, q = len(phi), len(theta)
-    r = max(p, q + 1)
-    T = np.eye(r, k=1)
-    T[:p, 0] = phi
-    R = np.zeros(r)
-    R[0], R[1 : q + 1] = 1.0, theta
-    return T, np.outer(R, R)
-
-
-def _kalman(Y: np.ndarray, phi: np.ndarray, theta: np.ndarray, tol: float = 1e-14):
-    """Innovations of the zero-mean, unit-variance-shock ARMA model for each column of Y.
-
-    Y: (m, k). Returns V (m, k) innovations, f (m,) their variances (in units of sigma2),
-    and the one-step prediction a (r, k), P (r, r) for time m + 1. The gains do not depend on
-    the data, so all columns share one filter pass. ``tol < 0`` disables the steady-state switch.
-    """
-    T, RR = _state_space(phi, theta)
-    P = linalg.solve_discrete_lyapunov(T, RR)
-    scale = max(1.0, float(np.abs(P).max()))  # rounding noise in P grows with its size
-    m, k = Y.shape
-    V, f = np.empty((m, k)), np.ones(m)
-    a = np.zeros((T.shape[0], k))
-    t = 0
-    while t < m:
-        F = P[0, 0]
-        V[t], f[t] = Y[t] - a[0], F
-        K = P[:, 0] / F
-        Pf = P - np.outer(K, P[0])
-        a = T @ (a + np.outer(K, V[t]))
-        P = T @ Pf @ T.T + RR
-        t += 1
-        # AR(p) states are known exactly after p values; otherwise wait for Pf to vanish.
-        if tol >= 0 and ((len(theta) == 0 and t >= len(phi)) or np.abs(Pf).max() <= tol * scale):
-            break
-    if t < m:
-        # Steady state: innovations are the ARMA residuals phi(L) w / theta(L). lfilter's
-        # transposed direct-form state is then minus the predicted Harvey state.
-        s = max(len(phi), len(theta))
-        V[t:], zf = signal.lfilter(np.r_[1.0, -phi], np.r_[1.0, theta], Y[t:], axis=0, zi=-a[:s])
-        a = np.zeros_like(a)
-        a[:s] = -zf
-        P = RR
-    return V, f, a, P
-
-
-def _ols(target: np.ndarray, design: np.ndarray) -> np.ndarray:
-    return np.linalg.lstsq(design, target, rcond=None)[0]
-
-
-def _hannan_rissanen(u: np.ndarray, p: int, q: int):
-    """Start values for ARMA(p, q) on a zero-mean series u; zeros where they are unusable."""
-    m = len(u)
-    phi, theta = np.zeros(p), np.zeros(q)
-    if q == 0:
-        if m - p > p:
-            phi = _ols(u[p:], _lags(u, p, p))
-    else:
-        # A long autoregression estimates the shocks, then y is regressed on its lags and them.
-        L = min(max(int(math.log(m) ** 2), 2 * max(p, q)), (m - 1) // 3)
-        start = max(p, L + q)
-        if L >= 1 and m - start > p + q:
-            # Yule-Walker (a Toeplitz solve) keeps the long AR cheap: least squares on an
-            # (m, L) lag matrix costs O(m L^2), and these are only start values.
-            acov = np.array([u[: m - j] @ u[j:] for j in range(L + 1)]) / m
-            e = np.zeros(m)
-            e[L:] = u[L:] - _lags(u, L, L) @ linalg.solve_toeplitz(acov[:L], acov[1:])
-            coef = _ols(u[start:], np.column_stack([_lags(u, p, start), _lags(e, q, start)]))
-            phi, theta = coef[:p], coef[p:]
-    try:
-        check_stationary(phi)
-    except ValueError:
-        phi = np.zeros(p)
-    try:
-        check_invertible(theta)
-    except ValueError:
-        theta = np.zeros(q)
-    return phi, theta
 
 
 class ARIMA:
@@ -216,16 +123,6 @@ class ARIMA:
             )
 
     # ---- estimation --------------------------------------------------------------------
-    def _profile(self, phi, theta, w, X):
-        """Concentrated log-likelihood, GLS beta and sigma2 for given ARMA coefficients."""
-        V, f, _, _ = _kalman(np.column_stack([w, X]), phi, theta)
-        V = V / np.sqrt(f)[:, None]  # standardised innovations
-        beta = _ols(V[:, 0], V[:, 1:]) if X.shape[1] else np.empty(0)
-        resid = V[:, 0] - V[:, 1:] @ beta
-        sigma2 = float(resid @ resid) / len(w)
-        llf = -0.5 * len(w) * (math.log(2 * math.pi * sigma2) + 1.0) - 0.5 * float(np.log(f).sum())
-        return llf, beta, sigma2
-
     def fit(self, y, *, start_params=None, maxiter: int = 1000) -> ARIMA:
         """Exact maximum-likelihood fit to the series ``y`` ((n,) array or tensor). Returns self.
 
@@ -233,15 +130,15 @@ class ARIMA:
             full vector in ``param_names`` order (only its AR and MA entries are used). They must
             be stationary and invertible. Default: Hannan-Rissanen.
         """
-        y = _as_series(y)
+        y = as_series(y)
         self._check_length(y, self.d + len(self._terms) + self.p + self.q + 2)
         w, X = self._differenced(y)
-        detrended = w - X @ _ols(w, X) if X.shape[1] else w
+        detrended = w - X @ ols(w, X) if X.shape[1] else w
         if np.ptp(detrended) == 0.0:
             raise ValueError("y has no variation left after differencing and removing the trend")
         p, q = self.p, self.q
         if start_params is None:
-            phi0, theta0 = _hannan_rissanen(detrended, p, q)
+            phi0, theta0 = hannan_rissanen(detrended, p, q)
         else:
             sp = as_coefficients(start_params, "start_params")
             if len(sp) not in (p + q, len(self.param_names)):
@@ -256,7 +153,7 @@ class ARIMA:
             return ar_from_pacf(x[:p]), -ar_from_pacf(x[p:])  # theta(z) = 1 + ... as an AR-type polynomial
 
         def objective(x):
-            return -self._profile(*split(x), w, X)[0] / len(w)
+            return -profile(*split(x), w, X)[0] / len(w)
 
         x = np.concatenate((pacf_from_ar(phi0), pacf_from_ar(-theta0)))
         self.optimizer_result = None
@@ -277,7 +174,7 @@ class ARIMA:
                     stacklevel=2,
                 )
         phi, theta = split(x)
-        _, beta, sigma2 = self._profile(phi, theta, w, X)
+        _, beta, sigma2 = profile(phi, theta, w, X)
         self._set_fit(y, phi, theta, beta, sigma2)
         return self
 
@@ -287,15 +184,12 @@ class ARIMA:
         self._beta, self._sigma2 = np.asarray(beta, float), float(sigma2)
         self._fitted = True
         w, X = self._differenced(y)
-        V, f, a, P = _kalman((w - X @ self._beta)[:, None], self._phi, self._theta)
+        V, f, a, P = kalman((w - X @ self._beta)[:, None], self._phi, self._theta)
         self._a_end, self._P_end = a[:, 0], P
         # Last value of each Δ^j y (j < d): the anchors for integrating forecasts back.
         self._levels = [float(np.diff(y, n=j)[-1]) for j in range(self.d)]
         self.nobs = len(y)
-        self._llf_value = self._llf(V[:, 0], f)
-
-    def _llf(self, v, f):
-        return float(-0.5 * np.sum(np.log(2 * math.pi * self._sigma2 * f) + v * v / (self._sigma2 * f)))
+        self._llf_value = gaussian_llf(V[:, 0], f, self._sigma2)
 
     def _require_fit(self, what: str):
         if not self._fitted:
@@ -334,11 +228,11 @@ class ARIMA:
         """Exact Gaussian log-likelihood of the series ``y`` ((n,), time index 1..n) under the
         fitted parameters; like ``llf``, it is the density of the n - d differenced values."""
         self._require_fit("log_likelihood")
-        y = _as_series(y)
+        y = as_series(y)
         self._check_length(y, self.d + 1)
         w, X = self._differenced(y)
-        V, f, _, _ = _kalman((w - X @ self._beta)[:, None], self._phi, self._theta)
-        return self._llf(V[:, 0], f)
+        V, f, _, _ = kalman((w - X @ self._beta)[:, None], self._phi, self._theta)
+        return gaussian_llf(V[:, 0], f, self._sigma2)
 
     def _integrate(self, w_new: np.ndarray) -> np.ndarray:
         """Future Δ^d values -> future levels of y, continuing from the fitted series' end."""
@@ -361,11 +255,7 @@ class ARIMA:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        T, _ = _state_space(self._phi, self._theta)
-        G = np.empty((steps, T.shape[0]))  # row h-1: Z T^(h-1)
-        G[0] = np.eye(T.shape[0])[0]
-        for h in range(1, steps):
-            G[h] = G[h - 1] @ T
+        G = state_loadings(self._phi, self._theta, steps)
         X = self._differenced(np.zeros(self.nobs), extra=steps)[1][-steps:]
         mean = self._integrate(X @ self._beta + G @ self._a_end)
         for _ in range(self.d):
@@ -398,24 +288,12 @@ class ARIMA:
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(int(seed)) if seed is not None else generator.seed()
-        T, RR = _state_space(self._phi, self._theta)
-        r, scale = T.shape[0], math.sqrt(self._sigma2)
-        z = torch.randn(r + n - 1, generator=generator, dtype=torch.float64).numpy()
         if initial == "continue":
-            mean0, cov0 = self._a_end, self._P_end
+            w = draw_arma(self._phi, self._theta, self._sigma2, n, generator, self._a_end, self._P_end)
             X = self._differenced(np.zeros(self.nobs), extra=n)[1][-n:]
         else:
-            mean0, cov0 = np.zeros(r), linalg.solve_discrete_lyapunov(T, RR)
+            w = draw_arma(self._phi, self._theta, self._sigma2, n, generator)
             X = self._differenced(np.zeros(n + self.d))[1]
-        # cov0 may be singular (e.g. R R'), so draw through its eigen-decomposition.
-        lam, U = np.linalg.eigh(cov0)
-        alpha1 = mean0 + scale * (U @ (np.sqrt(np.clip(lam, 0.0, None)) * z[:r]))
-        w = np.empty(n)
-        w[0] = alpha1[0]
-        if n > 1:  # after alpha_1 the lfilter state is T alpha_1 (transposed direct form = Harvey form)
-            w[1:] = signal.lfilter(
-                np.r_[1.0, self._theta], np.r_[1.0, -self._phi], scale * z[r:], zi=(T @ alpha1)[: max(self.p, self.q)]
-            )[0]
         w = w + X @ self._beta
         if initial == "continue":
             w = self._integrate(w)
@@ -442,11 +320,11 @@ class AR(ARIMA):
 
     def fit(self, y) -> AR:
         """Least-squares fit to ``y`` ((n,) array or tensor). Returns self."""
-        y = _as_series(y)
+        y = as_series(y)
         p, k = self.p, len(self._terms)
         self._check_length(y, 2 * p + k + 1)
-        design = np.column_stack([np.ones((len(y) - p, k)), _lags(y, p, p)])
-        coef = _ols(y[p:], design)
+        design = np.column_stack([np.ones((len(y) - p, k)), lags(y, p, p)])
+        coef = ols(y[p:], design)
         resid = y[p:] - design @ coef
         self.intercept = float(coef[0]) if k else 0.0
         phi = coef[k:]
