@@ -105,15 +105,15 @@ def test_outputs_and_table(run):
 
 
 def test_a_diverged_run_is_counted_not_fatal(run):
-    from genkern.compare import _aggregate
+    from genkern.compare_report import aggregate
 
     report = run[0]
     ok = report["families"]["vae"]["runs"][0]
     bad = {"seed": 7, "diverged": True, "error": "training diverged at step 3"}
-    agg = _aggregate("vae", [ok, bad])
+    agg = aggregate("vae", [ok, bad])
     assert agg["stability"]["diverged"] == 1 and agg["stability"]["runs"] == 2
     assert agg["frechet"]["n"] == 1 and agg["frechet"]["mean"] == ok["frechet"] and agg["frechet"]["std"] == 0
-    none = _aggregate("vae", [bad])
+    none = aggregate("vae", [bad])
     assert none["frechet"] is None and none["likelihood"]["bits_per_dim"] is None
     table = format_table({**report, "families": {**report["families"], "vae": none}})
     assert "1/1" in table.splitlines()[3]  # the vae row: one of one runs diverged
