@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from genkern.triton._common import check_dtype
+
 HINGE, WASSERSTEIN, RELATIVISTIC, NONE = 2, 3, 5, 2  # kind and reduction codes with their own code paths
 SMALL_MAX = 4096  # up to this many logits per tensor: one program, one launch
 SMALL_CONFIGS = {256: 2, 1024: 4, 4096: 8}  # BLOCK -> num_warps of the one-program kernel
@@ -297,8 +299,7 @@ def _check(real, fake, kind, reduction, real_label, generator):
     for name, t in (("real_logits", real), ("fake_logits", fake)):
         if t is None:
             continue
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name}: the Triton gan_loss kernels take float16, bfloat16 or float32, got {t.dtype}")
+        check_dtype(name, t, "gan_loss")
         if t.dtype != fake.dtype or t.device != fake.device:
             raise TypeError(f"real_logits is {t.dtype} on {t.device} but fake_logits is {fake.dtype} on {fake.device}")
         if not 0 < t.numel() < _MAX_NUMEL:

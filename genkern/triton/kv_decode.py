@@ -31,14 +31,12 @@ to Smax, so even lengths that break the contract move no load or store out of bo
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = math.log2(math.e)
-BLOCK_DS = (16, 32, 64, 128, 256)  # next power of two >= D, D in 16..256, D % 8 == 0
+from genkern.triton._common import _DOT, _WHILE_LOOPS, BLOCK_DS, INTERPRETED, LOG2E, _rows8, autotune, check_dtype
+
 # Query rows per program: tl.dot's minimum M, and G * Tnew <= 16 covers decoding (G <= 8 with
 # Tnew <= 2, G <= 4 with Tnew <= 4). More rows (a prefill chunk) take more programs, each reading
 # the chunk's K/V again, mostly from L2; one tile size keeps the compiled variants few.
@@ -48,13 +46,6 @@ MAX_SPLITS = 128  # the combine kernel holds every split's lse in one tile
 CHUNK_ALIGN = 128  # chunks are whole blocks of every BLOCK_N, so one split plan suits every config
 MIN_CHUNK = 256  # fewer positions per program would not amortise the q load and the partial writes
 _MAX_STRIDE = 2**31 // (128 * 8)  # in-block offsets (position * stride) are int32
-INTERPRETED = bool(triton.knobs.runtime.interpret)
-
-# The interpreter (numpy 2) cannot take a runtime bound in range(); compiled code needs range()
-# for software pipelining (num_stages).
-_WHILE_LOOPS = tl.constexpr(INTERPRETED)
-# float32 inputs: exact products, like torch.matmul's default (tf32 would cost ~1e-3 relative).
-_DOT = tl.constexpr("ieee")
 
 # Split-kernel autotune candidates (BLOCK_N, num_warps, num_stages) per BLOCK_D: of BLOCK_N
 # {32, 64, 128} x warps {4, 8} x stages {2, 3}, those that fit sm_80's 163 KB of shared memory in
@@ -77,14 +68,11 @@ def _autotune(kernel):
     """triton.autotune over CONFIGS (pruned to the launch's BLOCK_D), keyed on D; the dtypes join
     the key by themselves. The split kernel only reads the caches, so its reruns are harmless."""
     cfg = lambda c: triton.Config({"BLOCK_N": c[0]}, num_warps=c[1], num_stages=c[2])  # noqa: E731
-    if INTERPRETED:
-        return triton.autotune([cfg(INTERPRETER_CONFIG)], key=[])(kernel)
-    union = sorted({c for cs in CONFIGS.values() for c in cs})
 
     def prune(configs, named_args, **kwargs):
         keep = set(CONFIGS[kwargs["BLOCK_D"]])
         return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
-    return triton.autotune([cfg(c) for c in union], key=["D8"], prune_configs_by={"early_config_prune": prune})(kernel)
+    return autotune(CONFIGS, cfg, INTERPRETER_CONFIG, ["D8"], prune)(kernel)
 
 
 @triton.jit
@@ -237,8 +225,7 @@ _kv_decode_split_kernel = _autotune(_kv_decode_split_kernel)
 def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
     """Checks the op's contract (genkern/ops/kv_decode.py checks it first, with the bound on the
     lengths); returns (B, H, Tnew, D, Hkv, Smax)."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q: the Triton kv_decode kernels take float16, bfloat16 or float32, got {q.dtype}")
+    check_dtype("q", q, "kv_decode")
     if q.dim() != 4 or k_cache.dim() != 4:
         raise ValueError(f"q must be (B, H, Tnew, D) and the caches (B, Hkv, Smax, D), got {tuple(q.shape)}, "
                          f"{tuple(k_cache.shape)}")
@@ -264,14 +251,6 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
     if B * H * T >= 2**31:  # the combine kernel's grid (the split kernel's axis 0 is smaller)
         raise ValueError(f"q {tuple(q.shape)} has too many query rows for the kv_decode kernels")
     return B, H, T, D, Hkv, S
-
-
-def _rows8(t):
-    """(t, its dim 0-2 strides in units of 8 elements); a copy (of q, k_new or v_new: small) when
-    the last dim is not unit-stride or a stride is not a multiple of 8. Size-1 dims get stride 0."""
-    if t.stride(3) != 1 or any(t.shape[i] > 1 and t.stride(i) % 8 for i in range(3)):
-        t = t.contiguous()
-    return t, [t.stride(i) // 8 if t.shape[i] > 1 else 0 for i in range(3)]
 
 
 def _cache_strides(k_cache, v_cache):

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from genkern.triton._common import check_dtype
+
 _MAX_COUNTER_ELEMS = 2**34  # counters i // 4 are 32-bit
 # BLOCK_D -> (ROWS, num_warps): every config the launchers can pick (the AOT test compiles each).
 # A program's tile is ROWS * BLOCK_D = 2048 elements over 8 warps (8 per thread: two 16-byte
@@ -231,8 +233,7 @@ def _reparam_kl_bwd_kernel(
 
 def _check(mu, logvar, eps, prior_mu, prior_logvar, seed):
     """Checks the op's contract; returns the kernel's sizes (n_rows, D, span) and meta-parameters."""
-    if mu.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"mu: the Triton reparam_kl kernels take float16, bfloat16 or float32, got {mu.dtype}")
+    check_dtype("mu", mu, "reparam_kl")
     for name, t in (("logvar", logvar), ("eps", eps), ("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
         if t is not None and t.dtype != mu.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but mu has {mu.dtype}; pass one dtype")
