@@ -6,6 +6,7 @@ error vs float64 at most 2x the error of plain PyTorch in the same dtype plus a 
 out, lse, dq, dk, dv. The loss backpropagated is sum(out * grad_out) + sum(lse * grad_lse) over
 the rows that see a key (grad_lse None: the first term only).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,10 @@ DTYPES = utils.impl_dtypes("triton")
 # (B, H, Hkv, T, S, D): T, S in {1, 17, 113} and T != S both ways; GQA (4 -> 2), MQA (-> 1).
 SHAPES = [
     (1, 2, 2, 1, 1, 16),
-    (1, 4, 2, 1, 17, 40),     # one new token over a cache
+    (1, 4, 2, 1, 17, 40),  # one new token over a cache
     (2, 2, 2, 17, 17, 16),
-    (1, 4, 2, 17, 113, 40),   # T < S
-    (1, 4, 1, 113, 17, 64),   # T > S: causal rows 0..95 see no key
+    (1, 4, 2, 17, 113, 40),  # T < S
+    (1, 4, 1, 113, 17, 64),  # T > S: causal rows 0..95 see no key
     (1, 2, 1, 113, 113, 64),
 ]
 
@@ -108,8 +109,8 @@ def _strided(t, layout):
     if layout == "bthd":
         return t.transpose(1, 2).contiguous().transpose(1, 2)
     buf = torch.zeros(*t.shape[:-1], t.shape[-1] + 4, dtype=t.dtype, device=t.device)
-    buf[..., :t.shape[-1]] = t
-    return buf[..., :t.shape[-1]]
+    buf[..., : t.shape[-1]] = t
+    return buf[..., : t.shape[-1]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -150,10 +151,16 @@ def test_empty_and_keyless():
     assert not bool(out.any()) and bool((lse == float("-inf")).all())
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(d=12), "head dim"), (dict(d=264), "head dim"), (dict(d=36), "head dim"),
-    (dict(hkv=3), "H % Hkv"), (dict(dtype=torch.float64), "float16, bfloat16 or float32"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(d=12), "head dim"),
+        (dict(d=264), "head dim"),
+        (dict(d=36), "head dim"),
+        (dict(hkv=3), "H % Hkv"),
+        (dict(dtype=torch.float64), "float16, bfloat16 or float32"),
+    ],
+)
 def test_bad_input(bad, match):
     d, hkv, dtype = bad.get("d", 16), bad.get("hkv", 2), bad.get("dtype", torch.float32)
     q = torch.randn(1, 4, 3, d, dtype=dtype, device=DEVICE)
@@ -165,13 +172,13 @@ def test_bad_input(bad, match):
 def test_bad_backward_input():
     q = torch.randn(1, 2, 3, 16, device=DEVICE)
     with pytest.raises(ValueError, match="lse"):
-        tri.attention_backward(q, q, q, q, q, torch.zeros(1, 2, 3, dtype=torch.float16, device=DEVICE), None,
-                               True, 0.5)
+        tri.attention_backward(q, q, q, q, q, torch.zeros(1, 2, 3, dtype=torch.float16, device=DEVICE), None, True, 0.5)
     with pytest.raises(ValueError, match="grad_out"):
         tri.attention_backward(q[:, :1], q, q, q, q, torch.zeros(1, 2, 3, device=DEVICE), None, True, 0.5)
 
 
 # --- on a GPU: the autotuned, compiled kernels at model sizes -------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -7,6 +7,7 @@ other element of the cache buffers changes. Every case fills the positions past 
 (stale entries that must not reach the output) and keeps the caches as layer views of a 5-d
 buffer. The AOT test compiles every kernel x config for sm_80 and sm_90 without a GPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,10 @@ LAYERS, LAYER = 2, 1  # the caches are layer LAYER of (LAYERS, B, Hkv, Smax, D) 
 # (B, H, Hkv, Tnew, Smax, D, lengths L_b, with k_new/v_new): ragged rows with an empty row and a
 # full one (n_b = Smax); Tnew = 3 without new keys and L_b = 2 leaves query 0 seeing nothing.
 CASES = [
-    (4, 4, 2, 1, 150, 40, (0, 37, 149, 90), True),     # GQA, one decoding step
-    (3, 4, 1, 3, 200, 64, (0, 2, 200), False),          # MQA, keys already in the cache
-    (3, 2, 2, 3, 70, 16, (0, 67, 20), True),            # MHA, a block of 3 new tokens
-    (2, 8, 1, 3, 90, 40, (59, 87), True),               # G * Tnew = 24 rows: two query tiles
+    (4, 4, 2, 1, 150, 40, (0, 37, 149, 90), True),  # GQA, one decoding step
+    (3, 4, 1, 3, 200, 64, (0, 2, 200), False),  # MQA, keys already in the cache
+    (3, 2, 2, 3, 70, 16, (0, 67, 20), True),  # MHA, a block of 3 new tokens
+    (2, 8, 1, 3, 90, 40, (59, 87), True),  # G * Tnew = 24 rows: two query tiles
 ]
 
 
@@ -111,16 +112,24 @@ def test_oddly_strided_cache():
     check(q, k, v, torch.tensor([0, 49], dtype=torch.int32, device=DEVICE), kn, vn, *wide, scale=0.3, view=view)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(d=12), "head dim"), (dict(d=36), "head dim"), (dict(hkv=3), "H % Hkv"),
-    (dict(dtype=torch.float64), "float16, bfloat16 or float32"), (dict(lens=torch.int64), "cache_seqlens"),
-    (dict(cache_last_stride=2), "unit-stride last dim"), (dict(new_shape=(1, 2, 2, 16)), "k_new"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(d=12), "head dim"),
+        (dict(d=36), "head dim"),
+        (dict(hkv=3), "H % Hkv"),
+        (dict(dtype=torch.float64), "float16, bfloat16 or float32"),
+        (dict(lens=torch.int64), "cache_seqlens"),
+        (dict(cache_last_stride=2), "unit-stride last dim"),
+        (dict(new_shape=(1, 2, 2, 16)), "k_new"),
+    ],
+)
 def test_bad_input(bad, match):
     d, hkv, dtype = bad.get("d", 16), bad.get("hkv", 2), bad.get("dtype", torch.float32)
     q = torch.randn(1, 4, 1, d, dtype=dtype, device=DEVICE)
-    k = torch.randn(1, hkv, 8, d * bad.get("cache_last_stride", 1), dtype=dtype, device=DEVICE)[..., ::bad.get(
-        "cache_last_stride", 1)]
+    k = torch.randn(1, hkv, 8, d * bad.get("cache_last_stride", 1), dtype=dtype, device=DEVICE)[
+        ..., :: bad.get("cache_last_stride", 1)
+    ]
     kn = torch.randn(bad.get("new_shape", (1, hkv, 1, d)), dtype=dtype, device=DEVICE)
     lens = torch.zeros(1, dtype=bad.get("lens", torch.int32), device=DEVICE)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -137,8 +146,14 @@ SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # opt-in shared memor
 def test_every_kernel_and_config_compiles(tmp_path, record_property):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpreted kernels do not compile
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "genkern.triton._aot", "genkern.triton.kv_decode", "--json",
-                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "genkern.triton._aot", "genkern.triton.kv_decode", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     print(proc.stdout)
     assert out.exists(), proc.stderr[-4000:]
     rows = json.loads(out.read_text())
@@ -152,16 +167,17 @@ def test_every_kernel_and_config_compiles(tmp_path, record_property):
     combos = {(a, d) for a in ("sm_80", "sm_90") for d in ("fp32", "fp16", "bf16")}
     assert len(rows) == len(cases) * len(combos)
     for i, case in enumerate(cases):
-        mine = rows[i * len(combos):(i + 1) * len(combos)]
+        mine = rows[i * len(combos) : (i + 1) * len(combos)]
         assert {(r["arch"], r["dtype"]) for r in mine} == combos
         assert all(r["config"] == dict(case["constexprs"], num_warps=case["num_warps"]) for r in mine)
+
     def seen(kernel, *keys):
         return {tuple(c["constexprs"].get(k, c.get(k)) for k in keys) for c in cases if c["kernel"].__name__ == kernel}
 
     assert {r["kernel"] for r in rows} == {f"_kv_decode_{k}_kernel" for k in ("append", "split", "combine")}
     assert seen("_kv_decode_split_kernel", "SU", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages") == {
-        (8, bd, *c) for bd, configs in tri.CONFIGS.items() for c in configs} | {
-        (1, bd, *tri.STRIDED_CONFIG) for bd in tri.BLOCK_DS}
+        (8, bd, *c) for bd, configs in tri.CONFIGS.items() for c in configs
+    } | {(1, bd, *tri.STRIDED_CONFIG) for bd in tri.BLOCK_DS}
     assert all(tri.CONFIGS[bd] for bd in tri.BLOCK_DS), "every head dim keeps a config"
     assert seen("_kv_decode_split_kernel", "BLOCK_M") == {(tri.BLOCK_M,)}
     assert seen("_kv_decode_append_kernel", "BLOCK_D", "SU") == {(bd, su) for bd in tri.BLOCK_DS for su in (1, 8)}
@@ -174,6 +190,7 @@ def test_every_kernel_and_config_compiles(tmp_path, record_property):
 
 
 # --- on a GPU: the autotuned, compiled kernels at model sizes ------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

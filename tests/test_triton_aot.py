@@ -6,6 +6,7 @@ compile), for each input dtype. This catches what the interpreter forgives (type
 layouts, register and shared-memory limits). The report (shared memory, registers
 per config) is printed (`pytest -s`) and recorded as the test's `aot_report` property.
 """
+
 import importlib
 import json
 import os
@@ -26,14 +27,21 @@ SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # opt-in shared memor
 def _kernels(module):
     # JITFunction, or InterpretedFunction under TRITON_INTERPRET: both are KernelInterface.
     import triton
-    return {name for name, obj in vars(module).items() if isinstance(obj, triton.runtime.KernelInterface)
-            and name.endswith("_kernel")}
+
+    return {
+        name
+        for name, obj in vars(module).items()
+        if isinstance(obj, triton.runtime.KernelInterface) and name.endswith("_kernel")
+    }
 
 
 def _reparam_kl_coverage(module, rows):
     for kernel in _kernels(module):
-        seen = {(r["config"]["BLOCK_D"], r["config"]["ROWS"], r["config"]["num_warps"])
-                for r in rows if r["kernel"] == kernel}
+        seen = {
+            (r["config"]["BLOCK_D"], r["config"]["ROWS"], r["config"]["num_warps"])
+            for r in rows
+            if r["kernel"] == kernel
+        }
         assert seen == {(b, rows_, w) for b, (rows_, w) in module.CONFIGS.items()}, kernel
 
 
@@ -41,8 +49,9 @@ def _gan_loss_coverage(module, rows):
     # Every launchable specialisation: kind x reduction x (D, G) (the relativistic generator
     # loss runs as the discriminator one, roles swapped), on the one-program kernel at every
     # BLOCK it can pick and on the grid kernel; both statistics stages.
-    specs = {(k, r, g) for k in range(6) for r in range(3) for g in (False, True)
-             if not (k == module.RELATIVISTIC and g)}
+    specs = {
+        (k, r, g) for k in range(6) for r in range(3) for g in (False, True) if not (k == module.RELATIVISTIC and g)
+    }
 
     def seen(kernel, *keys):
         return {tuple(r["config"][k] for k in keys) for r in rows if r["kernel"] == kernel}
@@ -59,8 +68,11 @@ def _attention_coverage(module, rows):
     # masked diagonal path) and non-causal at least once; the delta kernel at every BLOCK_D with
     # and without grad_lse. Shared memory per config is in the printed report.
     def seen(kernel, *keys, **where):
-        return {tuple(r["config"][k] for k in keys) for r in rows if r["kernel"] == kernel
-                and all(r["config"][k] == v for k, v in where.items())}
+        return {
+            tuple(r["config"][k] for k in keys)
+            for r in rows
+            if r["kernel"] == kernel and all(r["config"][k] == v for k, v in where.items())
+        }
 
     for name, per_d in module.CONFIGS.items():
         assert set(per_d) == set(module.BLOCK_DS), name
@@ -68,12 +80,16 @@ def _attention_coverage(module, rows):
         assert seen(name, "BLOCK_D", "BLOCK_M", "BLOCK_N", "num_warps", "STAGES", CAUSAL=True) == want, name
         assert seen(name, "CAUSAL") == {(True,), (False,)}, name
     assert seen("_attention_bwd_pre_kernel", "BLOCK_D", "BLOCK_M", "HAS_GRAD_LSE") == {
-        (d, rows_, g) for d, rows_ in module.PRE_ROWS.items() for g in (False, True)}
+        (d, rows_, g) for d, rows_ in module.PRE_ROWS.items() for g in (False, True)
+    }
 
 
 # What each module's cases must cover, beyond "every kernel".
-COVERAGE = {"genkern.triton.reparam_kl": _reparam_kl_coverage, "genkern.triton.gan_loss": _gan_loss_coverage,
-            "genkern.triton.attention": _attention_coverage}
+COVERAGE = {
+    "genkern.triton.reparam_kl": _reparam_kl_coverage,
+    "genkern.triton.gan_loss": _gan_loss_coverage,
+    "genkern.triton.attention": _attention_coverage,
+}
 
 
 @pytest.mark.slow
@@ -81,8 +97,14 @@ COVERAGE = {"genkern.triton.reparam_kl": _reparam_kl_coverage, "genkern.triton.g
 def test_every_kernel_and_config_compiles(module_name, tmp_path, record_property):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "genkern.triton._aot", module_name, "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "genkern.triton._aot", module_name, "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     print(proc.stdout)
     assert out.exists(), proc.stderr[-4000:]
     rows = json.loads(out.read_text())
@@ -95,8 +117,9 @@ def test_every_kernel_and_config_compiles(module_name, tmp_path, record_property
     module = importlib.import_module(module_name)  # interpreted here: only names and configs are read
     assert {r["kernel"] for r in rows} == _kernels(module), "aot_cases() must list every kernel"
     COVERAGE[module_name](module, rows)
-    assert {(r["arch"], r["dtype"]) for r in rows} == {(a, d) for a in ("sm_80", "sm_90")
-                                                      for d in ("fp32", "fp16", "bf16")}
+    assert {(r["arch"], r["dtype"]) for r in rows} == {
+        (a, d) for a in ("sm_80", "sm_90") for d in ("fp32", "fp16", "bf16")
+    }
     for r in rows:
         where = f"{r['kernel']} {r['arch']} {r['dtype']} {r['config']}"
         assert r["shared"] <= SHARED_LIMIT[r["arch"]], where

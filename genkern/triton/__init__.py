@@ -3,6 +3,7 @@
 Importing genkern does not import triton: `bind` registers each op's launchers as the
 kernels of its `<stem>_triton_*` ops, and the kernel module is imported on the first call.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,6 +22,7 @@ LAUNCHERS = {
 def _lazy(module: str, launcher: str):
     def run(*args):
         return getattr(importlib.import_module(f"genkern.triton.{module}"), launcher)(*args)
+
     run.__name__ = launcher
     return run
 

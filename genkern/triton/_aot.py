@@ -21,6 +21,7 @@ launch compiles); other non-constexpr arguments are i32.
 Run it without TRITON_INTERPRET (kernels created under the interpreter do not
 compile): `python -m genkern.triton._aot genkern.triton.reparam_kl`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,7 @@ def signature(case: dict, dtype: str):
 
 def _resources(cubin: bytes) -> dict:
     import triton
+
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return {}
@@ -81,8 +83,12 @@ def compile_case(module: str, index: int, dtype: str, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
 
     case = _cases(module)[index]
-    row = {"kernel": case["kernel"].__name__, "config": dict(case["constexprs"], num_warps=case["num_warps"]),
-           "dtype": dtype, "arch": f"sm_{arch}"}
+    row = {
+        "kernel": case["kernel"].__name__,
+        "config": dict(case["constexprs"], num_warps=case["num_warps"]),
+        "dtype": dtype,
+        "arch": f"sm_{arch}",
+    }
     try:
         sig, consts, attrs = signature(case, dtype)
         options = {"num_warps": case["num_warps"]}
@@ -108,8 +114,12 @@ def format_report(rows: list) -> str:
     lines = []
     for r in rows:
         cfg = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["config"].items())
-        res = (f"shared={r['shared']:>6} regs={r.get('registers', '?'):>3} stack={r.get('stack', '?')} "
-               f"local={r.get('local', '?')}" if r["ok"] else "FAILED " + r["error"].splitlines()[-1])
+        res = (
+            f"shared={r['shared']:>6} regs={r.get('registers', '?'):>3} stack={r.get('stack', '?')} "
+            f"local={r.get('local', '?')}"
+            if r["ok"]
+            else "FAILED " + r["error"].splitlines()[-1]
+        )
         lines.append(f"{r['kernel']:<24} {r['arch']} {r['dtype']:<4} {cfg:<72} {res}")
     return "\n".join(lines)
 

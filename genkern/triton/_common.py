@@ -2,9 +2,10 @@
 read, the dtype check, the row-stride promise of the attention-shaped launchers, the autotune wrapper.
 
 Triton resolves a kernel's globals in the module that defines it: a kernel module imports the
-constants and helpers it uses into its own namespace (`from genkern.triton._common import _DOT`),
+constants and helpers it uses into its own namespace (`from genkern.triton._common import DOT_PRECISION`),
 and they stay usable inside its kernels.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,9 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 # The interpreter (numpy 2) cannot take a runtime bound in range(); compiled code needs range()
 # for software pipelining (num_stages). The block loops branch on this at compile time.
-_WHILE_LOOPS = tl.constexpr(INTERPRETED)
+WHILE_LOOPS = tl.constexpr(INTERPRETED)
 # float32 inputs: exact products, like torch.matmul's default (tf32 would cost ~1e-3 relative).
-_DOT = tl.constexpr("ieee")
+DOT_PRECISION = tl.constexpr("ieee")
 
 
 def check_dtype(name: str, t: torch.Tensor, op: str) -> None:
@@ -31,13 +32,16 @@ def check_dtype(name: str, t: torch.Tensor, op: str) -> None:
         raise TypeError(f"{name}: the Triton {op} kernels take float16, bfloat16 or float32, got {t.dtype}")
 
 
-def _rows8(t, max_row_stride=None):
+def rows8(t, max_row_stride=None):
     """(t, its dim 0-2 strides in units of 8 elements) of a 4-d tensor; a copy when the last dim is
     not unit-stride or a stride is not a multiple of 8 (the kernels' alignment promise), or when the
     dim-2 stride reaches max_row_stride (a kernel computing tile offsets in int32). Size-1 dims get
     stride 0."""
-    if t.stride(3) != 1 or any(t.shape[i] > 1 and t.stride(i) % 8 for i in range(3)) or \
-            (max_row_stride is not None and t.stride(2) >= max_row_stride):
+    if (
+        t.stride(3) != 1
+        or any(t.shape[i] > 1 and t.stride(i) % 8 for i in range(3))
+        or (max_row_stride is not None and t.stride(2) >= max_row_stride)
+    ):
         t = t.contiguous()
     return t, [t.stride(i) // 8 if t.shape[i] > 1 else 0 for i in range(3)]
 

@@ -23,15 +23,16 @@ P = exp2(s2 - lse2) = 0 (never exp2(+inf) * 0 = NaN).
 The forward kernel lives in attention_fwd.py, the backward ones in attention_bwd.py, the tile
 helpers and autotune candidates they share in attention_tiles.py; here: the launchers.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 
-from genkern.triton._common import BLOCK_DS, LOG2E, _rows8, check_dtype
+from genkern.triton._common import BLOCK_DS, LOG2E, check_dtype, rows8
 from genkern.triton.attention_bwd import _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_bwd_pre_kernel
 from genkern.triton.attention_fwd import _attention_fwd_kernel
-from genkern.triton.attention_tiles import CONFIGS, _block
+from genkern.triton.attention_tiles import CONFIGS, tile_block
 
 PRE_ROWS = {d: max(16, 4096 // d) for d in BLOCK_DS}  # rows per program of the delta kernel
 _MAX_LEN = 65535 * 16  # T, S: grid axis 1 holds cdiv(len, BLOCK) <= 65535 programs
@@ -40,12 +41,14 @@ _MAX_ROW_STRIDE = 2**31 // 256  # tile offsets (row * stride) are int32
 
 # --- launchers: check, allocate, launch -----------------------------------------------------
 
+
 def _check(q, k, v, *others):
     """Checks the op's contract; returns (B, H, T, D, Hkv, S). others: (name, tensor, shape, dtype)."""
     check_dtype("q", q, "attention")
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"q must be (B, H, T, D) and k, v (B, Hkv, S, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"q must be (B, H, T, D) and k, v (B, Hkv, S, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     (B, H, T, D), (_, Hkv, S, _) = q.shape, k.shape
     if k.shape[0] != B or k.shape[3] != D or Hkv == 0 or H % Hkv:
         raise ValueError(f"k, v {tuple(k.shape)} must be (B, Hkv, S, D) with H % Hkv == 0 for q {tuple(q.shape)}")
@@ -53,8 +56,9 @@ def _check(q, k, v, *others):
         raise ValueError(f"head dim must be 16..256 in steps of 8 and T, S <= {_MAX_LEN}, got D={D}, T={T}, S={S}")
     for name, t, shape, dtype in (("k", k, k.shape, q.dtype), ("v", v, k.shape, q.dtype)) + others:
         if t is not None and (t.shape != shape or t.dtype != dtype or t.device != q.device):
-            raise ValueError(f"{name} must be {tuple(shape)} {dtype} on {q.device}, got {tuple(t.shape)} {t.dtype} "
-                             f"on {t.device}")
+            raise ValueError(
+                f"{name} must be {tuple(shape)} {dtype} on {q.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
+            )
     return B, H, T, D, Hkv, S
 
 
@@ -62,7 +66,7 @@ def _meta(q, T, S, D, causal):
     """What every launch shares: the log2 buckets of T, S (autotune key), the meta-parameters,
     and the tile edge of a config's BLOCK_M / BLOCK_N in q's dtype (for the grid)."""
     block_d = triton.next_power_of_2(D)
-    edge = lambda c, key, keys=False: _block(c[key], block_d, q.dtype == torch.float32, keys)  # noqa: E731
+    edge = lambda c, key, keys=False: tile_block(c[key], block_d, q.dtype == torch.float32, keys)  # noqa: E731
     return (triton.next_power_of_2(T), triton.next_power_of_2(S)), dict(CAUSAL=bool(causal), BLOCK_D=block_d), edge
 
 
@@ -72,29 +76,50 @@ def attention_forward(q, k, v, causal, scale):
     if q.numel() == 0 or S == 0:  # no key anywhere: out 0, lse -inf
         return q.new_zeros((B, H, T, D)), torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
     out, lse = q.new_empty((B, H, T, D)), torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    (q, sq), (k, sk), (v, sv) = (_rows8(t, _MAX_ROW_STRIDE) for t in (q, k, v))
+    (q, sq), (k, sk), (v, sv) = (rows8(t, _MAX_ROW_STRIDE) for t in (q, k, v))
     tune, meta, edge = _meta(q, T, S, D, causal)
     _attention_fwd_kernel[lambda c: (B * H, triton.cdiv(T, edge(c, "BLOCK_M")))](
-        out, lse, q, k, v, *sq, *sk, *sv, H, H // Hkv, T, S, D // 8, scale * LOG2E, *tune, **meta)
+        out, lse, q, k, v, *sq, *sk, *sv, H, H // Hkv, T, S, D // 8, scale * LOG2E, *tune, **meta
+    )
     return out, lse
 
 
 def attention_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale):
     """(dq, dk, dv), shaped and typed like q, k, v (contiguous); see the backward kernels."""
-    B, H, T, D, Hkv, S = _check(q, k, v, ("grad_out", grad_out, q.shape, q.dtype), ("out", out, q.shape, q.dtype),
-                                ("lse", lse, q.shape[:3], torch.float32),
-                                ("grad_lse", grad_lse, q.shape[:3], torch.float32))
+    B, H, T, D, Hkv, S = _check(
+        q,
+        k,
+        v,
+        ("grad_out", grad_out, q.shape, q.dtype),
+        ("out", out, q.shape, q.dtype),
+        ("lse", lse, q.shape[:3], torch.float32),
+        ("grad_lse", grad_lse, q.shape[:3], torch.float32),
+    )
     new = torch.empty if q.numel() and S else torch.zeros  # the kernels write every element
     dq, dk, dv = (new(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if q.numel() == 0 or S == 0:
         return dq, dk, dv
-    (q, sq), (k, sk), (v, sv), (out, so), (do, sd) = (_rows8(t, _MAX_ROW_STRIDE) for t in (q, k, v, out, grad_out))
+    (q, sq), (k, sk), (v, sv), (out, so), (do, sd) = (rows8(t, _MAX_ROW_STRIDE) for t in (q, k, v, out, grad_out))
     delta, lse2 = (torch.empty((B, H, T), dtype=torch.float32, device=q.device) for _ in range(2))
     tune, meta, edge = _meta(q, T, S, D, causal)
     rows = PRE_ROWS[meta["BLOCK_D"]]
     _attention_bwd_pre_kernel[(B * H, triton.cdiv(T, rows))](
-        delta, lse2, out, do, lse.contiguous(), lse if grad_lse is None else grad_lse.contiguous(), *so, *sd, H, T,
-        D // 8, HAS_GRAD_LSE=grad_lse is not None, BLOCK_M=rows, BLOCK_D=meta["BLOCK_D"], num_warps=4)
+        delta,
+        lse2,
+        out,
+        do,
+        lse.contiguous(),
+        lse if grad_lse is None else grad_lse.contiguous(),
+        *so,
+        *sd,
+        H,
+        T,
+        D // 8,
+        HAS_GRAD_LSE=grad_lse is not None,
+        BLOCK_M=rows,
+        BLOCK_D=meta["BLOCK_D"],
+        num_warps=4,
+    )
     args = (q, k, v, do, lse2, delta, *sq, *sk, *sv, *sd, H, H // Hkv, T, S, D // 8, scale * LOG2E, scale, *tune)
     _attention_bwd_dkdv_kernel[lambda c: (B * Hkv, triton.cdiv(S, edge(c, "BLOCK_N", True)))](dk, dv, *args, **meta)
     _attention_bwd_dq_kernel[lambda c: (B * H, triton.cdiv(T, edge(c, "BLOCK_M")))](dq, *args, **meta)
@@ -111,9 +136,18 @@ def aot_cases():
         for block_d, configs in per_d.items():
             for i, (bm, bn, w, s) in enumerate(configs):
                 for causal in (True, False) if (block_d, i) == (128, 0) else (True,):
-                    yield dict(kernel=globals()[name].fn, num_warps=w, num_stages=s, types=types, constexprs=dict(
-                        CAUSAL=causal, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, STAGES=s))
+                    yield dict(
+                        kernel=globals()[name].fn,
+                        num_warps=w,
+                        num_stages=s,
+                        types=types,
+                        constexprs=dict(CAUSAL=causal, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, STAGES=s),
+                    )
     for block_d, rows in PRE_ROWS.items():
         for has in (True, False):
-            yield dict(kernel=_attention_bwd_pre_kernel, num_warps=4, types=types,
-                       constexprs=dict(HAS_GRAD_LSE=has, BLOCK_M=rows, BLOCK_D=block_d))
+            yield dict(
+                kernel=_attention_bwd_pre_kernel,
+                num_warps=4,
+                types=types,
+                constexprs=dict(HAS_GRAD_LSE=has, BLOCK_M=rows, BLOCK_D=block_d),
+            )

@@ -1,25 +1,39 @@
 """The Triton attention backward kernels: delta, then dK/dV per key block and dQ per query block.
 The layout, the causal alignment and the log2 units: genkern/triton/attention.py (launcher there).
 """
+
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from genkern.triton._common import _DOT, _WHILE_LOOPS
-from genkern.triton.attention_tiles import _autotune, _block, _key_range, _load_rows, _ptr, _visible
+from genkern.triton._common import DOT_PRECISION, WHILE_LOOPS
+from genkern.triton.attention_tiles import attention_autotune, key_range, load_rows, tile_block, tile_ptr, visible
 
 
 @triton.jit
 def _attention_bwd_pre_kernel(
     # outputs (B, H, T) float32 contiguous: delta, and lse2 = lse log2(e) (+inf where lse = -inf)
-    delta_ptr, lse2_ptr,
+    delta_ptr,
+    lse2_ptr,
     # out and grad_out (B, H, T, D) (strides of dims 0-2 in units of 8 elements); lse, grad_lse
     # (B, H, T) float32 contiguous (grad_lse read only if HAS_GRAD_LSE)
-    out_ptr, do_ptr, lse_ptr, glse_ptr,
-    so_b, so_h, so_t, sd_b, sd_h, sd_t,
-    H, T, D8,
-    HAS_GRAD_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr,
+    do_ptr,
+    lse_ptr,
+    glse_ptr,
+    so_b,
+    so_h,
+    so_t,
+    sd_b,
+    sd_h,
+    sd_t,
+    H,
+    T,
+    D8,
+    HAS_GRAD_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta_i = sum_d dO_id O_id - grad_lse_i (float32), and the log2-unit lse the other
     backward kernels subtract: +inf for rows that see no key, so exp2(s2 - lse2) = 0 there."""
@@ -27,8 +41,8 @@ def _attention_bwd_pre_kernel(
     b, h = bh // H, bh % H
     offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
     d_ok = offs_d < D8 * 8
-    o = _load_rows(_ptr(out_ptr, b, h, m0, so_b, so_h, so_t), 0, T - m0, so_t, offs_m, offs_d, d_ok, True)
-    do = _load_rows(_ptr(do_ptr, b, h, m0, sd_b, sd_h, sd_t), 0, T - m0, sd_t, offs_m, offs_d, d_ok, True)
+    o = load_rows(tile_ptr(out_ptr, b, h, m0, so_b, so_h, so_t), 0, T - m0, so_t, offs_m, offs_d, d_ok, True)
+    do = load_rows(tile_ptr(do_ptr, b, h, m0, sd_b, sd_h, sd_t), 0, T - m0, sd_t, offs_m, offs_d, d_ok, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     rows = bh.to(tl.int64) * T + m0 + offs_m
     ok = m0 + offs_m < T
@@ -40,37 +54,68 @@ def _attention_bwd_pre_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, it, n_blk, lo, group, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, sq_b, sq_h, sq_t, sd_b, sd_h,
-               sd_t, b, hk, H, T, keys, offs_m, offs_d, d_ok, diag, qk_scale,
-               CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_step(
+    dk,
+    dv,
+    it,
+    n_blk,
+    lo,
+    group,
+    k,
+    v,
+    q_ptr,
+    do_ptr,
+    lse2_ptr,
+    delta_ptr,
+    sq_b,
+    sq_h,
+    sq_t,
+    sd_b,
+    sd_h,
+    sd_t,
+    b,
+    hk,
+    H,
+    T,
+    keys,
+    offs_m,
+    offs_d,
+    d_ok,
+    diag,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """Query block lo + (it % n_blk) BLOCK_M of head hk group + it // n_blk, transposed (keys x
     queries): P^T = 2^(qk_scale k q^T - lse2), dV += P^T dO, dS^T = P^T * (V dO^T - delta),
     dK += dS^T Q (scale applied by the caller). Rows past T load q = dO = 0 and lse2 = +inf:
     P^T = 0 there without a row mask on the scores."""
     h = hk * group + it // n_blk
     start = lo + (it % n_blk) * BLOCK_M
-    q = _load_rows(_ptr(q_ptr, b, h, 0, sq_b, sq_h, sq_t), start, T, sq_t, offs_m, offs_d, d_ok, True)
-    do = _load_rows(_ptr(do_ptr, b, h, 0, sd_b, sd_h, sd_t), start, T, sd_t, offs_m, offs_d, d_ok, True)
+    q = load_rows(tile_ptr(q_ptr, b, h, 0, sq_b, sq_h, sq_t), start, T, sq_t, offs_m, offs_d, d_ok, True)
+    do = load_rows(tile_ptr(do_ptr, b, h, 0, sd_b, sd_h, sd_t), start, T, sd_t, offs_m, offs_d, d_ok, True)
     rows = start + offs_m
     row0 = (b * H + h).to(tl.int64) * T
     lse2 = tl.load(lse2_ptr + row0 + rows, mask=rows < T, other=float("inf"))
     delta = tl.load(delta_ptr + row0 + rows, mask=rows < T, other=0.0)
-    p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=_DOT) * qk_scale - lse2[None, :])
+    p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
     if MASK:
         p_t = tl.where(keys[:, None] <= rows[None, :] + diag, p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=_DOT)
-    ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=_DOT) - delta[None, :])
-    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=_DOT)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, lo, hi, group, args, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                 STAGES: tl.constexpr):
+def _dkdv_blocks(
+    dk, dv, lo, hi, group, args, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr
+):
     """_dkdv_step over the query blocks starting in [lo, hi) of every head of the group, as one
     flat loop software-pipelined STAGES deep (a loop over heads around it costs registers)."""
     n_blk = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
-    if _WHILE_LOOPS:
+    if WHILE_LOOPS:
         it = n_blk * 0
         while it < n_blk * group:
             dk, dv = _dkdv_step(dk, dv, it, n_blk, lo, group, *args, CAUSAL, MASK, BLOCK_M)
@@ -84,27 +129,56 @@ def _dkdv_blocks(dk, dv, lo, hi, group, args, CAUSAL: tl.constexpr, MASK: tl.con
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     # outputs (B, Hkv, S, D) contiguous, in k's and v's dtype
-    dk_ptr, dv_ptr,
+    dk_ptr,
+    dv_ptr,
     # q, grad_out (B, H, T, D); k, v (B, Hkv, S, D); strides of dims 0-2 in units of 8 elements;
     # lse2, delta (B, H, T) float32 contiguous from _attention_bwd_pre_kernel
-    q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse2_ptr,
+    delta_ptr,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sv_b,
+    sv_h,
+    sv_t,
+    sd_b,
+    sd_h,
+    sd_t,
     # sizes: group = H // Hkv, D8 = D // 8; qk_scale = scale log2(e); tune_*: autotune key only
-    H, group, T, S, D8, qk_scale, scale, tune_t, tune_s,
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    H,
+    group,
+    T,
+    S,
+    D8,
+    qk_scale,
+    scale,
+    tune_t,
+    tune_s,
+    CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """For one key block of KV head hk, summed over the query heads h of its group and the
     query blocks that see it: dV_j = sum_i P_ij dO_i, dK_j = scale sum_i dS_ij q_i. Query blocks
     [lo, mid) cross the causal diagonal (masked); from mid on every row sees every key."""
-    # float32 runs smaller tiles than the config's (see _block); the launcher's grid agrees
-    BM: tl.constexpr = _block(BLOCK_M, BLOCK_D, q_ptr.dtype.element_ty == tl.float32, True)
-    BN: tl.constexpr = _block(BLOCK_N, BLOCK_D, q_ptr.dtype.element_ty == tl.float32, True)
+    # float32 runs smaller tiles than the config's (see tile_block); the launcher's grid agrees
+    BM: tl.constexpr = tile_block(BLOCK_M, BLOCK_D, q_ptr.dtype.element_ty == tl.float32, True)
+    BN: tl.constexpr = tile_block(BLOCK_N, BLOCK_D, q_ptr.dtype.element_ty == tl.float32, True)
     n0 = tl.program_id(1) * BN
     b, hk = tl.program_id(0) // (H // group), tl.program_id(0) % (H // group)
     offs_m, offs_n, offs_d = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BLOCK_D)
     d_ok = offs_d < D8 * 8
-    k = _load_rows(_ptr(k_ptr, b, hk, n0, sk_b, sk_h, sk_t), 0, S - n0, sk_t, offs_n, offs_d, d_ok, True)
-    v = _load_rows(_ptr(v_ptr, b, hk, n0, sv_b, sv_h, sv_t), 0, S - n0, sv_t, offs_n, offs_d, d_ok, True)
+    k = load_rows(tile_ptr(k_ptr, b, hk, n0, sk_b, sk_h, sk_t), 0, S - n0, sk_t, offs_n, offs_d, d_ok, True)
+    v = load_rows(tile_ptr(v_ptr, b, hk, n0, sv_b, sv_h, sv_t), 0, S - n0, sv_t, offs_n, offs_d, d_ok, True)
     dk = tl.zeros((BN, BLOCK_D), tl.float32)
     dv = tl.zeros((BN, BLOCK_D), tl.float32)
     diag, keys = S - T, n0 + offs_n
@@ -112,8 +186,30 @@ def _attention_bwd_dkdv_kernel(
     if CAUSAL:  # first query that sees key n0; first that sees the block's last key
         lo = tl.maximum(n0 - diag, 0) // BM * BM
         mid = tl.minimum(tl.cdiv(tl.maximum(tl.minimum(n0 + BN, S) - 1 - diag, 0), BM) * BM, T)
-    args = (k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, sq_b, sq_h, sq_t, sd_b, sd_h, sd_t, b, hk, H, T, keys,
-            offs_m, offs_d, d_ok, diag, qk_scale)
+    args = (
+        k,
+        v,
+        q_ptr,
+        do_ptr,
+        lse2_ptr,
+        delta_ptr,
+        sq_b,
+        sq_h,
+        sq_t,
+        sd_b,
+        sd_h,
+        sd_t,
+        b,
+        hk,
+        H,
+        T,
+        keys,
+        offs_m,
+        offs_d,
+        d_ok,
+        diag,
+        qk_scale,
+    )
     dk, dv = _dkdv_blocks(dk, dv, lo, mid, group, args, CAUSAL, True, BM, STAGES)
     dk, dv = _dkdv_blocks(dk, dv, mid, T, group, args, CAUSAL, False, BM, STAGES)
     out = (tl.program_id(0).to(tl.int64) * S + keys)[:, None] * (D8 * 8) + offs_d[None, :]
@@ -123,24 +219,42 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, start, q, do, lse2, delta, k_ptr, v_ptr, st_k, st_v, rows, offs_n, offs_d, d_ok, S, diag, qk_scale,
-             CAUSAL: tl.constexpr, MASK: tl.constexpr):
+def _dq_step(
+    dq,
+    start,
+    q,
+    do,
+    lse2,
+    delta,
+    k_ptr,
+    v_ptr,
+    st_k,
+    st_v,
+    rows,
+    offs_n,
+    offs_d,
+    d_ok,
+    S,
+    diag,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    MASK: tl.constexpr,
+):
     """One key block: P = 2^(qk_scale q k^T - lse2), dS = P * (dO v^T - delta), dQ += dS K
     (scale applied by the caller)."""
-    k = _load_rows(k_ptr, start, S, st_k, offs_n, offs_d, d_ok, MASK)
-    v = _load_rows(v_ptr, start, S, st_v, offs_n, offs_d, d_ok, MASK)
-    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=_DOT) * qk_scale - lse2[:, None])
+    k = load_rows(k_ptr, start, S, st_k, offs_n, offs_d, d_ok, MASK)
+    v = load_rows(v_ptr, start, S, st_v, offs_n, offs_d, d_ok, MASK)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
     if MASK:
-        p = tl.where(_visible(rows, start + offs_n, S, diag, CAUSAL), p, 0.0)
-    ds = p * (tl.dot(do, tl.trans(v), input_precision=_DOT) - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=_DOT)
+        p = tl.where(visible(rows, start + offs_n, S, diag, CAUSAL), p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def _dq_blocks(dq, lo, hi, args, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-               STAGES: tl.constexpr):
+def _dq_blocks(dq, lo, hi, args, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     """_dq_step over the key blocks starting in [lo, hi), software-pipelined STAGES deep."""
-    if _WHILE_LOOPS:
+    if WHILE_LOOPS:
         start = lo
         while start < hi:
             dq = _dq_step(dq, start, *args, CAUSAL, MASK)
@@ -156,30 +270,58 @@ def _attention_bwd_dq_kernel(
     # output (B, H, T, D) contiguous, in q's dtype
     dq_ptr,
     # as _attention_bwd_dkdv_kernel
-    q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t,
-    H, group, T, S, D8, qk_scale, scale, tune_t, tune_s,
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse2_ptr,
+    delta_ptr,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sv_b,
+    sv_h,
+    sv_t,
+    sd_b,
+    sd_h,
+    sd_t,
+    H,
+    group,
+    T,
+    S,
+    D8,
+    qk_scale,
+    scale,
+    tune_t,
+    tune_s,
+    CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """dQ_i = scale sum_j dS_ij k_j, dS_ij = P_ij (dO_i . v_j - delta_i), over the keys j that
     query i sees (the forward's block ranges); rows that see no key get dQ = 0."""
-    # float32 runs smaller tiles than the config's (see _block); the launcher's grid agrees
-    BM: tl.constexpr = _block(BLOCK_M, BLOCK_D, q_ptr.dtype.element_ty == tl.float32)
-    BN: tl.constexpr = _block(BLOCK_N, BLOCK_D, q_ptr.dtype.element_ty == tl.float32)
+    # float32 runs smaller tiles than the config's (see tile_block); the launcher's grid agrees
+    BM: tl.constexpr = tile_block(BLOCK_M, BLOCK_D, q_ptr.dtype.element_ty == tl.float32)
+    BN: tl.constexpr = tile_block(BLOCK_N, BLOCK_D, q_ptr.dtype.element_ty == tl.float32)
     bh = tl.program_id(0)
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BM  # causal: the longest rows start first
     b, h = bh // H, bh % H
     offs_m, offs_n, offs_d = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BLOCK_D)
     d_ok = offs_d < D8 * 8
     rows = m0 + offs_m
-    q = _load_rows(_ptr(q_ptr, b, h, m0, sq_b, sq_h, sq_t), 0, T - m0, sq_t, offs_m, offs_d, d_ok, True)
-    do = _load_rows(_ptr(do_ptr, b, h, m0, sd_b, sd_h, sd_t), 0, T - m0, sd_t, offs_m, offs_d, d_ok, True)
+    q = load_rows(tile_ptr(q_ptr, b, h, m0, sq_b, sq_h, sq_t), 0, T - m0, sq_t, offs_m, offs_d, d_ok, True)
+    do = load_rows(tile_ptr(do_ptr, b, h, m0, sd_b, sd_h, sd_t), 0, T - m0, sd_t, offs_m, offs_d, d_ok, True)
     row0 = bh.to(tl.int64) * T
     lse2 = tl.load(lse2_ptr + row0 + rows, mask=rows < T, other=float("inf"))
     delta = tl.load(delta_ptr + row0 + rows, mask=rows < T, other=0.0)
-    k_ptr = _ptr(k_ptr, b, h // group, 0, sk_b, sk_h, sk_t)
-    v_ptr = _ptr(v_ptr, b, h // group, 0, sv_b, sv_h, sv_t)
-    full, hi = _key_range(m0, T, S, CAUSAL, BM, BN)
+    k_ptr = tile_ptr(k_ptr, b, h // group, 0, sk_b, sk_h, sk_t)
+    v_ptr = tile_ptr(v_ptr, b, h // group, 0, sv_b, sv_h, sv_t)
+    full, hi = key_range(m0, T, S, CAUSAL, BM, BN)
     dq = tl.zeros((BM, BLOCK_D), tl.float32)
     args = (q, do, lse2, delta, k_ptr, v_ptr, sk_t, sv_t, rows, offs_n, offs_d, d_ok, S, S - T, qk_scale)
     dq = _dq_blocks(dq, 0, full, args, CAUSAL, False, BN, STAGES)
@@ -188,5 +330,5 @@ def _attention_bwd_dq_kernel(
     tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=(rows < T)[:, None] & d_ok[None, :])
 
 
-_attention_bwd_dkdv_kernel = _autotune("_attention_bwd_dkdv_kernel")(_attention_bwd_dkdv_kernel)
-_attention_bwd_dq_kernel = _autotune("_attention_bwd_dq_kernel")(_attention_bwd_dq_kernel)
+_attention_bwd_dkdv_kernel = attention_autotune("_attention_bwd_dkdv_kernel")(_attention_bwd_dkdv_kernel)
+_attention_bwd_dq_kernel = attention_autotune("_attention_bwd_dq_kernel")(_attention_bwd_dq_kernel)

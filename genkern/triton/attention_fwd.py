@@ -1,38 +1,58 @@
 """The Triton attention forward kernel: online softmax over the key blocks of one query block.
 The layout, the causal alignment and the log2 units: genkern/triton/attention.py (launcher there).
 """
+
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from genkern.triton._common import _DOT, _WHILE_LOOPS
-from genkern.triton.attention_tiles import _autotune, _block, _key_range, _load_rows, _ptr, _visible
+from genkern.triton._common import DOT_PRECISION, WHILE_LOOPS
+from genkern.triton.attention_tiles import attention_autotune, key_range, load_rows, tile_block, tile_ptr, visible
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, start, q, k_ptr, v_ptr, st_k, st_v, rows, offs_n, offs_d, d_ok, S, diag, qk_scale,
-              CAUSAL: tl.constexpr, MASK: tl.constexpr):
+def _fwd_step(
+    acc,
+    m_i,
+    l_i,
+    start,
+    q,
+    k_ptr,
+    v_ptr,
+    st_k,
+    st_v,
+    rows,
+    offs_n,
+    offs_d,
+    d_ok,
+    S,
+    diag,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    MASK: tl.constexpr,
+):
     """One key block of the online softmax: s2 = qk_scale q k^T, m' = max(m, rowmax s2),
     l' = l 2^(m - m') + rowsum 2^(s2 - m'), acc' = acc 2^(m - m') + 2^(s2 - m') v."""
-    k = _load_rows(k_ptr, start, S, st_k, offs_n, offs_d, d_ok, MASK)
-    s = tl.dot(q, tl.trans(k), input_precision=_DOT) * qk_scale
+    k = load_rows(k_ptr, start, S, st_k, offs_n, offs_d, d_ok, MASK)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASK:
-        s = tl.where(_visible(rows, start + offs_n, S, diag, CAUSAL), s, float("-inf"))
+        s = tl.where(visible(rows, start + offs_n, S, diag, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_ptr, start, S, st_v, offs_n, offs_d, d_ok, MASK)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=_DOT)
+    v = load_rows(v_ptr, start, S, st_v, offs_n, offs_d, d_ok, MASK)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _fwd_blocks(acc, m_i, l_i, lo, hi, args, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                STAGES: tl.constexpr):
+def _fwd_blocks(
+    acc, m_i, l_i, lo, hi, args, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr
+):
     """_fwd_step over the key blocks starting in [lo, hi), software-pipelined STAGES deep."""
-    if _WHILE_LOOPS:
+    if WHILE_LOOPS:
         start = lo
         while start < hi:
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, start, *args, CAUSAL, MASK)
@@ -46,30 +66,52 @@ def _fwd_blocks(acc, m_i, l_i, lo, hi, args, CAUSAL: tl.constexpr, MASK: tl.cons
 @triton.jit
 def _attention_fwd_kernel(
     # outputs: out (B, H, T, D) contiguous in q's dtype, lse (B, H, T) float32 contiguous
-    out_ptr, lse_ptr,
+    out_ptr,
+    lse_ptr,
     # inputs q (B, H, T, D), k and v (B, Hkv, S, D); strides of dims 0-2 in units of 8 elements
-    q_ptr, k_ptr, v_ptr,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sv_b,
+    sv_h,
+    sv_t,
     # sizes: group = H // Hkv, D8 = D // 8; qk_scale = scale log2(e); tune_*: autotune key only
-    H, group, T, S, D8, qk_scale, tune_t, tune_s,
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    H,
+    group,
+    T,
+    S,
+    D8,
+    qk_scale,
+    tune_t,
+    tune_s,
+    CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """out_i = sum_j softmax_j(s_ij) v_j and lse_i = log sum_j exp(s_ij) over the keys j that
     query i sees, s_ij = scale q_i . k_j. Running m, l, acc in float32 (see _fwd_step); then
     out = acc / l, lse = (m + log2 l) ln 2; rows with l = 0 (no key) get out = 0, lse = -inf.
     m starts finite (-1e30): a row masked so far keeps alpha = 1, p = 0 (no -inf - -inf)."""
-    # float32 runs smaller tiles than the config's (see _block); the launcher's grid agrees
-    BM: tl.constexpr = _block(BLOCK_M, BLOCK_D, q_ptr.dtype.element_ty == tl.float32)
-    BN: tl.constexpr = _block(BLOCK_N, BLOCK_D, q_ptr.dtype.element_ty == tl.float32)
+    # float32 runs smaller tiles than the config's (see tile_block); the launcher's grid agrees
+    BM: tl.constexpr = tile_block(BLOCK_M, BLOCK_D, q_ptr.dtype.element_ty == tl.float32)
+    BN: tl.constexpr = tile_block(BLOCK_N, BLOCK_D, q_ptr.dtype.element_ty == tl.float32)
     bh = tl.program_id(0)
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BM  # causal: the longest rows start first
     b, h = bh // H, bh % H
     offs_m, offs_n, offs_d = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BLOCK_D)
     d_ok = offs_d < D8 * 8
-    q = _load_rows(_ptr(q_ptr, b, h, m0, sq_b, sq_h, sq_t), 0, T - m0, sq_t, offs_m, offs_d, d_ok, True)
-    k_ptr = _ptr(k_ptr, b, h // group, 0, sk_b, sk_h, sk_t)
-    v_ptr = _ptr(v_ptr, b, h // group, 0, sv_b, sv_h, sv_t)
-    full, hi = _key_range(m0, T, S, CAUSAL, BM, BN)
+    q = load_rows(tile_ptr(q_ptr, b, h, m0, sq_b, sq_h, sq_t), 0, T - m0, sq_t, offs_m, offs_d, d_ok, True)
+    k_ptr = tile_ptr(k_ptr, b, h // group, 0, sk_b, sk_h, sk_t)
+    v_ptr = tile_ptr(v_ptr, b, h // group, 0, sv_b, sv_h, sv_t)
+    full, hi = key_range(m0, T, S, CAUSAL, BM, BN)
     acc = tl.zeros((BM, BLOCK_D), tl.float32)
     m_i = tl.full((BM,), -1.0e30, tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
@@ -87,4 +129,4 @@ def _attention_fwd_kernel(
     tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
 
 
-_attention_fwd_kernel = _autotune("_attention_fwd_kernel")(_attention_fwd_kernel)
+_attention_fwd_kernel = attention_autotune("_attention_fwd_kernel")(_attention_fwd_kernel)

@@ -2,6 +2,7 @@
 row loads and masks that the forward (attention_fwd.py) and backward (attention_bwd.py) kernels share.
 The layout and the math: genkern/triton/attention.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ import triton.language as tl
 from genkern.triton._common import autotune
 
 # Autotune candidates (BLOCK_M, BLOCK_N, num_warps, STAGES) per kernel and BLOCK_D, for 16-bit
-# inputs (float32 caps them, see _block), from an ahead-of-time sweep: each compiles for sm_80
+# inputs (float32 caps them, see tile_block), from an ahead-of-time sweep: each compiles for sm_80
 # and sm_90 in float32/float16/bfloat16 within the opt-in shared memory (163 KB, 227 KB) and
 # without register spills (tests/test_triton_aot.py; `python -m genkern.triton._aot
 # genkern.triton.attention` prints the table). Few per head dim: the AOT test compiles them all.
@@ -19,26 +20,41 @@ _FWD_SMALL_D = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
 _DQ_SMALL_D = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
 _DKDV_SMALL_D = [(32, 128, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3)]
 CONFIGS = {
-    "_attention_fwd_kernel": {16: _FWD_SMALL_D, 32: _FWD_SMALL_D, 64: _FWD_SMALL_D,
-                              128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-                              256: [(64, 64, 8, 2), (64, 32, 8, 3)]},
-    "_attention_bwd_dkdv_kernel": {16: _DKDV_SMALL_D, 32: _DKDV_SMALL_D,
-                                   64: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3)],
-                                   128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2)],
-                                   256: [(32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 2)]},
-    "_attention_bwd_dq_kernel": {16: _DQ_SMALL_D, 32: _DQ_SMALL_D, 64: _DQ_SMALL_D,
-                                 128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
-                                 256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]},
+    "_attention_fwd_kernel": {
+        16: _FWD_SMALL_D,
+        32: _FWD_SMALL_D,
+        64: _FWD_SMALL_D,
+        128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+        256: [(64, 64, 8, 2), (64, 32, 8, 3)],
+    },
+    "_attention_bwd_dkdv_kernel": {
+        16: _DKDV_SMALL_D,
+        32: _DKDV_SMALL_D,
+        64: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3)],
+        128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2)],
+        256: [(32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 2)],
+    },
+    "_attention_bwd_dq_kernel": {
+        16: _DQ_SMALL_D,
+        32: _DQ_SMALL_D,
+        64: _DQ_SMALL_D,
+        128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    },
 }
 # Under the interpreter: one small config, unequal blocks so both tilings of the diagonal run.
-INTERPRETER_CONFIGS = {"_attention_fwd_kernel": (32, 16, 4, 1), "_attention_bwd_dkdv_kernel": (16, 32, 4, 1),
-                       "_attention_bwd_dq_kernel": (32, 16, 4, 1)}
+INTERPRETER_CONFIGS = {
+    "_attention_fwd_kernel": (32, 16, 4, 1),
+    "_attention_bwd_dkdv_kernel": (16, 32, 4, 1),
+    "_attention_bwd_dq_kernel": (32, 16, 4, 1),
+}
 
 
-def _autotune(name):
+def attention_autotune(name):
     """triton.autotune over CONFIGS[name] (pruned to the launch's BLOCK_D), keyed on the head
     counts, the head dim, the log2 buckets of T and S (not their exact values: a new prompt
     length must not rerun the benchmark) and causal; the dtypes join the key by themselves."""
+
     def cfg(c):
         return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "STAGES": c[3]}, num_warps=c[2], num_stages=c[3])
 
@@ -47,17 +63,20 @@ def _autotune(name):
         keep, out = set(CONFIGS[name][d]), {}
         for c in configs:
             bm, bn, w, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["STAGES"]
-            if (bm, bn, w, st) in keep:  # float32 tiles coincide (see _block): time each once
-                out.setdefault((_block(bm, d, f32, keys), _block(bn, d, f32, keys), w, st), c)
+            if (bm, bn, w, st) in keep:  # float32 tiles coincide (see tile_block): time each once
+                out.setdefault((tile_block(bm, d, f32, keys), tile_block(bn, d, f32, keys), w, st), c)
         return list(out.values())
-    return autotune(CONFIGS[name], cfg, INTERPRETER_CONFIGS[name], ["H", "group", "D8", "tune_t", "tune_s", "CAUSAL"],
-                    prune)
+
+    return autotune(
+        CONFIGS[name], cfg, INTERPRETER_CONFIGS[name], ["H", "group", "D8", "tune_t", "tune_s", "CAUSAL"], prune
+    )
 
 
 # --- block helpers ----------------------------------------------------------------------------
 
+
 @triton.constexpr_function
-def _block(block, block_d, f32, holds_keys=False):
+def tile_block(block, block_d, f32, holds_keys=False):
     """The tile edge a config's BLOCK_M or BLOCK_N means for the inputs' dtype. float32 dots run
     on CUDA cores (exact products, like torch.matmul; tf32 would cost ~1e-3), which keep operand
     fragments and products in registers: float32 tiles are capped (16 for head dims over 64 and
@@ -67,13 +86,13 @@ def _block(block, block_d, f32, holds_keys=False):
 
 
 @triton.jit
-def _ptr(ptr, b, h, row, sb, sh, st):
+def tile_ptr(ptr, b, h, row, sb, sh, st):
     """ptr + the offset of element (b, h, row, 0); strides in units of 8 elements, int64 math."""
     return ptr + (b.to(tl.int64) * sb + h.to(tl.int64) * sh + tl.cast(row, tl.int64) * st) * 8
 
 
 @triton.jit
-def _load_rows(base, start, n, st, offs, offs_d, d_ok, MASK: tl.constexpr):
+def load_rows(base, start, n, st, offs, offs_d, d_ok, MASK: tl.constexpr):
     """Rows start + offs (rows >= n masked if MASK) x columns offs_d < D of the rows at base,
     row stride st * 8 elements. The strides arrive divided by 8 so the compiler knows each row
     starts 16-byte aligned (D % 8 == 0) and vectorizes along D."""
@@ -85,7 +104,7 @@ def _load_rows(base, start, n, st, offs, offs_d, d_ok, MASK: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, S, diag, CAUSAL: tl.constexpr):
+def visible(rows, cols, S, diag, CAUSAL: tl.constexpr):
     """(len(rows), len(cols)) mask: key cols[j] < S that query rows[i] sees (j <= i + diag)."""
     ok = (cols < S)[None, :]
     if CAUSAL:
@@ -93,9 +112,8 @@ def _visible(rows, cols, S, diag, CAUSAL: tl.constexpr):
     return ok
 
 
-
 @triton.jit
-def _key_range(m0, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_range(m0, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(full, hi) for the query block at m0: keys [0, full) are seen by every row of the block
     and lie in whole key blocks; keys [full, hi) are seen by some row (the masked blocks)."""
     if CAUSAL:

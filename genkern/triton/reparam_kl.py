@@ -20,6 +20,7 @@ The noise is tl.randn4x's (Philox4x32-10, Box-Muller) with cos/sin evaluated for
 angles in [0, 2 pi) only (_box_muller); it matches the reference philox_normal to
 ~2e-6 absolute. The backward draws it again from the same seed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,16 +59,16 @@ def _tile(rows, start, c0, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED
     """Flat offsets (int64), columns and mask of the (ROWS, BLOCK_D // 4, 4) tile at chunk c0,
     and its Philox counters ((ROWS, BLOCK_D // 4, 1), uint32), from rows (ROWS,) and their
     flat start r * D (int64)."""
-    base = ((start >> 2) << 2)[:, None, None]                 # a_r, 4-aligned
+    base = ((start >> 2) << 2)[:, None, None]  # a_r, 4-aligned
     j = tl.arange(0, BLOCK_D // 4)[None, :, None]
-    jk = 4 * j + tl.arange(0, 4)[None, None, :]               # (1, BLOCK_D // 4, 4)
+    jk = 4 * j + tl.arange(0, 4)[None, None, :]  # (1, BLOCK_D // 4, 4)
     if ALIGNED:
         col = c0 + jk
         mask = (c0 + 4 * j) < D  # per group (D % 4 == 0): the compiler sees 4-wide masks, vectorizes
     else:
         col = c0 + jk - (start & 3).to(tl.int32)[:, None, None]
         mask = (col >= 0) & (col < D)
-    counter = ((base + c0) >> 2) + j                          # < 2^32 for valid elements
+    counter = ((base + c0) >> 2) + j  # < 2^32 for valid elements
     return base + c0 + jk, col, mask, counter.to(tl.uint32)
 
 
@@ -102,7 +103,7 @@ def _noise(eps_ptr, offs, mask, seed, counter, HAS_EPS: tl.constexpr):
     if HAS_EPS:
         eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        u1, u2, u3, u4 = tl.rand4x(seed, counter)            # (ROWS, BLOCK_D // 4, 1) each
+        u1, u2, u3, u4 = tl.rand4x(seed, counter)  # (ROWS, BLOCK_D // 4, 1) each
         n1, n2 = _box_muller(u1, u2)
         n3, n4 = _box_muller(u3, u4)
         k = tl.arange(0, 4)[None, None, :]
@@ -124,18 +125,27 @@ def _load_prior(ptr, offs, col, mask, PRIOR: tl.constexpr):
 @triton.jit
 def _reparam_kl_fwd_kernel(
     # outputs: z (rows, D) contiguous, kl (rows,) contiguous; in mu's dtype
-    z_ptr, kl_ptr,
+    z_ptr,
+    kl_ptr,
     # inputs (rows, D) contiguous: mu, logvar, eps (eps read only if HAS_EPS)
-    mu_ptr, logvar_ptr, eps_ptr,
+    mu_ptr,
+    logvar_ptr,
+    eps_ptr,
     # prior mean and log-variance: PRIOR 0 none (unused), 1 (D,) for every row, 2 (rows, D)
-    pmu_ptr, plv_ptr,
+    pmu_ptr,
+    plv_ptr,
     # one int64: the Philox key (read only if not HAS_EPS)
     seed_ptr,
     # sizes; span = D, plus 3 when D % 4 != 0 (rows' tiles start up to 3 columns left of the row)
-    n_rows, D, span,
+    n_rows,
+    D,
+    span,
     # meta: noise source, prior, D % 4 == 0, tile
-    HAS_EPS: tl.constexpr, PRIOR: tl.constexpr, ALIGNED: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    PRIOR: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """z = mu + exp(logvar / 2) * eps;  kl = 1/2 sum_D(expm1(d) - d + t^2),
     d = logvar - prior_logvar, t = (mu - prior_mu) exp(-prior_logvar / 2)
@@ -174,20 +184,33 @@ def _reparam_kl_fwd_kernel(
 def _reparam_kl_bwd_kernel(
     # outputs (rows, D) contiguous, in mu's dtype: grads of mu, logvar, prior_mu, prior_logvar
     # (the prior ones written only if PRIOR)
-    gmu_ptr, glogvar_ptr, gpmu_ptr, gplv_ptr,
+    gmu_ptr,
+    glogvar_ptr,
+    gpmu_ptr,
+    gplv_ptr,
     # incoming grads: grad_z (rows, D) contiguous, grad_kl (rows,) at element stride stride_gkl
-    gz_ptr, gkl_ptr, stride_gkl,
+    gz_ptr,
+    gkl_ptr,
+    stride_gkl,
     # inputs (rows, D) contiguous: mu, logvar, eps (eps read only if HAS_EPS)
-    mu_ptr, logvar_ptr, eps_ptr,
+    mu_ptr,
+    logvar_ptr,
+    eps_ptr,
     # prior mean and log-variance: PRIOR 0 none (unused), 1 (D,) for every row, 2 (rows, D)
-    pmu_ptr, plv_ptr,
+    pmu_ptr,
+    plv_ptr,
     # one int64: the Philox key (read only if not HAS_EPS); the noise is drawn again
     seed_ptr,
     # sizes; span = D, plus 3 when D % 4 != 0 (rows' tiles start up to 3 columns left of the row)
-    n_rows, D, span,
+    n_rows,
+    D,
+    span,
     # meta: noise source, prior, D % 4 == 0, tile
-    HAS_EPS: tl.constexpr, PRIOR: tl.constexpr, ALIGNED: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    PRIOR: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """With s = exp(logvar / 2), h = exp(-prior_logvar / 2), t = (mu - prior_mu) h,
     d = logvar - prior_logvar and grad_kl broadcast over D:
@@ -231,6 +254,7 @@ def _reparam_kl_bwd_kernel(
 
 # --- launchers: check, allocate, launch --------------------------------------------------
 
+
 def _check(mu, logvar, eps, prior_mu, prior_logvar, seed):
     """Checks the op's contract; returns the kernel's sizes (n_rows, D, span) and meta-parameters."""
     check_dtype("mu", mu, "reparam_kl")
@@ -238,13 +262,16 @@ def _check(mu, logvar, eps, prior_mu, prior_logvar, seed):
         if t is not None and t.dtype != mu.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but mu has {mu.dtype}; pass one dtype")
         if t is not None and (t.device != mu.device or t.shape != mu.shape):
-            raise ValueError(f"{name} must be on mu's device {mu.device} with its shape {tuple(mu.shape)}, got "
-                             f"{t.device} {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be on mu's device {mu.device} with its shape {tuple(mu.shape)}, got "
+                f"{t.device} {tuple(t.shape)}"
+            )
     if (eps is None) == (seed is None):
         raise ValueError("exactly one of eps and seed must be given")
     if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != mu.device):
-        raise ValueError(f"seed must be one int64 element on {mu.device}, got {seed.dtype} {tuple(seed.shape)} "
-                         f"on {seed.device}")
+        raise ValueError(
+            f"seed must be one int64 element on {mu.device}, got {seed.dtype} {tuple(seed.shape)} on {seed.device}"
+        )
     if (prior_mu is None) != (prior_logvar is None):
         raise ValueError("prior_mu and prior_logvar must be both given or both None")
     if mu.dim() < 1 or mu.numel() >= _MAX_COUNTER_ELEMS or mu.shape[-1] >= 2**31:
@@ -253,8 +280,9 @@ def _check(mu, logvar, eps, prior_mu, prior_logvar, seed):
     span = D + (0 if D % 4 == 0 else 3)
     block_d = min(max(CONFIGS), max(4, triton.next_power_of_2(span)))
     rows_per_program, num_warps = CONFIGS[block_d]
-    meta = dict(HAS_EPS=eps is not None, ALIGNED=D % 4 == 0, ROWS=rows_per_program, BLOCK_D=block_d,
-                num_warps=num_warps)
+    meta = dict(
+        HAS_EPS=eps is not None, ALIGNED=D % 4 == 0, ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps
+    )
     return (mu.numel() // D if D else 0, D, span), meta
 
 
@@ -281,8 +309,9 @@ def reparam_kl_forward(mu, logvar, eps, prior_mu, prior_logvar, seed):
     eps = mu if eps is None else eps.contiguous()
     pm, plv, prior = _priors(prior_mu, prior_logvar, n_rows, D, mu)
     grid = (triton.cdiv(n_rows, meta["ROWS"]),)
-    _reparam_kl_fwd_kernel[grid](z, kl, mu, logvar, eps, pm, plv, mu if seed is None else seed, *sizes,
-                                 PRIOR=prior, **meta)
+    _reparam_kl_fwd_kernel[grid](
+        z, kl, mu, logvar, eps, pm, plv, mu if seed is None else seed, *sizes, PRIOR=prior, **meta
+    )
     return z, kl
 
 
@@ -292,8 +321,10 @@ def reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar
     sizes, meta = _check(mu, logvar, eps, prior_mu, prior_logvar, seed)
     n_rows, D, _ = sizes
     if grad_z.shape != mu.shape or grad_kl.shape != mu.shape[:-1]:
-        raise ValueError(f"grad_z must be {tuple(mu.shape)} and grad_kl {tuple(mu.shape[:-1])}, got "
-                         f"{tuple(grad_z.shape)} and {tuple(grad_kl.shape)}")
+        raise ValueError(
+            f"grad_z must be {tuple(mu.shape)} and grad_kl {tuple(mu.shape[:-1])}, got "
+            f"{tuple(grad_z.shape)} and {tuple(grad_kl.shape)}"
+        )
     new = lambda: torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)  # noqa: E731
     g_mu, g_logvar = new(), new()
     g_pm, g_plv = (mu.new_empty(0), mu.new_empty(0)) if prior_mu is None else (new(), new())
@@ -305,9 +336,24 @@ def reparam_kl_backward(grad_z, grad_kl, mu, logvar, eps, prior_mu, prior_logvar
     eps = mu if eps is None else eps.contiguous()
     pm, plv, prior = _priors(prior_mu, prior_logvar, n_rows, D, mu)
     grid = (triton.cdiv(n_rows, meta["ROWS"]),)
-    _reparam_kl_bwd_kernel[grid](g_mu, g_logvar, g_pm if prior else g_mu, g_plv if prior else g_mu,
-                                 grad_z, grad_kl, grad_kl.stride(0), mu, logvar, eps, pm, plv,
-                                 mu if seed is None else seed, *sizes, PRIOR=prior, **meta)
+    _reparam_kl_bwd_kernel[grid](
+        g_mu,
+        g_logvar,
+        g_pm if prior else g_mu,
+        g_plv if prior else g_mu,
+        grad_z,
+        grad_kl,
+        grad_kl.stride(0),
+        mu,
+        logvar,
+        eps,
+        pm,
+        plv,
+        mu if seed is None else seed,
+        *sizes,
+        PRIOR=prior,
+        **meta,
+    )
     return g_mu, g_logvar, g_pm, g_plv
 
 
@@ -315,11 +361,18 @@ def aot_cases():
     """Every config the launchers pick, under three flag sets that cover every code path
     (for genkern.triton._aot): the VAE hot path (in-kernel noise, standard prior, D % 16 == 0),
     given eps with a shared (D,) prior, and in-kernel noise with a full prior at odd D."""
-    flag_sets = ((dict(HAS_EPS=False, PRIOR=0, ALIGNED=True), ("D", "span")),
-                 (dict(HAS_EPS=True, PRIOR=1, ALIGNED=True), ("D", "span")),
-                 (dict(HAS_EPS=False, PRIOR=2, ALIGNED=False), ()))
+    flag_sets = (
+        (dict(HAS_EPS=False, PRIOR=0, ALIGNED=True), ("D", "span")),
+        (dict(HAS_EPS=True, PRIOR=1, ALIGNED=True), ("D", "span")),
+        (dict(HAS_EPS=False, PRIOR=2, ALIGNED=False), ()),
+    )
     for kernel in (_reparam_kl_fwd_kernel, _reparam_kl_bwd_kernel):
         for block_d, (rows, num_warps) in CONFIGS.items():
             for flags, divisible in flag_sets:
-                yield dict(kernel=kernel, constexprs=dict(flags, ROWS=rows, BLOCK_D=block_d), num_warps=num_warps,
-                           types={"seed_ptr": "*i64"}, divisible=divisible)
+                yield dict(
+                    kernel=kernel,
+                    constexprs=dict(flags, ROWS=rows, BLOCK_D=block_d),
+                    num_warps=num_warps,
+                    types={"seed_ptr": "*i64"},
+                    divisible=divisible,
+                )
