@@ -116,7 +116,7 @@ def _syntax_errors(include_dirs):
     cxx = os.environ.get("CXX", "g++")
 
     def check(src):
-        run = subprocess.run([cxx, *flags, str(src)], capture_output=True, text=True, timeout=600)
+        run = subprocess.run([cxx, *flags, str(src)], capture_output=True, text=True, timeout=900)
         return src.name, run.returncode, run.stderr
 
     sources = sorted((ROOT / "csrc").glob("*.cpp"))
