@@ -55,3 +55,10 @@ info: setup
 
 clean:
 	rm -rf build genkern/_C*.so genkern/_build_error.txt $(VENV)/.build $(VENV)/.installed
+
+# csrc/ compiles (g++ -fsyntax-only, setup.py's flags) against the headers of the oldest
+# supported torch (its wheel's include/, fetched once into ~/.cache/genkern; needs PyPI, see
+# tests/test_build.py) and of the installed one, and includes no torch/csrc/ internals.
+.PHONY: check-headers
+check-headers: $(VENV)/.deps
+	$(PY) -m pytest tests/test_build.py -q -k "torch_headers" $(PYTEST_ARGS)

@@ -48,9 +48,9 @@ const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
 
 // Keys under which a tensor's memory is not simply its values (negative/conjugate views,
 // zero tensors) or something records the ops on it (fake and functional tensors).
-constexpr auto kNotPlain = c10::DispatchKeySet(
-    {c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Functionalize,
-     c10::DispatchKey::Negative, c10::DispatchKey::Conjugate, c10::DispatchKey::ZeroTensor});
+constexpr auto kNotPlain =
+    c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Functionalize,
+                         c10::DispatchKey::Negative, c10::DispatchKey::Conjugate, c10::DispatchKey::ZeroTensor});
 
 // Nothing records the ops of this thread (no dispatch mode, no tracing key).
 bool untraced() {
@@ -60,9 +60,7 @@ bool untraced() {
 
 // A plain CPU tensor: its memory may be read and written directly, skipping the dispatcher
 // (what it would run is the CPU kernel itself), when untraced() holds too.
-bool is_plain_cpu(const Tensor& t) {
-  return t.device().is_cpu() && !t.key_set().has_any(kNotPlain) && t.has_storage();
-}
+bool is_plain_cpu(const Tensor& t) { return t.device().is_cpu() && !t.key_set().has_any(kNotPlain) && t.has_storage(); }
 
 // Whether g is a plain CPU scalar (the upstream gradient of a mean/sum loss), read into
 // `value` without a dispatch. Never under a tracing mode (the multiply must then be
@@ -125,7 +123,9 @@ FwdOut run_fwd(const OptTensor& real, const Tensor& fake, int64_t kind, int64_t 
 constexpr const char* kConstReal = "const_real";  // grad_real is one constant (0-d): expand to real's shape
 constexpr const char* kConstFake = "const_fake";
 constexpr const char* kMix = "mix";
-constexpr const char* kHasReal = "has_real";  // real_logits given: autograd's input edges are (real, fake), else (fake)  // relativistic "none": each side's gradient enters the other's via its mean
+constexpr const char* kHasReal =
+    "has_real";  // real_logits given: autograd's input edges are (real, fake), else (fake)  // relativistic "none":
+                 // each side's gradient enters the other's via its mean
 
 // The differentiable loss. The kernel's gradients are kept as saved variables of the node, not
 // outputs of it (compiled autograd takes no non-differentiable outputs); `grads` hands them to
@@ -137,11 +137,9 @@ struct GanLoss : public torch::autograd::Function<Self> {
     auto [loss, gr, gf] = run_fwd<Family>(real, fake, kind, reduction, label, generator);
     ctx->save_for_backward({gr, gf});
     // The shapes a constant (0-d) gradient is expanded to; None when it is not constant.
-    ctx->saved_data[kConstReal] = real.has_value() && const_grad_real(kind, generator)
-                                      ? c10::IValue(real->sym_sizes())
-                                      : c10::IValue();
-    ctx->saved_data[kConstFake] =
-        const_grad_fake(kind, generator) ? c10::IValue(fake.sym_sizes()) : c10::IValue();
+    ctx->saved_data[kConstReal] =
+        real.has_value() && const_grad_real(kind, generator) ? c10::IValue(real->sym_sizes()) : c10::IValue();
+    ctx->saved_data[kConstFake] = const_grad_fake(kind, generator) ? c10::IValue(fake.sym_sizes()) : c10::IValue();
     ctx->saved_data[kMix] = kind == kRelativistic && reduction == kNone;
     ctx->saved_data[kHasReal] = real.has_value();
     *grads = {Tensor(), gr, gf};

@@ -47,5 +47,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "genkern C++ CPU kernels (ops are reached through torch.ops.genkern)";
   m.def("build_info", &genkern::build_info, "Compiler, vector ISA and OpenMP state of this build");
   m.def("gan_loss", &genkern::gan_loss, "torch.ops.genkern.gan_loss_<cpp|triton>_fwd without torch.ops' overhead");
-  m.def("reparam_kl", &genkern::reparam_kl, "torch.ops.genkern.reparam_kl_<cpp|triton>_fwd without torch.ops' overhead");
+  m.def("reparam_kl", &genkern::reparam_kl,
+        "torch.ops.genkern.reparam_kl_<cpp|triton>_fwd without torch.ops' overhead");
 }

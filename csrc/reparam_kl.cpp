@@ -28,19 +28,18 @@
 #include <type_traits>
 
 #include "common.h"
+#include "reparam_kl_args.h"
 
-namespace genkern {
+namespace genkern::rkl {
 namespace {
 
-constexpr int64_t kTile = 1024;          // elements per span: the staging buffers stay in L1/L2
+constexpr int64_t kTile = 1024;           // elements per span: the staging buffers stay in L1/L2
 constexpr int64_t kGrainElems = 1 << 13;  // below ~8K elements a thread costs more than it saves
 
 // --- element math, float32 via the vectorisable helpers, float64 via libm -------------
 // The float32 forms take h = exp(x / 2) from the caller (often free: exp(logvar / 2)
 // is needed for z anyway) and use exp(x) = h * h, so an intermediate only overflows
 // when the result does.
-GENKERN_INLINE float exp_(float x) { return exp_f32(x); }
-GENKERN_INLINE double exp_(double x) { return std::exp(x); }
 
 // expm1(x) - x
 GENKERN_INLINE float expm1_minus_x(float x, float h) {
@@ -115,30 +114,6 @@ void bwd_piece(int64_t n, T gkl, const T* __restrict__ gz, Piece<T> p, Grads<T> 
   }
 }
 
-// --- staging: a span of a scalar_t tensor as acc_t, copied only when widening ---------
-template <typename acc_t, typename scalar_t>
-const acc_t* load_span(const scalar_t* base, int64_t first, int64_t n, acc_t* buf) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return base + first;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(base[first + i]);
-    return buf;
-  }
-}
-
-template <typename acc_t, typename scalar_t>
-acc_t* out_span(scalar_t* base, int64_t first, acc_t* buf) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) return base + first;
-  else return buf;
-}
-
-template <typename acc_t, typename scalar_t>
-void store_span(scalar_t* base, int64_t first, int64_t n, const acc_t* buf) {
-  if constexpr (!std::is_same_v<acc_t, scalar_t>) {
-    for (int64_t i = 0; i < n; ++i) base[first + i] = static_cast<scalar_t>(buf[i]);
-  }
-}
-
 // Philox noise of flat elements [first, first + n) as acc_t; n <= kTile.
 template <typename acc_t>
 const acc_t* noise_span(PhiloxKey key, int64_t first, int64_t n, float* fbuf, acc_t* buf) {
@@ -166,85 +141,6 @@ void for_each_span(int64_t r0, int64_t r1, int64_t D, F&& f) {
   }
 }
 
-// --- arguments ------------------------------------------------------------------------
-// The checked arguments, flattened to (rows, D). Priors are kept as acc_t (D,)
-// vectors when they only vary along D (the usual expand() of a (D,) or () prior),
-// otherwise as contiguous full tensors.
-struct Args {
-  at::Tensor mu, lv, eps, pm, plv, ip;  // eps undefined when drawn from the seed
-  bool has_prior = false, prior_is_vec = false;
-  int64_t seed = 0, rows = 0, D = 0;
-};
-
-bool varies_only_along_last(const at::Tensor& t) {
-  for (int64_t i = 0; i + 1 < t.dim(); ++i)
-    if (t.size(i) != 1 && t.stride(i) != 0) return false;
-  return true;
-}
-
-void check_args(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& eps,
-                const c10::optional<at::Tensor>& prior_mu, const c10::optional<at::Tensor>& prior_logvar,
-                const c10::optional<at::Tensor>& seed) {
-  check_cpu(mu, "mu");
-  check_float(mu, "mu");
-  GENKERN_CHECK_VALUE(mu.dim() >= 1, "mu must have at least one dimension (..., D), got a 0-d tensor");
-  check_cpu(logvar, "logvar");
-  check_same(logvar, mu, "logvar", "mu");
-  GENKERN_CHECK_VALUE(eps.has_value() != seed.has_value(),
-                      "exactly one of eps and seed must be given, got ", eps.has_value() ? "both" : "neither");
-  if (eps.has_value()) {
-    check_cpu(*eps, "eps");
-    check_same(*eps, mu, "eps", "mu");
-  } else {
-    check_cpu(*seed, "seed");
-    GENKERN_CHECK_TYPE(seed->scalar_type() == at::kLong, "seed must be an int64 tensor, got ", seed->scalar_type());
-    GENKERN_CHECK_VALUE(seed->numel() == 1, "seed must have exactly one element, got ", seed->numel());
-    // Philox counters (one per 4 elements) are uint32.
-    GENKERN_CHECK_VALUE(mu.numel() < (int64_t(1) << 34), "in-kernel noise supports fewer than 2^34 elements, got ",
-                        mu.numel(), "; pass eps instead");
-  }
-  GENKERN_CHECK_VALUE(prior_mu.has_value() == prior_logvar.has_value(),
-                      "prior_mu and prior_logvar must be both given or both None");
-  if (prior_mu.has_value()) {
-    check_cpu(*prior_mu, "prior_mu");
-    check_same(*prior_mu, mu, "prior_mu", "mu");
-    check_cpu(*prior_logvar, "prior_logvar");
-    check_same(*prior_logvar, mu, "prior_logvar", "mu");
-  }
-}
-
-// Call after check_args and only when mu.numel() > 0.
-Args make_args(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& eps,
-               const c10::optional<at::Tensor>& prior_mu, const c10::optional<at::Tensor>& prior_logvar,
-               const c10::optional<at::Tensor>& seed) {
-  Args a;
-  a.D = mu.size(-1);
-  a.rows = mu.numel() / a.D;
-  a.mu = mu.contiguous();
-  a.lv = logvar.contiguous();
-  if (eps.has_value()) a.eps = eps->contiguous();
-  else a.seed = seed->item<int64_t>();
-  a.has_prior = prior_mu.has_value();
-  if (a.has_prior) {
-    a.prior_is_vec = varies_only_along_last(*prior_mu) && varies_only_along_last(*prior_logvar);
-    if (a.prior_is_vec) {
-      // One row of each prior, widened once; exp(-prior_logvar / 2) computed once per column.
-      auto acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      auto row = [&](at::Tensor t) {  // (D,) view of row 0, never a copy of the full tensor
-        while (t.dim() > 1) t = t.select(0, 0);
-        return t.to(acc).contiguous();
-      };
-      a.pm = row(*prior_mu);
-      a.plv = row(*prior_logvar);
-      a.ip = at::exp(a.plv * -0.5);
-    } else {
-      a.pm = prior_mu->contiguous();
-      a.plv = prior_logvar->contiguous();
-    }
-  }
-  return a;
-}
-
 int64_t grain_rows(int64_t D) { return std::max<int64_t>(1, kGrainElems / D); }
 
 // Per-thread staging buffers for one span.
@@ -259,13 +155,13 @@ struct Staging {
 // noise) and returns the pointers of its first row; `prior_step` is how far the prior
 // pointers move per row (0 for per-column priors).
 template <typename scalar_t, typename acc_t>
-Piece<acc_t> load_piece(const Args& a, int64_t first, int64_t nrows, int64_t col, int64_t ncols,
-                        Staging<acc_t>& st, int64_t& prior_step) {
+Piece<acc_t> load_piece(const Args& a, int64_t first, int64_t nrows, int64_t col, int64_t ncols, Staging<acc_t>& st,
+                        int64_t& prior_step) {
   int64_t n = nrows * ncols;
   Piece<acc_t> p{};
-  p.mu = load_span(a.mu.data_ptr<scalar_t>(), first, n, st.mu);
-  p.lv = load_span(a.lv.data_ptr<scalar_t>(), first, n, st.lv);
-  p.eps = a.eps.defined() ? load_span(a.eps.data_ptr<scalar_t>(), first, n, st.eps)
+  p.mu = load_as(a.mu.data_ptr<scalar_t>() + first, n, st.mu);
+  p.lv = load_as(a.lv.data_ptr<scalar_t>() + first, n, st.lv);
+  p.eps = a.eps.defined() ? load_as(a.eps.data_ptr<scalar_t>() + first, n, st.eps)
                           : noise_span(PhiloxKey(a.seed), first, n, st.noise, st.eps);
   prior_step = 0;
   if (a.has_prior && a.prior_is_vec) {
@@ -273,8 +169,8 @@ Piece<acc_t> load_piece(const Args& a, int64_t first, int64_t nrows, int64_t col
     p.plv = a.plv.data_ptr<acc_t>() + col;
     p.ip = a.ip.data_ptr<acc_t>() + col;
   } else if (a.has_prior) {
-    p.pm = load_span(a.pm.data_ptr<scalar_t>(), first, n, st.pm);
-    p.plv = load_span(a.plv.data_ptr<scalar_t>(), first, n, st.plv);
+    p.pm = load_as(a.pm.data_ptr<scalar_t>() + first, n, st.pm);
+    p.plv = load_as(a.plv.data_ptr<scalar_t>() + first, n, st.plv);
     const acc_t* plv = p.plv;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) st.ip[i] = exp_(acc_t(-0.5) * plv[i]);
@@ -301,7 +197,7 @@ void fwd_kernel(const Args& a, at::Tensor& z, at::Tensor& kl) {
     for_each_span(r0, r1, a.D, [&](int64_t row, int64_t nrows, int64_t col, int64_t ncols) {
       int64_t first = row * a.D + col, n = nrows * ncols, prior_step;
       Piece<acc_t> p = load_piece<scalar_t>(a, first, nrows, col, ncols, st, prior_step);
-      acc_t* out = out_span(zp, first, st.out[0]);
+      acc_t* out = out_as(zp + first, st.out[0]);
       for (int64_t r = 0; r < nrows; ++r) {
         row_acc += fwd_piece<acc_t, kPrior>(ncols, advance(p, r * ncols, r * prior_step), out + r * ncols);
         if (col + ncols == a.D) {
@@ -309,7 +205,7 @@ void fwd_kernel(const Args& a, at::Tensor& z, at::Tensor& kl) {
           row_acc = 0;
         }
       }
-      store_span(zp, first, n, out);
+      store_as(zp + first, n, out);
     });
   });
 }
@@ -348,16 +244,16 @@ void bwd_kernel(const Args& a, const at::Tensor& grad_z, const at::Tensor& grad_
     for_each_span(r0, r1, a.D, [&](int64_t row, int64_t nrows, int64_t col, int64_t ncols) {
       int64_t first = row * a.D + col, n = nrows * ncols, prior_step;
       Piece<acc_t> p = load_piece<scalar_t>(a, first, nrows, col, ncols, st, prior_step);
-      const acc_t* gz = load_span(gzp, first, n, st.gz);
+      const acc_t* gz = load_as(gzp + first, n, st.gz);
       acc_t* out[4];
-      for (int i = 0; i < 4; ++i) out[i] = outp[i] ? out_span(outp[i], first, st.out[i]) : nullptr;
+      for (int i = 0; i < 4; ++i) out[i] = outp[i] ? out_as(outp[i] + first, st.out[i]) : nullptr;
       for (int64_t r = 0; r < nrows; ++r) {
         int64_t o = r * ncols;
         Grads<acc_t> gr{out[0] + o, out[1] + o, kPrior ? out[2] + o : nullptr, kPrior ? out[3] + o : nullptr};
         bwd_piece<acc_t, kPrior>(ncols, gklp[row + r], gz + o, advance(p, o, r * prior_step), gr);
       }
       for (int i = 0; i < 4; ++i)
-        if (outp[i]) store_span(outp[i], first, n, out[i]);
+        if (outp[i]) store_as(outp[i] + first, n, out[i]);
     });
   });
 }
@@ -398,4 +294,4 @@ TORCH_LIBRARY_IMPL(genkern, CPU, m) {
   m.impl("reparam_kl_cpp_bwd", &reparam_kl_bwd);
 }
 
-}  // namespace genkern
+}  // namespace genkern::rkl

@@ -20,9 +20,9 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using FwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                           const OptTensor&, const OptTensor&);
-using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                          const Tensor&, const OptTensor&, const OptTensor&,
-                                                          const OptTensor&, const OptTensor&);
+using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                          const OptTensor&, const OptTensor&, const OptTensor&,
+                                                          const OptTensor&);
 
 struct CppFamily {
   static constexpr const char* fwd = "genkern::reparam_kl_cpp_fwd";
