@@ -88,13 +88,14 @@ def test_failed_build_falls_back_to_torch(tmp_path):
     assert run.stdout.count("ok ") == 21, run.stdout
 
 
-# --- the sources build against the oldest supported torch's headers as well as the installed ones ---------------------
+# --- the sources build against the oldest supported torch's headers as well as the installed ones -----------
 # Every csrc/*.cpp is compiled with `g++ -fsyntax-only` (setup.py's flags) against the include/ folder of the
-# torch==OLDEST_TORCH wheel (a build of the extension checks the installed torch's). The wheel is fetched once with pip (PyPI) and only its
-# torch/include is kept, in GENKERN_TORCH_HEADERS_CACHE (default ~/.cache/genkern). The aarch64 wheel is the smaller
-# download; its headers are those of the x86_64 wheel except the build-configuration ones (ATen/Config.h,
-# caffe2/core/macros.h, sleef.h) and vendor headers of one architecture (kai/, ittnotify, mimalloc).
-# GENKERN_SKIP_OLD_TORCH_HEADERS=1 skips the old-torch check (e.g. without network); otherwise a failed download fails.
+# torch==OLDEST_TORCH wheel (a build of the extension checks the installed torch's). The wheel is fetched once
+# with pip (PyPI) and only its torch/include is kept, in GENKERN_TORCH_HEADERS_CACHE (default ~/.cache/genkern).
+# The aarch64 wheel is the smaller download; its headers are those of the x86_64 wheel except the
+# build-configuration ones (ATen/Config.h, caffe2/core/macros.h, sleef.h) and vendor headers of one
+# architecture (kai/, ittnotify, mimalloc). GENKERN_SKIP_OLD_TORCH_HEADERS=1 skips the old-torch check
+# (e.g. without network); otherwise a failed download fails.
 OLDEST_TORCH = "2.11.0"
 HEADERS_WHEEL_PLATFORM = os.environ.get("GENKERN_TORCH_HEADERS_PLATFORM", "manylinux_2_28_aarch64")
 INCLUDE_CSRC = re.compile(r'^\s*#\s*include\s*[<"](torch/csrc/[^>"]+)[>"]', re.MULTILINE)
