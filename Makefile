@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 # GPU machine without network) instead of installing the pinned versions.
 SYSTEM_DEPS ?= 0
 
-.PHONY: all setup build test bench info clean
+.PHONY: all setup build test bench info clean lint
 
 all: test
 
@@ -56,9 +56,16 @@ info: setup
 clean:
 	rm -rf build genkern/_C*.so genkern/_build_error.txt $(VENV)/.build $(VENV)/.installed
 
+# Style: ruff (lint + format, pyproject.toml) over the Python tree, clang-format (.clang-format)
+# over csrc/. Fix with `ruff check --fix . && ruff format .` and `clang-format -i csrc/*`.
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror csrc/*.cpp csrc/*.h
+
 # csrc/ compiles (g++ -fsyntax-only, setup.py's flags) against the headers of the oldest
 # supported torch (its wheel's include/, fetched once into ~/.cache/genkern; needs PyPI, see
-# tests/test_build.py) and of the installed one, and includes no torch/csrc/ internals.
+# tests/test_build.py), and includes no torch/csrc/ internals. Part of `make test` too.
 .PHONY: check-headers
 check-headers: $(VENV)/.deps
 	$(PY) -m pytest tests/test_build.py -q -k "torch_headers" $(PYTEST_ARGS)
