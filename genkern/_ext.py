@@ -22,7 +22,7 @@ def _load():
     if os.environ.get("GENKERN_DISABLE_CPP", "") not in ("", "0"):
         return None, "disabled by GENKERN_DISABLE_CPP"
     try:
-        from genkern import _C  # registers the TORCH_LIBRARY(genkern) schemas and CPU kernels
+        from genkern import _C  # registers the C++ kernels and autograd against the ops (genkern/ops/_library.py)
     except ImportError as exc:
         reason = f"genkern._C is not built ({exc})"
         if os.path.exists(_BUILD_ERROR):

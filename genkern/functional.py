@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from genkern import _dispatch
 from genkern.ops import attention as _attention
 
 
@@ -54,7 +53,4 @@ def _fast_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> b
     if (is_causal and t != s) or d not in _attention.HEAD_DIMS:
         return False
     # Only where a kernel runs: the plain-PyTorch impl is slower than torch's own function.
-    backend = _dispatch.resolve(
-        "auto", q.device, q.dtype, "scaled_dot_product_attention", cpp_dtypes=_attention.CPP_DTYPES
-    )
-    return backend != "torch"
+    return _attention.ATTENTION.resolve("auto", q, "scaled_dot_product_attention") != "torch"
