@@ -119,13 +119,14 @@ FwdOut run_fwd(const OptTensor& real, const Tensor& fake, int64_t kind, int64_t 
   return fwd_op<Family>().call(real, fake, kind, reduction, label, gen);
 }
 
-// saved_data keys
-constexpr const char* kConstReal = "const_real";  // grad_real is one constant (0-d): expand to real's shape
-constexpr const char* kConstFake = "const_fake";
-constexpr const char* kMix = "mix";
-constexpr const char* kHasReal =
-    "has_real";  // real_logits given: autograd's input edges are (real, fake), else (fake)  // relativistic "none":
-                 // each side's gradient enters the other's via its mean
+// What the backward needs besides the saved gradients, in ctx->saved_data (few entries: each
+// costs a hash-map insert per call). kFlags holds the bits below; kRealShape / kFakeShape the
+// shape a constant (0-d) gradient is expanded to, present only for a constant gradient.
+constexpr const char* kFlags = "flags";
+constexpr const char* kRealShape = "real_shape";
+constexpr const char* kFakeShape = "fake_shape";
+constexpr int64_t kHasRealBit = 1;  // real_logits given: autograd's input edges are (real, fake), else (fake)
+constexpr int64_t kMixBit = 2;      // relativistic "none": each side's gradient enters the other's via its mean
 
 // The differentiable loss. The kernel's gradients are kept as saved variables of the node, not
 // outputs of it (compiled autograd takes no non-differentiable outputs); `grads` hands them to
@@ -136,12 +137,10 @@ struct GanLoss : public torch::autograd::Function<Self> {
                                int64_t reduction, double label, bool generator, FwdOut* grads) {
     auto [loss, gr, gf] = run_fwd<Family>(real, fake, kind, reduction, label, generator);
     ctx->save_for_backward({gr, gf});
-    // The shapes a constant (0-d) gradient is expanded to; None when it is not constant.
-    ctx->saved_data[kConstReal] =
-        real.has_value() && const_grad_real(kind, generator) ? c10::IValue(real->sym_sizes()) : c10::IValue();
-    ctx->saved_data[kConstFake] = const_grad_fake(kind, generator) ? c10::IValue(fake.sym_sizes()) : c10::IValue();
-    ctx->saved_data[kMix] = kind == kRelativistic && reduction == kNone;
-    ctx->saved_data[kHasReal] = real.has_value();
+    if (real.has_value() && const_grad_real(kind, generator)) ctx->saved_data[kRealShape] = real->sym_sizes();
+    if (const_grad_fake(kind, generator)) ctx->saved_data[kFakeShape] = fake.sym_sizes();
+    ctx->saved_data[kFlags] =
+        (real.has_value() ? kHasRealBit : 0) | (kind == kRelativistic && reduction == kNone ? kMixBit : 0);
     *grads = {Tensor(), gr, gf};
     return {loss};
   }
@@ -157,9 +156,10 @@ struct GanLoss : public torch::autograd::Function<Self> {
     const Tensor& g = grads[0];
     if (!g.defined()) return out;  // the loss did not reach the output: zero gradients
     auto saved = ctx->get_saved_variables();
-    const bool has_real = ctx->saved_data[kHasReal].toBool();
+    const int64_t flags = ctx->saved_data[kFlags].toInt();
+    const bool has_real = flags & kHasRealBit;
     const bool want[2] = {has_real && ctx->needs_input_grad(0), ctx->needs_input_grad(has_real ? 1 : 0)};
-    if (ctx->saved_data[kMix].toBool()) {
+    if (flags & kMixBit) {
       // grad_x = g gx - mean(g gy), grad_y = g gy - mean(g gx) (see csrc/gan_loss.cpp).
       Tensor tr = g * saved[0], tf = g * saved[1];
       if (want[0]) out[0] = tr - tf.mean();
@@ -168,14 +168,18 @@ struct GanLoss : public torch::autograd::Function<Self> {
     }
     double gv = 0;
     const bool plain = plain_scalar(g, gv);
-    const char* keys[2] = {kConstReal, kConstFake};
+    const char* shape_keys[2] = {kRealShape, kFakeShape};
     for (int i = 0; i < 2; ++i) {
       if (!want[i]) continue;
-      Tensor d = scaled(saved[i], g, plain, gv);
-      const c10::IValue& shape = ctx->saved_data[keys[i]];
+      out[i] = scaled(saved[i], g, plain, gv);
+      auto shape = ctx->saved_data.find(shape_keys[i]);
+      if (shape == ctx->saved_data.end() || out[i].dim() != 0) continue;
       // A constant gradient reaches autograd as a stride-0 view (as torch's sum() gives):
       // AccumulateGrad copies it into a fresh .grad, so users still get a writable tensor.
-      out[i] = shape.isNone() || d.dim() != 0 ? d : d.expand_symint(shape.toSymIntVector());
+      // Untraced, the scalar is ours alone: the view needs no autograd view tracking.
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+      if (plain) below.emplace();
+      out[i] = out[i].expand_symint(shape->second.toSymIntVector());
     }
     return out;
   }

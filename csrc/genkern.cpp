@@ -21,13 +21,15 @@ namespace {
 // are looked up on first use, after genkern/ops/_library.py has declared the schemas.
 using OptTensor = std::optional<at::Tensor>;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_loss(const OptTensor& real, const at::Tensor& fake, int64_t kind,
-                                                        int64_t reduction, double label, bool generator, bool triton) {
+// gan_loss_<family>_fwd's loss alone (what the public functions return): the saved gradients
+// stay with the autograd node, and two tensors fewer cross into Python per call.
+at::Tensor gan_loss(const OptTensor& real, const at::Tensor& fake, int64_t kind, int64_t reduction, double label,
+                    bool generator, bool triton) {
   using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const OptTensor&, const at::Tensor&, int64_t, int64_t,
                                                              double, bool);
   static const auto cpp = typed_op<Sig>("genkern::gan_loss_cpp_fwd");
   static const auto tri = typed_op<Sig>("genkern::gan_loss_triton_fwd");
-  return (triton ? tri : cpp).call(real, fake, kind, reduction, label, generator);
+  return std::get<0>((triton ? tri : cpp).call(real, fake, kind, reduction, label, generator));
 }
 
 std::tuple<at::Tensor, at::Tensor> reparam_kl(const at::Tensor& mu, const at::Tensor& logvar, const OptTensor& eps,
@@ -46,7 +48,8 @@ std::tuple<at::Tensor, at::Tensor> reparam_kl(const at::Tensor& mu, const at::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "genkern C++ CPU kernels (ops are reached through torch.ops.genkern)";
   m.def("build_info", &genkern::build_info, "Compiler, vector ISA and OpenMP state of this build");
-  m.def("gan_loss", &genkern::gan_loss, "torch.ops.genkern.gan_loss_<cpp|triton>_fwd without torch.ops' overhead");
+  m.def("gan_loss", &genkern::gan_loss,
+        "torch.ops.genkern.gan_loss_<cpp|triton>_fwd(...)[0] without torch.ops' overhead");
   m.def("reparam_kl", &genkern::reparam_kl,
         "torch.ops.genkern.reparam_kl_<cpp|triton>_fwd without torch.ops' overhead");
 }

@@ -57,7 +57,10 @@ class KernelOp:
             setup_context finds `ctx.family` set to the kernel family that ran.
         eager: name of genkern._C's typed entry point to the forward op, which skips
             torch.ops' per-call argument parsing (used in eager mode when the extension is
-            loaded; it takes the op's arguments plus `triton: bool`).
+            loaded; it takes the op's arguments plus `triton: bool`, and returns the op's
+            outputs, or the first alone with `first_output`).
+        first_output: calls return the forward op's first output only (the others, e.g. the
+            gradients a fused loss saves for its backward, stay with autograd).
         cpp_dtypes, triton_dtypes: dtypes the kernels take, when not the defaults.
     """
 
@@ -68,6 +71,7 @@ class KernelOp:
         *,
         fake,
         fake_bwd=None,
+        first_output=False,
         backward=None,
         setup_context=None,
         eager=None,
@@ -77,6 +81,7 @@ class KernelOp:
         self.stem, self.public = stem, public
         self._fake, self._fake_bwd = fake, fake_bwd
         self._backward, self._setup_context = backward, setup_context
+        self._first_output = first_output
         self._eager_name, self._eager = eager, None
         self._dtypes = {"cpp_dtypes": cpp_dtypes, "triton_dtypes": triton_dtypes}
         self._fwd = {}  # family -> torch.ops overload of the forward op
@@ -96,7 +101,8 @@ class KernelOp:
         """
         if self._eager is not None and not torch.compiler.is_compiling():
             return self._eager(*args, backend == "triton")
-        return self._fwd[backend](*args)
+        out = self._fwd[backend](*args)
+        return out[0] if self._first_output else out
 
     def op(self, family: str, direction: str | None = None):
         """torch.ops.genkern.<stem>_<family>_<direction>.default (direction: the forward's by default)."""

@@ -106,8 +106,8 @@ def _fused(backend, real_logits, fake_logits, kind, reduction, label, generator)
         # backward has applied the upstream gradient (AMP's loss scale) and the casts' backward
         # rounds once, as torch does.
         real32 = None if real_logits is None else real_logits.float()
-        return GAN_LOSS(backend, real32, fake_logits.float(), kind, reduction, label, generator)[0].to(dtype)
-    return GAN_LOSS(backend, real_logits, fake_logits, kind, reduction, label, generator)[0]
+        return GAN_LOSS(backend, real32, fake_logits.float(), kind, reduction, label, generator).to(dtype)
+    return GAN_LOSS(backend, real_logits, fake_logits, kind, reduction, label, generator)
 
 
 def _prepare(real_logits, fake_logits, kind, reduction, real_label, impl, op):
@@ -208,6 +208,12 @@ def _backward(ctx, grad_loss, _grad_real, _grad_fake):
 
 
 GAN_LOSS = KernelOp(
-    "gan_loss", "gan_loss", fake=_fake_fwd, backward=_backward, setup_context=_setup_context, eager="gan_loss"
+    "gan_loss",
+    "gan_loss",
+    fake=_fake_fwd,
+    backward=_backward,
+    setup_context=_setup_context,
+    eager="gan_loss",
+    first_output=True,
 )
 GAN_LOSS.register()
