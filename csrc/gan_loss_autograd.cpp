@@ -119,14 +119,17 @@ FwdOut run_fwd(const OptTensor& real, const Tensor& fake, int64_t kind, int64_t 
   return fwd_op<Family>().call(real, fake, kind, reduction, label, gen);
 }
 
-// What the backward needs besides the saved gradients, in ctx->saved_data (few entries: each
-// costs a hash-map insert per call). kFlags holds the bits below; kRealShape / kFakeShape the
-// shape a constant (0-d) gradient is expanded to, present only for a constant gradient.
-constexpr const char* kFlags = "flags";
+// What the backward needs besides the saved gradients, in ctx->saved_data, only where it differs
+// from the common case (each entry costs an allocation per call): kRealShape / kFakeShape, the
+// shape a constant (0-d) gradient is expanded to; kMix, relativistic "none" (each side's gradient
+// enters the other's via its mean).
 constexpr const char* kRealShape = "real_shape";
 constexpr const char* kFakeShape = "fake_shape";
-constexpr int64_t kHasRealBit = 1;  // real_logits given: autograd's input edges are (real, fake), else (fake)
-constexpr int64_t kMixBit = 2;      // relativistic "none": each side's gradient enters the other's via its mean
+constexpr const char* kMix = "mix";
+
+// Whether the forward had real logits: without them grad_real is the empty (0,) placeholder
+// (real logits themselves are never empty), and autograd's input edges are (fake) alone.
+bool has_real(const Tensor& grad_real) { return !(grad_real.dim() == 1 && grad_real.size(0) == 0); }
 
 // The differentiable loss. The kernel's gradients are kept as saved variables of the node, not
 // outputs of it (compiled autograd takes no non-differentiable outputs); `grads` hands them to
@@ -139,8 +142,7 @@ struct GanLoss : public torch::autograd::Function<Self> {
     ctx->save_for_backward({gr, gf});
     if (real.has_value() && const_grad_real(kind, generator)) ctx->saved_data[kRealShape] = real->sym_sizes();
     if (const_grad_fake(kind, generator)) ctx->saved_data[kFakeShape] = fake.sym_sizes();
-    ctx->saved_data[kFlags] =
-        (real.has_value() ? kHasRealBit : 0) | (kind == kRelativistic && reduction == kNone ? kMixBit : 0);
+    if (kind == kRelativistic && reduction == kNone) ctx->saved_data[kMix] = true;
     *grads = {Tensor(), gr, gf};
     return {loss};
   }
@@ -156,10 +158,9 @@ struct GanLoss : public torch::autograd::Function<Self> {
     const Tensor& g = grads[0];
     if (!g.defined()) return out;  // the loss did not reach the output: zero gradients
     auto saved = ctx->get_saved_variables();
-    const int64_t flags = ctx->saved_data[kFlags].toInt();
-    const bool has_real = flags & kHasRealBit;
-    const bool want[2] = {has_real && ctx->needs_input_grad(0), ctx->needs_input_grad(has_real ? 1 : 0)};
-    if (flags & kMixBit) {
+    const bool real = has_real(saved[0]);
+    const bool want[2] = {real && ctx->needs_input_grad(0), ctx->needs_input_grad(real ? 1 : 0)};
+    if (!ctx->saved_data.empty() && ctx->saved_data.count(kMix)) {
       // grad_x = g gx - mean(g gy), grad_y = g gy - mean(g gx) (see csrc/gan_loss.cpp).
       Tensor tr = g * saved[0], tf = g * saved[1];
       if (want[0]) out[0] = tr - tf.mean();
