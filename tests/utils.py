@@ -271,10 +271,11 @@ class KernelCalls:
 
     def __init__(self, monkeypatch, op, family: str):
         self.calls = 0
-        kernel = op._fwd[family]
+        key = (family, op._direction)  # the forward op's entry in the op's table
+        kernel = op._ops[key]
 
         def counting(*args):
             self.calls += 1
             return kernel(*args)
 
-        monkeypatch.setitem(op._fwd, family, counting)
+        monkeypatch.setitem(op._ops, key, counting)

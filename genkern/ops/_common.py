@@ -84,9 +84,8 @@ class KernelOp:
         self._first_output = first_output
         self._eager_name, self._eager = eager, None
         self._dtypes = {"cpp_dtypes": cpp_dtypes, "triton_dtypes": triton_dtypes}
-        self._fwd = {}  # family -> torch.ops overload of the forward op
-        self._ops = {}  # (family, direction) -> torch.ops overload
         self._direction = "fwd" if fake_bwd is not None or backward is not None else ""
+        self._ops = {}  # (family, direction) -> torch.ops overload, filled by register()
 
     def resolve(self, impl, like: torch.Tensor, public: str | None = None) -> str:
         """The impl that runs this op on tensors like `like` (genkern._dispatch.resolve);
@@ -101,18 +100,12 @@ class KernelOp:
         """
         if self._eager is not None and not torch.compiler.is_compiling():
             return self._eager(*args, backend == "triton")
-        out = self._fwd[backend](*args)
+        out = self._ops[backend, self._direction](*args)
         return out[0] if self._first_output else out
 
     def op(self, family: str, direction: str | None = None):
         """torch.ops.genkern.<stem>_<family>_<direction>.default (direction: the forward's by default)."""
-        direction = self._direction if direction is None else direction
-        op = self._ops.get((family, direction))
-        if op is None:
-            op = self._ops[family, direction] = getattr(
-                torch.ops.genkern, _library.op_name(self.stem, family, direction)
-            ).default
-        return op
+        return self._ops[family, self._direction if direction is None else direction]
 
     def _setup_for(self, family: str):
         # The backward is shared by the families: the context says which one ran.
@@ -129,13 +122,16 @@ class KernelOp:
         _library.define()
         module = _ext.load()[0]  # registers the C++ kernels and autograd against the schemas
         for family in _library.FAMILIES:
+            directions = (self._direction, "bwd") if self._fake_bwd is not None else (self._direction,)
+            for direction in directions:
+                name = _library.op_name(self.stem, family, direction)
+                self._ops[family, direction] = getattr(torch.ops.genkern, name).default
             fwd = self.op(family)
             torch.library.register_fake(fwd, self._fake)
             if self._fake_bwd is not None:
                 torch.library.register_fake(self.op(family, "bwd"), self._fake_bwd)
             if self._backward is not None and not has_cpp_autograd(fwd.name()):
                 torch.library.register_autograd(fwd, self._backward, setup_context=self._setup_for(family))
-            self._fwd[family] = fwd
         bind(self.stem)
         if module is not None and self._eager_name is not None:
             self._eager = getattr(module, self._eager_name)
