@@ -4,8 +4,14 @@
 batch size and context length:
 
     genkern    the KV cache with genkern's kernels (impl "auto": C++ on CPU, Triton on CUDA)
-    torch      the same cached loop in plain PyTorch (impl "torch")
-    no_cache   plain PyTorch recomputing the whole context for every token
+    torch      a plain cached loop in PyTorch: the new keys/values stored in the preallocated
+               cache by slice copy, then torch's SDPA over the filled part
+               (genkern.bench.baseline_models: what a PyTorch user writes, not genkern's spec)
+    no_cache   the whole context through the model with attention on torch's SDPA
+               (is_causal=True), for every token
+
+The three run the same weights and the same code around the attention (embeddings, norms,
+MLPs, projections); only the attention step and the cache differ.
 
 A context length C means a prompt of C tokens, then `new_tokens` decoding steps.
 """
@@ -15,11 +21,14 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from genkern._io import atomic_path, write_atomic
+from genkern.bench.baseline_models import PlainKVCache, plain_sdpa
 from genkern.generation import decode_one_token, prefill, sample_next
 from genkern.models.transformer import ModelArgs, TransformerLM
 from genkern.nn.attention import CausalAttention
@@ -31,6 +40,11 @@ PRESETS = {
 }
 MODES = ("genkern", "torch", "no_cache")
 _IMPL = {"genkern": "auto", "torch": "torch", "no_cache": "torch"}
+LABELS = {  # each mode's name (as in --modes and profile.json) and what it runs, for tables and plots
+    "genkern": "genkern (KV cache)",
+    "torch": "torch (cached SDPA)",
+    "no_cache": "no_cache (SDPA)",
+}
 
 
 def load_model(model, device=None, dtype=torch.float32) -> TransformerLM:
@@ -120,10 +134,12 @@ def _attention_share(model, step, device) -> float:
     return min(1.0, timer.total / total) if total > 0 else float("nan")
 
 
-def _run_cached(model, ids, new_tokens, device):
+def _run_cached(model, ids, new_tokens, device, plain=False):
+    """genkern's cached loop, or (plain) the plain cached loop: PlainSDPAAttention on a PlainKVCache."""
     b = ids.shape[0]
     lengths = torch.full((b,), ids.shape[1], device=ids.device)
-    cache = model.new_cache(b, ids.shape[1] + new_tokens + 2)
+    size = ids.shape[1] + new_tokens + 2
+    cache = PlainKVCache.for_model(model, b, size) if plain else model.new_cache(b, size)
     logits, prefill_s = _timed(lambda: prefill(model, ids, lengths, cache), device)
     tok = sample_next(logits, do_sample=False)
     latencies = []
@@ -151,13 +167,15 @@ def _run_no_cache(model, ids, new_tokens, device):
 
 @torch.inference_mode()
 def profile_one(model, mode, batch, context, new_tokens, device) -> dict:
-    """One (mode, batch size, context length) measurement."""
+    """One (mode, batch size, context length) measurement; the model's attention modules are
+    PlainSDPAAttention during the "torch" and "no_cache" runs, and its own again afterwards."""
     model.args.impl = _IMPL[mode]
     gen = torch.Generator().manual_seed(batch * 100003 + context)
     ids = torch.randint(0, model.args.vocab_size, (batch, context), generator=gen).to(device)
-    run = _run_no_cache if mode == "no_cache" else _run_cached
-    run(model, ids[:, : min(context, 8)], 2, device)  # warm-up (kernel builds, allocator)
-    prefill_s, lat, share, kv_bytes = run(model, ids, new_tokens, device)
+    run = _run_no_cache if mode == "no_cache" else partial(_run_cached, plain=mode == "torch")
+    with plain_sdpa(model) if mode != "genkern" else nullcontext():
+        run(model, ids[:, : min(context, 8)], 2, device)  # warm-up (kernel builds, allocator)
+        prefill_s, lat, share, kv_bytes = run(model, ids, new_tokens, device)
     lat_ms = sorted(t * 1e3 for t in lat)
     med = statistics.median(lat_ms)
     return {
@@ -257,7 +275,7 @@ def plot_latency(rows, path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key in sorted({(r["mode"], r["batch"]) for r in rows}):
         pts = sorted((r["context"], r["decode_ms_median"]) for r in rows if (r["mode"], r["batch"]) == key)
-        ax.plot(*zip(*pts), marker="o", label=f"{key[0]}, batch {key[1]}")
+        ax.plot(*zip(*pts), marker="o", label=f"{LABELS[key[0]]}, batch {key[1]}")
     ax.set(
         xlabel="context length (tokens)",
         ylabel="per-token latency (ms, median)",
@@ -276,17 +294,18 @@ def plot_latency(rows, path):
 
 
 def format_table(report) -> str:
+    """The rows as a text table, each mode named by what it runs (LABELS), then genkern's speed-ups."""
     lines = [
-        f"{'mode':9s} {'batch':>5s} {'context':>7s} {'prefill ms':>10s} {'decode ms':>9s} {'p90 ms':>7s} "
+        f"{'mode':20s} {'batch':>5s} {'context':>7s} {'prefill ms':>10s} {'decode ms':>9s} {'p90 ms':>7s} "
         f"{'tokens/s':>9s} {'KV MiB':>7s} {'attn %':>6s}"
     ]
     for r in report["rows"]:
         lines.append(
-            f"{r['mode']:9s} {r['batch']:5d} {r['context']:7d} {r['prefill_ms']:10.2f} "
+            f"{LABELS[r['mode']]:20s} {r['batch']:5d} {r['context']:7d} {r['prefill_ms']:10.2f} "
             f"{r['decode_ms_median']:9.3f} {r['decode_ms_p90']:7.3f} {r['tokens_per_s']:9.1f} "
             f"{r['kv_cache_bytes'] / 2**20:7.1f} {100 * r['attention_share']:6.1f}"
         )
     for s in report["speedups"]:
-        parts = [f"{s[k]:.2f}x vs {k[3:]}" for k in ("vs_torch", "vs_no_cache") if k in s]
+        parts = [f"{s[k]:.2f}x vs {LABELS[k[3:]]}" for k in ("vs_torch", "vs_no_cache") if k in s]
         lines.append(f"genkern tokens/s at batch {s['batch']}, context {s['context']}: {', '.join(parts)}")
     return "\n".join(lines)

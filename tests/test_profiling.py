@@ -10,6 +10,7 @@ from genkern import cli
 from genkern._ext import available as cpp_available
 from genkern.bench import kv_decode as kv_cases
 from genkern.models import ModelArgs, TransformerLM
+from genkern.nn.attention import CausalAttention
 from genkern.profiling import load_model, profile_generation
 
 MODES = ("genkern", "torch", "no_cache") if cpp_available() else ("torch", "no_cache")
@@ -69,6 +70,37 @@ def test_attention_share_hooks_the_attention_modules():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in attn)
     with torch.no_grad():
         assert _attention_share(torch.nn.Linear(2, 2), lambda: net(idx), "cpu") == 0.0  # nothing hooked
+
+
+@pytest.mark.parametrize("mode", ["torch", "no_cache"])
+def test_baseline_modes_run_on_sdpa(mode, monkeypatch):
+    # "torch" and "no_cache" attend with torch's SDPA (the plain cached loop on a PlainKVCache, or
+    # the whole context): genkern's attention ops never run, and the model gets its modules back.
+    import genkern.kvcache
+    import genkern.nn.attention
+    from genkern.bench import baseline_models
+    from genkern.profiling import profile_one
+
+    calls = []
+    real_sdpa = baseline_models.sdpa
+    monkeypatch.setattr(
+        baseline_models,
+        "sdpa",
+        lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2], kw.get("attn_mask"))) or real_sdpa(q, k, v, **kw),
+    )
+    for where, name in ((genkern.nn.attention, "flash_attention"), (genkern.kvcache, "attention_with_kvcache")):
+        monkeypatch.setattr(where, name, lambda *a, name=name, **kw: pytest.fail(f"{name} ran in mode {mode}"))
+    net = TransformerLM(ModelArgs(vocab_size=32, dim=32, n_layers=2, n_heads=2, max_seq_len=64))
+    before = [m for m in net.modules() if isinstance(m, CausalAttention)]
+    row = profile_one(net, mode, 1, 6, 3, "cpu")
+    assert row["mode"] == mode and row["decode_ms_median"] > 0
+    assert [m for m in net.modules() if isinstance(m, CausalAttention)] == before
+    # (queries, keys, mask) per call and layer of the timed run: the 6-token prompt, 3 new tokens, one
+    # more step for the attention share; one query against the filled part of the cache (equal rows:
+    # no mask), or every position (is_causal).
+    lengths = (6, 7, 8, 9, 10)
+    want = [(6, 6, None)] + [(1 if mode == "torch" else n, n, None) for n in lengths[1:]]
+    assert calls[-10:] == [c for c in want for _ in range(2)], calls
 
 
 def test_model_impl_restored(tmp_path):

@@ -5,11 +5,16 @@ No GPU needed: genkern.triton._aot runs triton.compile(..., target=GPUTarget("cu
 compile), for each input dtype. This catches what the interpreter forgives (types,
 layouts, register and shared-memory limits). The report (shared memory, registers
 per config) is printed (`pytest -s`) and recorded as the test's `aot_report` property.
+
+The modules compiled are every module of genkern.triton with `aot_cases()`, found, not
+listed: a new kernel module is compiled here without an edit, and fails until COVERAGE
+says what its cases must cover; a kernel that no module's cases launch fails at once.
 """
 
 import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +22,14 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+import genkern.triton  # noqa: E402  (after the skip)
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["genkern.triton.reparam_kl", "genkern.triton.gan_loss", "genkern.triton.attention"]
+# Interpreted here (conftest sets TRITON_INTERPRET): importing reads only names and configs.
+SUBMODULES = [
+    importlib.import_module(f"genkern.triton.{m.name}") for m in pkgutil.iter_modules(genkern.triton.__path__)
+]
+MODULES = sorted(m.__name__ for m in SUBMODULES if hasattr(m, "aot_cases"))
 MAX_STACK = 16  # bytes per thread
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # opt-in shared memory per block
 
@@ -84,12 +94,50 @@ def _attention_coverage(module, rows):
     }
 
 
+def _kv_decode_coverage(module, rows):
+    # The split kernel at every BLOCK_D x autotune config (num_stages included) and with an oddly
+    # strided cache (SU = 1) at STRIDED_CONFIG; the append kernel (SU = 8, 1) and the combine kernel
+    # at every BLOCK_D. Rows come case by case (dtype, then arch, inside): the cases carry
+    # num_stages, the rows do not, so the cases are matched to the rows first.
+    cases = list(module.aot_cases())
+    combos = {(a, d) for a in ("sm_80", "sm_90") for d in ("fp32", "fp16", "bf16")}
+    assert len(rows) == len(cases) * len(combos)
+    for i, case in enumerate(cases):
+        mine = rows[i * len(combos) : (i + 1) * len(combos)]
+        assert {(r["arch"], r["dtype"]) for r in mine} == combos
+        assert all(r["config"] == dict(case["constexprs"], num_warps=case["num_warps"]) for r in mine)
+
+    def seen(kernel, *keys):
+        return {tuple(c["constexprs"].get(k, c.get(k)) for k in keys) for c in cases if c["kernel"].__name__ == kernel}
+
+    assert seen("_kv_decode_split_kernel", "SU", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages") == {
+        (8, bd, *c) for bd, configs in module.CONFIGS.items() for c in configs
+    } | {(1, bd, *module.STRIDED_CONFIG) for bd in module.BLOCK_DS}
+    assert all(module.CONFIGS[bd] for bd in module.BLOCK_DS), "every head dim keeps a config"
+    assert seen("_kv_decode_split_kernel", "BLOCK_M") == {(module.BLOCK_M,)}
+    assert seen("_kv_decode_append_kernel", "BLOCK_D", "SU") == {(bd, su) for bd in module.BLOCK_DS for su in (1, 8)}
+    assert seen("_kv_decode_combine_kernel", "BLOCK_D", "BLOCK_S") == {
+        (bd, module.MAX_SPLITS) for bd in module.BLOCK_DS
+    }
+
+
 # What each module's cases must cover, beyond "every kernel".
 COVERAGE = {
     "genkern.triton.reparam_kl": _reparam_kl_coverage,
     "genkern.triton.gan_loss": _gan_loss_coverage,
     "genkern.triton.attention": _attention_coverage,
+    "genkern.triton.kv_decode": _kv_decode_coverage,
 }
+
+
+def test_every_kernel_module_is_compiled():
+    # Every module with AOT cases has its coverage check, and every kernel of genkern.triton is
+    # launched by some module's cases (a module that lost its aot_cases() would leave it out).
+    assert {"genkern.triton.attention", "genkern.triton.kv_decode"} <= set(MODULES)
+    assert set(COVERAGE) == set(MODULES)
+    kernels = set().union(*(_kernels(m) for m in SUBMODULES))
+    cased = {c["kernel"].__name__ for name in MODULES for c in importlib.import_module(name).aot_cases()}
+    assert kernels == cased
 
 
 @pytest.mark.slow

@@ -2,9 +2,15 @@
 
 One "step" is what the trainer runs per batch (forward, backward, optimizer
 update; for a GAN the discriminator and the generator updates and the EMA;
-for the Transformer one batch of windows through flash-attention),
-with the model's ops on the fast impl or on "torch". Both models start from
-the same weights and see the same batch and noise.
+for the Transformer one batch of windows through its causal attention),
+with the model's ops on the fast impl or on the plain-PyTorch baseline. Both
+models start from the same weights and see the same batch and noise.
+
+The "torch" impl is the model with impl="torch" (genkern.reference's ops) and,
+for the Transformer, its attention on torch's SDPA
+(genkern.bench.baseline_models.PlainSDPAAttention): a user's plain-PyTorch
+Transformer attends with SDPA, not with a float64-safe spec. The VAE and the
+GAN have no attention; their ops stay on impl="torch".
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from genkern.bench import Case, Target
+from genkern.bench.baseline_models import use_plain_sdpa
 from genkern.train.batches import load_data
 from genkern.train.config import model_config
 from genkern.train.families import get_family
@@ -48,7 +55,7 @@ class TrainStepCase(Case):
         def step(inputs):
             if not state:  # built on first use, on the inputs' device
                 device = next(iter(inputs.values())).device
-                model = build_model(fam, config, 0, impl, device)
+                model = build_step_model(fam, config, impl, device)
                 noise = fam.noise(model, torch.Generator().manual_seed(1), self.sizes["B"])
                 state.update(
                     model=model,
@@ -65,6 +72,12 @@ class TrainStepCase(Case):
         return 0
 
 
+def build_step_model(fam, config: dict, impl: str, device) -> torch.nn.Module:
+    """The family's model (seed 0) on `impl`; for "torch" the plain-PyTorch baseline (module docstring)."""
+    model = build_model(fam, config, 0, impl, device)
+    return use_plain_sdpa(model) if impl == "torch" else model  # a no-op without attention modules
+
+
 _NEVER_SLOWER = (Target("cpu", "step", "speedup", 1.0), Target("cuda", "step", "speedup", 1.0))
 
 CASES = [
@@ -73,7 +86,7 @@ CASES = [
     TrainStepCase("gan", "digits", 128, targets=_NEVER_SLOWER, quick=True),
     TrainStepCase("gan", "digits", 1024, targets=_NEVER_SLOWER),
     TrainStepCase("gan", "ring", 512, targets=_NEVER_SLOWER),
-    # The Transformer trains through genkern.flash_attention (forward and backward).
+    # The Transformer trains through genkern.flash_attention (forward and backward); "torch" through SDPA.
     TrainStepCase("transformer", "digits", 64, targets=_NEVER_SLOWER, quick=True),
     TrainStepCase("transformer", "text", 32, targets=_NEVER_SLOWER),
 ]
