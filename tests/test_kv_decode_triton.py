@@ -10,11 +10,7 @@ buffer. The AOT test compiles every kernel x config for sm_80 and sm_90 without 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -136,57 +132,7 @@ def test_bad_input(bad, match):
         tri.kv_decode(q, k, k.clone(), lens, kn, kn, 0.5)
 
 
-# --- ahead-of-time compile: every kernel x config for sm_80 and sm_90, no GPU needed ----------
-
-MAX_STACK = 16  # bytes per thread
-SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # opt-in shared memory per block
-
-
-@pytest.mark.slow
-def test_every_kernel_and_config_compiles(tmp_path, record_property):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpreted kernels do not compile
-    out = tmp_path / "aot.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "genkern.triton._aot", "genkern.triton.kv_decode", "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    print(proc.stdout)
-    assert out.exists(), proc.stderr[-4000:]
-    rows = json.loads(out.read_text())
-    record_property("aot_report", proc.stdout)
-    failed = [f"{r['kernel']} {r['arch']} {r['dtype']} {r['config']}: {r['error']}" for r in rows if not r["ok"]]
-    assert not failed, "\n".join(failed[:5])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    # Rows come case by case (dtype, then arch, inside): the cases carry num_stages, the rows do not.
-    cases = list(tri.aot_cases())  # interpreted here: only names and configs are read
-    combos = {(a, d) for a in ("sm_80", "sm_90") for d in ("fp32", "fp16", "bf16")}
-    assert len(rows) == len(cases) * len(combos)
-    for i, case in enumerate(cases):
-        mine = rows[i * len(combos) : (i + 1) * len(combos)]
-        assert {(r["arch"], r["dtype"]) for r in mine} == combos
-        assert all(r["config"] == dict(case["constexprs"], num_warps=case["num_warps"]) for r in mine)
-
-    def seen(kernel, *keys):
-        return {tuple(c["constexprs"].get(k, c.get(k)) for k in keys) for c in cases if c["kernel"].__name__ == kernel}
-
-    assert {r["kernel"] for r in rows} == {f"_kv_decode_{k}_kernel" for k in ("append", "split", "combine")}
-    assert seen("_kv_decode_split_kernel", "SU", "BLOCK_D", "BLOCK_N", "num_warps", "num_stages") == {
-        (8, bd, *c) for bd, configs in tri.CONFIGS.items() for c in configs
-    } | {(1, bd, *tri.STRIDED_CONFIG) for bd in tri.BLOCK_DS}
-    assert all(tri.CONFIGS[bd] for bd in tri.BLOCK_DS), "every head dim keeps a config"
-    assert seen("_kv_decode_split_kernel", "BLOCK_M") == {(tri.BLOCK_M,)}
-    assert seen("_kv_decode_append_kernel", "BLOCK_D", "SU") == {(bd, su) for bd in tri.BLOCK_DS for su in (1, 8)}
-    assert seen("_kv_decode_combine_kernel", "BLOCK_D", "BLOCK_S") == {(bd, tri.MAX_SPLITS) for bd in tri.BLOCK_DS}
-    for r in rows:
-        where = f"{r['kernel']} {r['arch']} {r['dtype']} {r['config']}"
-        assert r["shared"] <= SHARED_LIMIT[r["arch"]], where
-        # ptxas may spill a word or two at odd configs; more than that is a register-pressure bug.
-        assert r.get("local", 0) == 0 and r.get("stack", 0) <= MAX_STACK, f"{where} spills to local memory"
+# Ahead-of-time compiles of every kernel x config: tests/test_triton_aot.py.
 
 
 # --- on a GPU: the autotuned, compiled kernels at model sizes ------------------------------

@@ -20,8 +20,8 @@ import math
 
 import pytest
 import torch
-import trivial_models
 
+import trivial_models
 from genkern.data.digits import NUM_CLASSES, digits
 from genkern.eval import class_coverage, get_digit_classifier
 from genkern.train import train

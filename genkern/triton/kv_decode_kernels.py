@@ -28,7 +28,7 @@ MAX_STRIDE = 2**31 // (128 * 8)  # in-block offsets (position * stride) are int3
 # layout conversions, so those blocks get 128 KB) and do not spill registers: float32 products
 # run on FMAs with whole K blocks in registers, and with 4 warps they spill once a K block holds
 # 8192 elements or D >= 128. `python -m genkern.triton._aot genkern.triton.kv_decode` prints the table;
-# tests/test_kv_decode_triton.py checks every entry for sm_80 and sm_90 in fp32, fp16, bf16.
+# tests/test_triton_aot.py checks every entry for sm_80 and sm_90 in fp32, fp16, bf16.
 _ALL = [(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
 CONFIGS = {
     bd: [
