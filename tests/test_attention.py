@@ -12,7 +12,7 @@ impl="torch" is the reference itself, so it is never held to that rule (it would
 compare the reference with itself). The reference is held instead to `loop_attention`,
 the same math written out independently in float64 one query at a time, within
 utils.ABS_TOL; the torch impl's own tests check what the reference does not already
-assume: that it is the reference (dispatch), and the input checks.
+assume: that it is the reference (dispatch), the input checks, and the module's wiring.
 
 Low-precision floors (utils.FLOOR, relative to max(1, max |reference|)): 1e-3 for
 float16 and 8e-3 for bfloat16, i.e. about one unit in the last place at magnitude 1
