@@ -1,4 +1,4 @@
-"""Scaled dot-product attention in plain PyTorch: the spec, the fallback and the baseline.
+"""Scaled dot-product attention in plain PyTorch: the spec and the fallback.
 
     out_i = sum_j softmax_j(scale * q_i . k_j) v_j      over the keys j query i sees
 
@@ -17,8 +17,9 @@ after S - T cached keys see the whole cache and themselves:
 With T > S the first T - S queries see no key: their output is 0 and their
 log-sum-exp is -inf (not NaN).
 
-This version materialises the (T, S) score matrix: it is O(T * S) in memory, which
-is what the fused kernels avoid.
+This version materialises the (G * T, S) score matrix of each KV head: it is O(T * S)
+in memory, which is what the fused kernels avoid. It is written to be read and to be
+exact, not to be fast: the speed baseline of the benchmarks is genkern.bench.baselines.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False):
     (B, H, T) float32 log-sum-exp of each row's scaled, masked scores."""
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    # Grouped-query attention: view the query heads as (Hkv, group) so each group
-    # broadcasts against its own K/V head, without copying K/V.
-    qg = q.reshape(b, hkv, h // hkv, t, d)  # (B, Hkv, G, T, D)
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, G, T, S)
+    # Grouped-query attention: the G query heads that read KV head c (heads c * G ..
+    # c * G + G - 1) are consecutive, so they fold into the rows of one matmul against
+    # that head: row r is query i = r % T of query head c * G + r // T. K and V are
+    # read where they are, never repeated per query head.
+    qf = q.reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D)
+    scores = torch.matmul(qf, k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
     if causal:
-        mask = causal_mask(t, s, q.device)  # (T, S)
+        mask = causal_mask(t, s, q.device).repeat(g, 1)  # (G*T, S): row r is query r % T
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax accumulates in float32 for float16/bfloat16 (as torch's fused softmax
     # does); float64 stays float64.
@@ -56,7 +60,7 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False):
         # A row with no visible key is all -inf, which softmax turns into NaN: zero
         # exactly those rows (a NaN from the inputs elsewhere stays NaN).
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-    out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))  # (B, Hkv, G, T, D)
+    out = torch.matmul(probs.to(v.dtype), v)  # (B, Hkv, G*T, D)
     out = out.reshape(b, h, t, d)
     if not return_lse:
         return out

@@ -1,4 +1,4 @@
-"""Attention against a preallocated KV cache, in plain PyTorch: the spec and the baseline.
+"""Attention against a preallocated KV cache, in plain PyTorch: the spec and the fallback.
 
 Shapes: q (B, H, Tnew, D); k_cache, v_cache (B, Hkv, Smax, D) with H % Hkv == 0;
 cache_seqlens (B,) int32, L_b = how many positions of row b are filled; k_new,
@@ -14,6 +14,11 @@ v_new (B, Hkv, Tnew, D) or None.
    (n_b = 0) gives zeros.
 
 cache_seqlens is not modified: advancing it is the caller's job (genkern.KVCache).
+
+This version is written to be read and to be exact, not to be fast. It copies V once
+per call so that stale values (NaN/inf past a row's end) cannot reach the result:
+that copy is part of the spec's exactness. The speed baseline of the benchmarks, which
+masks without copying the cache, is genkern.bench.baselines.
 """
 
 from __future__ import annotations
@@ -46,17 +51,22 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     j = torch.arange(smax, device=q.device).view(1, 1, smax)
     nb = n.view(b, 1, 1)
     visible = (j < nb) & (j <= i + nb - tnew)  # (B, Tnew, Smax)
-    visible = visible.view(b, 1, 1, tnew, smax)
-    qg = q.reshape(b, hkv, h // hkv, tnew, d)  # (B, Hkv, G, Tnew, D)
-    scores = torch.matmul(qg, k_cache.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, G, Tnew, Smax)
+    # Grouped-query attention: the G query heads of KV head c (c * G .. c * G + G - 1)
+    # fold into the rows of one matmul against that head, row r being query r % Tnew
+    # of query head c * G + r // Tnew. The cache is read where it is.
+    g = h // hkv
+    visible = visible.repeat(1, g, 1).view(b, 1, g * tnew, smax)  # (B, 1, G*Tnew, Smax)
+    qf = q.reshape(b, hkv, g * tnew, d)  # (B, Hkv, G*Tnew, D)
+    scores = torch.matmul(qf, k_cache.transpose(-1, -2)) * scale  # (B, Hkv, G*Tnew, Smax)
     scores = scores.masked_fill(~visible, float("-inf"))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     probs = torch.softmax(scores, dim=-1, dtype=acc)
     # Rows that see nothing are all -inf (NaN after softmax): zero exactly those.
     probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
     # Zero weights times stale values that are inf/NaN would still be NaN: unfilled
-    # positions must not reach the result, so their values are zeroed in a copy.
+    # positions must not reach the result, so their values are zeroed in a copy (the
+    # spec's exactness, at the price of reading and writing all of V once more).
     filled = j.view(1, 1, smax, 1) < n.view(b, 1, 1, 1)  # (B, 1, Smax, 1)
     v = v_cache.masked_fill(~filled, 0.0)
-    out = torch.matmul(probs.to(v.dtype), v.unsqueeze(2))  # (B, Hkv, G, Tnew, D)
+    out = torch.matmul(probs.to(v.dtype), v)  # (B, Hkv, G*Tnew, D)
     return out.reshape(b, h, tnew, d).to(q.dtype)
