@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from genkern.bench import COMPILE, SDPA, Target, memory, runner, select_cases, timing
+from genkern.bench import COMPILE, MIN_ROUNDS, SDPA, Target, memory, runner, select_cases, timing
 from genkern.bench import attention as attn_bench
 from genkern.bench.reparam_kl import ReparamKLCase
 
@@ -74,17 +74,22 @@ def test_ratio_and_bandwidth_arithmetic():
     assert r["tflops"] == pytest.approx(1.0) and r["frac_matmul"] == pytest.approx(0.25)
 
 
+def _timed(median_ms, q1_ms=None, q3_ms=None, n=MIN_ROUNDS, **extra):
+    q1_ms, q3_ms = median_ms if q1_ms is None else q1_ms, median_ms if q3_ms is None else q3_ms
+    return {"status": "ok", "median_ms": median_ms, "q1_ms": q1_ms, "q3_ms": q3_ms, "n": n, **extra}
+
+
 def test_targets_pass_fail_and_not_applicable():
     impls = {
-        "torch": {"status": "ok", "median_ms": 10.0},
-        "cpp": {"status": "ok", "median_ms": 2.0},
+        "torch": _timed(10.0, 9.9, 10.1),
+        "cpp": _timed(2.0, 1.95, 2.05),
         "triton": {"status": "unavailable", "error": "x"},
     }
     assert Target("cpu", "fwd+bwd", "speedup", 4.0).evaluate(impls, "cpp")["passed"] is True
     assert Target("cpu", "fwd+bwd", "speedup", 6.0).evaluate(impls, "cpp")["value"] == 5.0
     assert Target("cpu", "fwd+bwd", "speedup", 1.0, vs=COMPILE).evaluate(impls, "cpp")["passed"] is None
     assert Target("cuda", "fwd+bwd", "speedup", 1.0).evaluate(impls, "triton")["passed"] is False
-    fast = {"triton": {"status": "ok", "median_ms": 1.0, "frac_copy_bw": 0.85}}
+    fast = {"triton": _timed(1.0, 0.99, 1.01, frac_copy_bw=0.85)}
     assert Target("cuda", "fwd+bwd", "copy_bw", 0.8).evaluate(fast, "triton")["passed"] is True
 
 
@@ -120,7 +125,7 @@ def test_unavailable_and_failed_impls_are_recorded_not_raised(monkeypatch):
 
 def test_measure_interleaves_and_records_a_failing_call():
     calls = {"ok": lambda: None, "bad": lambda: 1 / 0}
-    samples, errors = runner.measure(calls, torch.device("cpu"), budget_s=0.0, max_rounds=5)
+    samples, errors = runner.measure(calls, torch.device("cpu"), budget_s=0.0, max_rounds=runner.MIN_ROUNDS + 5)
     assert list(samples) == ["ok"] and len(samples["ok"]) == runner.MIN_ROUNDS
     assert errors == {"bad": "ZeroDivisionError: division by zero"}
 
