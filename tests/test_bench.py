@@ -516,3 +516,12 @@ def test_suites_time_only_the_directions_a_case_has():
     for case, direction in [(ReparamKLCase(2, 3), "step"), (kv_bench.make_case("1x2x8x4"), "bwd")]:
         with pytest.raises(ValueError, match="has no"):
             runner.prepare(case, "torch", direction, "cpu")
+
+
+def test_attention_baseline_mask_made_in_inference_mode_serves_training():
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
+    with torch.inference_mode():
+        baselines.attention(q, k, k)  # caches the (T, S) mask
+    q.requires_grad_()
+    baselines.attention(q, k, k).sum().backward()  # autograd saves that mask
+    assert q.grad is not None

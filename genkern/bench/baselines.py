@@ -94,7 +94,8 @@ def _future_mask(t: int, s: int, device) -> torch.Tensor:
     key = (t, s, torch.device(device))
     if key not in _MASKS:
         _MASKS.clear()  # one size at a time: a model's buffer, not a growing cache
-        _MASKS[key] = torch.ones(t, s, dtype=torch.bool, device=device).triu_(s - t + 1)
+        with torch.inference_mode(False):  # an ordinary tensor, which autograd may save, in any mode
+            _MASKS[key] = torch.ones(t, s, dtype=torch.bool, device=device).triu_(s - t + 1)
     return _MASKS[key]
 
 
