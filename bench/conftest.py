@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 
-from genkern.bench import COMPILE, FAST, memory
+from genkern.bench import COMPILE, FAST, MIN_ROUNDS, memory
 from genkern.bench.arguments import fast_impl
 from genkern.bench.timing import ImplError, prepare, time_once
 
-SLOW_CALL_S = 0.05  # calls slower than this get 3 fixed rounds instead of calibration
+SLOW_CALL_S = 0.05  # calls slower than this get MIN_ROUNDS fixed rounds instead of calibration
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,9 @@ def _synced(call, device):
 
 @pytest.fixture
 def bench_case(benchmark, bench_device, bench_impl, bench_mem_limit):
-    """bench_case(case, impl, direction): impl is "torch", FAST, COMPILE or a case baseline (e.g. SDPA).
+    """bench_case(case, impl, direction): impl is "torch" (the plain-PyTorch baseline of
+    genkern.bench.baselines), FAST, COMPILE (of that baseline) or a case baseline (e.g. SDPA);
+    direction one of `case.directions` (the suites parametrize over genkern.bench.case_directions).
 
     Skips (with the reason) a case not listed for this device, an impl over the
     memory limit, an impl that is unavailable, or a torch.compile that fails;
@@ -87,7 +89,7 @@ def bench_case(benchmark, bench_device, bench_impl, bench_mem_limit):
             peak_mem_bytes=memory.peak_memory(call, bench_device),
         )
         if first > SLOW_CALL_S:
-            benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
+            benchmark.pedantic(timed, rounds=MIN_ROUNDS, warmup_rounds=0)
         else:
             benchmark(timed)
         stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable

@@ -7,8 +7,26 @@ import os
 import pytest
 import torch
 
-from genkern.bench import COMPILE, SDPA, Target, memory, runner, select_cases, timing
+from genkern.bench import (
+    COMPILE,
+    FAIL,
+    MIN_ROUNDS,
+    NOISE,
+    NOT_APPLICABLE,
+    PASS,
+    SDPA,
+    Target,
+    baselines,
+    case_directions,
+    memory,
+    report,
+    runner,
+    select_cases,
+    timing,
+)
 from genkern.bench import attention as attn_bench
+from genkern.bench import gan_loss as gan_bench
+from genkern.bench import kv_decode as kv_bench
 from genkern.bench.reparam_kl import ReparamKLCase
 
 TINY = ["--quick", "--sizes", "8x16", "--no-compile", "--budget", "0.01", "--repeats", "3"]
@@ -74,17 +92,22 @@ def test_ratio_and_bandwidth_arithmetic():
     assert r["tflops"] == pytest.approx(1.0) and r["frac_matmul"] == pytest.approx(0.25)
 
 
+def _timed(median_ms, q1_ms=None, q3_ms=None, n=MIN_ROUNDS, **extra):
+    q1_ms, q3_ms = median_ms if q1_ms is None else q1_ms, median_ms if q3_ms is None else q3_ms
+    return {"status": "ok", "median_ms": median_ms, "q1_ms": q1_ms, "q3_ms": q3_ms, "n": n, **extra}
+
+
 def test_targets_pass_fail_and_not_applicable():
     impls = {
-        "torch": {"status": "ok", "median_ms": 10.0},
-        "cpp": {"status": "ok", "median_ms": 2.0},
+        "torch": _timed(10.0, 9.9, 10.1),
+        "cpp": _timed(2.0, 1.95, 2.05),
         "triton": {"status": "unavailable", "error": "x"},
     }
     assert Target("cpu", "fwd+bwd", "speedup", 4.0).evaluate(impls, "cpp")["passed"] is True
     assert Target("cpu", "fwd+bwd", "speedup", 6.0).evaluate(impls, "cpp")["value"] == 5.0
     assert Target("cpu", "fwd+bwd", "speedup", 1.0, vs=COMPILE).evaluate(impls, "cpp")["passed"] is None
     assert Target("cuda", "fwd+bwd", "speedup", 1.0).evaluate(impls, "triton")["passed"] is False
-    fast = {"triton": {"status": "ok", "median_ms": 1.0, "frac_copy_bw": 0.85}}
+    fast = {"triton": _timed(1.0, 0.99, 1.01, frac_copy_bw=0.85)}
     assert Target("cuda", "fwd+bwd", "copy_bw", 0.8).evaluate(fast, "triton")["passed"] is True
 
 
@@ -120,7 +143,7 @@ def test_unavailable_and_failed_impls_are_recorded_not_raised(monkeypatch):
 
 def test_measure_interleaves_and_records_a_failing_call():
     calls = {"ok": lambda: None, "bad": lambda: 1 / 0}
-    samples, errors = runner.measure(calls, torch.device("cpu"), budget_s=0.0, max_rounds=5)
+    samples, errors = runner.measure(calls, torch.device("cpu"), budget_s=0.0, max_rounds=runner.MIN_ROUNDS + 5)
     assert list(samples) == ["ok"] and len(samples["ok"]) == runner.MIN_ROUNDS
     assert errors == {"bad": "ZeroDivisionError: division by zero"}
 
@@ -284,3 +307,221 @@ def test_quick_attention_run_on_cuda(tmp_path):
         for name in ("torch", SDPA):
             r = e["impls"][name]
             assert r["status"] == "ok" and r["tflops"] > 0 and r["peak_mem_bytes"] is not None
+
+
+# --- verdicts: noise decides nothing -----------------------------------------------------
+
+
+def _entry(torch_ms, cpp_ms, minimum=4.0, **kw):
+    impls = {"torch": runner.summarize([t / 1e3 for t in torch_ms], 1)}
+    ref_q = (impls["torch"]["q1_ms"], impls["torch"]["q3_ms"])
+    impls["cpp"] = runner.summarize([t / 1e3 for t in cpp_ms], 1, impls["torch"]["median_ms"], ref_q=ref_q, **kw)
+    return impls
+
+
+def test_verdicts_pass_fail_and_within_noise_from_synthetic_samples():
+    n = MIN_ROUNDS
+    target = Target("cpu", "fwd+bwd", "speedup", 4.0)
+    tight = _entry([10.0 + 0.01 * i for i in range(n)], [2.0 + 0.01 * i for i in range(n)])
+    noisy = _entry([6.0, 7.0] * 2 + [10.0] * (n - 4), [2.0] * (n - 4) + [3.0, 4.0] * 2)  # medians 10 and 2
+    slow = _entry([10.0] * n, [3.0] * n)
+    few = _entry([10.0] * 3, [2.0] * 3)
+    assert noisy["cpp"]["ratio"] == pytest.approx(5.0) and noisy["cpp"]["ratio_low"] < 4.0
+    results = {name: target.evaluate(impls, "cpp") for name, impls in [("tight", tight), ("noisy", noisy)]}
+    results.update(slow=target.evaluate(slow, "cpp"), few=target.evaluate(few, "cpp"))
+    assert {k: r["verdict"] for k, r in results.items()} == {
+        "tight": PASS,
+        "noisy": NOISE,  # the medians pass (5x), the conservative end (torch q1 / cpp q3) does not
+        "slow": FAIL,
+        "few": NOISE,  # 3 rounds: the quartiles mean nothing yet
+    }
+    assert [results[k]["passed"] for k in ("tight", "noisy", "slow", "few")] == [True, None, False, None]
+    r = results["noisy"]
+    assert r["value"] == pytest.approx(5.0)
+    assert r["conservative"] == pytest.approx(noisy["torch"]["q1_ms"] / noisy["cpp"]["q3_ms"])
+    entries = [{"targets": [results[k]], "impls": {}} for k in ("tight", "noisy", "few")]
+    assert runner.all_good(entries) and not runner.all_good(entries + [{"targets": [results["slow"]], "impls": {}}])
+    assert report.verdict_counts(entries) == {PASS: 1, NOISE: 2, FAIL: 0, NOT_APPLICABLE: 0}
+
+
+def test_bandwidth_verdicts_use_the_impls_upper_quartile():
+    target = Target("cpu", "fwd", "read_bw", 0.8)
+    steady = {"cpp": _timed(1.0, 0.99, 1.01, frac_read_bw=0.85)}
+    jumpy = {"cpp": _timed(1.0, 0.9, 1.25, frac_read_bw=0.85)}  # at q3 time: 0.85 / 1.25 = 0.68
+    assert target.evaluate(steady, "cpp")["verdict"] == PASS
+    r = target.evaluate(jumpy, "cpp")
+    assert r["verdict"] == NOISE and r["conservative"] == pytest.approx(0.68) and r["value"] == 0.85
+    assert target.evaluate({"cpp": _timed(1.0, frac_read_bw=0.7)}, "cpp")["verdict"] == FAIL
+    assert target.evaluate({"cpp": _timed(1.0, frac_read_bw=None)}, "cpp")["verdict"] == NOT_APPLICABLE
+
+
+def test_ratio_spread_is_kept_from_both_sides_quartiles():
+    r = runner.summarize([0.001, 0.002, 0.003], nbytes=1, ref_ms=4.0, ref_q=(3.0, 5.0))
+    assert r["q1_ms"] == pytest.approx(1.5) and r["q3_ms"] == pytest.approx(2.5)
+    assert r["ratio_low"] == pytest.approx(3.0 / 2.5) and r["ratio_high"] == pytest.approx(5.0 / 1.5)
+    assert runner.summarize([0.001], nbytes=1)["ratio_low"] is None
+
+
+def test_targets_with_too_few_rounds_cannot_pass_and_the_report_says_so(tmp_path, capsys):
+    args = ("--op", "reparameterize_kl", "--sizes", "256x64", "--direction", "fwd+bwd", "--no-compile")
+    assert _run(*args, "--budget", "0", "--repeats", "3", "--device", "cpu", "--out", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "ratio IQR" in out and "genkern.bench.baselines" in out and f"< {MIN_ROUNDS} rounds" in out
+    assert "targets: 0 PASS" in out
+    entry = _results(tmp_path)["results"]["reparameterize_kl"]["256x64/float32/fwd+bwd"]
+    cpp = entry["impls"]["cpp"]
+    if cpp["status"] == "ok":
+        assert cpp["ratio_low"] <= cpp["ratio"] <= cpp["ratio_high"]
+    for t in entry["targets"]:
+        assert t["verdict"] in (NOISE, FAIL, NOT_APPLICABLE) and {"value", "conservative", "passed"} <= set(t)
+
+
+# --- baselines: what every ratio is against, checked against the spec ----------------------
+
+
+def _f64(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def test_reparam_kl_baseline_matches_the_reference():
+    from genkern.reference.reparam_kl import reparameterize_kl as spec
+
+    mu, logvar = _f64(5, 7).requires_grad_(), (0.5 * _f64(5, 7)).requires_grad_()
+    both = {"prior_mu": _f64(5, 7), "prior_logvar": _f64(7)}
+    priors = [{}, {"prior_mu": _f64(7)}, {"prior_logvar": _f64(1, 7)}, both]
+    for prior in priors:
+        torch.manual_seed(3)
+        z, kl = baselines.reparameterize_kl(mu, logvar, **prior)
+        torch.manual_seed(3)
+        want_z, want_kl = spec(mu, logvar, torch.randn_like(mu), **prior)
+        torch.testing.assert_close((z, kl), (want_z, want_kl))
+        got = torch.autograd.grad(z.sum() + kl.sum(), (mu, logvar))
+        torch.testing.assert_close(got, torch.autograd.grad(want_z.sum() + want_kl.sum(), (mu, logvar)))
+
+
+def test_gan_loss_baselines_match_the_reference():
+    from genkern.reference import gan_loss as spec
+
+    real, fake = (3 * _f64(6, 1)).requires_grad_(), (3 * _f64(4, 1, 2)).requires_grad_()  # shapes may differ
+    for kind in spec.KINDS:
+        cases = [(baselines.discriminator_loss(real, fake, kind), spec.discriminator_loss(real, fake, kind))]
+        real_used = real if kind == "relativistic" else None
+        want = spec.generator_loss(fake, kind, real_logits=real)
+        cases.append((baselines.generator_loss(fake, kind, real_used), want))
+        if kind in spec.LABEL_KINDS:
+            label = spec.discriminator_loss(real, fake, kind, real_label=0.9)
+            cases.append((baselines.discriminator_loss(real, fake, kind, real_label=0.9), label))
+        for got, want in cases:
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(
+                torch.autograd.grad(got, (real, fake), allow_unused=True, materialize_grads=True),
+                torch.autograd.grad(want, (real, fake), allow_unused=True, materialize_grads=True),
+            )
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 5, 7, 8), (1, 6, 1, 6, 6, 4), (2, 3, 3, 3, 3, 8)])  # B H Hkv T S D
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_baseline_matches_the_reference_with_its_gradients(shape, causal):
+    from genkern.reference.attention import attention as spec
+
+    b, h, hkv, t, s, d = shape
+    q, k, v = (_f64(b, h, t, d).requires_grad_(), _f64(b, hkv, s, d).requires_grad_(), _f64(b, hkv, s, d))
+    v.requires_grad_()
+    got, want = baselines.attention(q, k, v, causal), spec(q, k, v, causal)
+    torch.testing.assert_close(got, want)
+    dout = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout))
+
+
+def test_attention_baseline_refuses_more_queries_than_keys_when_causal():
+    with pytest.raises(ValueError, match="T <= S"):
+        baselines.attention(_f64(1, 2, 5, 4), _f64(1, 2, 3, 4), _f64(1, 2, 3, 4), causal=True)
+
+
+@pytest.mark.parametrize("tnew", [1, 3])
+def test_kv_decode_baseline_matches_the_reference_on_ragged_rows(tnew):
+    from genkern.reference.kv_decode import attention_with_kvcache as spec
+
+    b, h, hkv, smax, d = 3, 8, 2, 11, 4
+    q, k_new, v_new = _f64(b, h, tnew, d), _f64(b, hkv, tnew, d), _f64(b, hkv, tnew, d)
+    caches = [_f64(b, hkv, smax, d), _f64(b, hkv, smax, d)]  # stale values beyond each row: finite noise
+    lens = torch.tensor([0, 4, smax - tnew], dtype=torch.int32)
+    mine, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
+    got = baselines.attention_with_kvcache(q, *mine, lens, k_new, v_new)
+    torch.testing.assert_close(got, spec(q, *theirs, lens, k_new, v_new))
+    torch.testing.assert_close(mine, theirs)  # the same positions written
+    assert not torch.equal(mine[0], caches[0])
+
+
+def test_kv_decode_baseline_makes_no_kv_sized_temporary():
+    case = kv_bench.make_case("2x8x4096x64-kv2")
+    x = case.make_inputs("cpu")
+    kv_bytes = x["k_cache"].numel() * x["k_cache"].element_size()  # 4 MiB
+    peak = memory.peak_memory(runner.prepare(case, "torch", "fwd", "cpu", x), "cpu")
+    assert peak is not None and peak <= kv_bytes / 4  # scores and probabilities only: (B, H, 1, S)
+
+
+def test_bench_torch_impls_run_the_baselines(monkeypatch):
+    calls = []
+    for name in ("reparameterize_kl", "discriminator_loss", "generator_loss", "attention", "attention_with_kvcache"):
+        fn = getattr(baselines, name)
+        monkeypatch.setattr(baselines, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    cases = [ReparamKLCase(2, 3), attn_bench.make_case("1x2x8x4-causal"), kv_bench.make_case("1x2x8x4")]
+    cases += [gan_bench.make_case("d-hinge-4x1"), gan_bench.make_case("g-relativistic-4x1")]
+    for case in cases:
+        case.impl_fn("torch")(case.make_inputs("cpu"))
+    assert calls == ["reparameterize_kl", "attention", "attention_with_kvcache", "discriminator_loss", "generator_loss"]
+
+
+# --- GAN bytes, suite directions -------------------------------------------------------------
+
+
+def test_gan_bytes_count_only_per_element_gradients():
+    from genkern.ops.gan_loss import _KIND_CODE, const_grads
+
+    n, f32 = 1000, 4
+    want = {  # (fwd, bwd, fwd+bwd) elements: reads, 2 x per-element gradients, reads + gradients
+        "d-wasserstein": (2 * n, 0, 2 * n),
+        "d-hinge": (2 * n, 4 * n, 4 * n),
+        "g-wasserstein": (n, 0, n),
+        "g-hinge": (n, 0, n),
+        "g-nonsaturating": (n, 2 * n, 2 * n),
+        "g-relativistic": (2 * n, 4 * n, 4 * n),
+    }
+    for label, elems in want.items():
+        case = gan_bench.make_case(f"{label}-{n}x1")
+        assert tuple(case.bytes_moved(d) for d in ("fwd", "bwd", "fwd+bwd")) == tuple(f32 * e for e in elems), label
+    for loss in ("d", "g"):
+        for kind, code in _KIND_CODE.items():
+            case = gan_bench.make_case(f"{loss}-{kind}-8x1")
+            assert case.const_grads()[1] == const_grads(code, loss == "g")[1], (loss, kind)
+            assert not case.uses_real or case.const_grads()[0] == const_grads(code, loss == "g")[0]
+    assert runner.summarize([0.001], nbytes=0)["gbps"] is None  # a backward that moves nothing per element
+
+
+def test_suites_time_only_the_directions_a_case_has():
+    import bench.test_attention
+    import bench.test_gan_loss
+    import bench.test_kv_decode
+    import bench.test_reparam_kl
+    import bench.test_train_step
+
+    for mod in (bench.test_attention, bench.test_gan_loss, bench.test_kv_decode, bench.test_reparam_kl):
+        test = next(getattr(mod, name) for name in dir(mod) if name.startswith("test_"))
+        pairs = next(m.args[1] for m in test.pytestmark if m.args[0] == ("case", "direction"))
+        assert pairs == case_directions(mod.CASES) and pairs
+        assert all(d in c.directions and d != "step" for c, d in pairs)
+    assert {d for _, d in case_directions(kv_bench.CASES)} == {"fwd"}
+    assert {d for _, d in case_directions(bench.test_train_step.CASES)} == {"step"}
+    for case, direction in [(ReparamKLCase(2, 3), "step"), (kv_bench.make_case("1x2x8x4"), "bwd")]:
+        with pytest.raises(ValueError, match="has no"):
+            runner.prepare(case, "torch", direction, "cpu")
+
+
+def test_attention_baseline_mask_made_in_inference_mode_serves_training():
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
+    with torch.inference_mode():
+        baselines.attention(q, k, k)  # caches the (T, S) mask
+    q.requires_grad_()
+    baselines.attention(q, k, k).sum().backward()  # autograd saves that mask
+    assert q.grad is not None

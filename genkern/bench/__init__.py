@@ -5,9 +5,15 @@ A case module (e.g. `genkern.bench.reparam_kl`) defines `CASES`, a list of
 ("8x16") for `--sizes`. Registering a new op = writing its module and adding
 its name to `CASE_MODULES`. Importing this package imports no case module.
 
-Every case is timed for "torch" (the plain-PyTorch reference), the fast impl,
-COMPILE, and the extra baselines the case names (`Case.baselines`, e.g. SDPA).
-A case reports GB/s from `bytes_moved`, and TFLOP/s when it defines `flops`.
+Every case is timed for "torch" (the plain-PyTorch baseline of genkern.bench.baselines:
+what a competent PyTorch user writes for speed; not the spec in genkern.reference), the
+fast impl, COMPILE (torch.compile of that baseline), and the extra baselines the case names
+(`Case.baselines`, e.g. SDPA). A case reports GB/s from `bytes_moved`, and TFLOP/s when it
+defines `flops`.
+
+Noise decides nothing: a target passes only when it holds at the conservative end of the
+measured spread (the baseline's lower quartile against the impl's upper quartile) from at
+least MIN_ROUNDS rounds; when only the medians meet it, its verdict is "within noise".
 """
 
 from __future__ import annotations
@@ -27,8 +33,12 @@ CASE_MODULES = (
 # "step": one whole optimizer step of a model built on the ops (end to end, not one op).
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd", "step")
 FAST = "fast"  # stands for the op's fast impl on the device: cpp on CPU, triton on CUDA
-COMPILE = "torch.compile"  # torch.compile of the reference function
+COMPILE = "torch.compile"  # torch.compile of the baseline function (genkern.bench.baselines)
 SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention, for the attention cases
+# Timed rounds per impl before a time budget may stop them: enough for quartiles to mean something.
+MIN_ROUNDS = 10
+# Target verdicts. NOISE: the medians meet the target, the conservative end does not (or too few rounds).
+PASS, FAIL, NOISE, NOT_APPLICABLE = "PASS", "FAIL", "within noise", "n/a"
 
 
 @dataclass(frozen=True)
@@ -53,21 +63,42 @@ class Target:
         return f">={self.minimum:g}x vs {self.vs}"
 
     def evaluate(self, impls: dict, fast: str) -> dict:
-        """{"target", "impl", "value", "passed"} from an entry's impl results.
+        """{"target", "impl", "value", "conservative", "verdict", "passed"} from an entry's impl results.
 
-        passed is False when the impl did not run, None when its baseline did not.
+        value: the median ratio (speedup) or bandwidth share; conservative: the same from the
+        baseline's q1 over the impl's q3 (bandwidth: the impl's q3 time). verdict: FAIL when the
+        impl did not run or the median misses; PASS when the conservative value meets the target
+        from MIN_ROUNDS rounds or more; NOISE otherwise; NOT_APPLICABLE when the baseline did not
+        run. passed: True (PASS), False (FAIL) or None (the others).
         """
         impl = fast if self.impl == FAST else self.impl
         got, base = impls.get(impl, {}), impls.get(self.vs, {})
-        out = {"target": self.label(), "impl": impl, "value": None, "passed": False}
+        out, rounds = {"target": self.label(), "impl": impl, "value": None, "conservative": None}, 0
         if got.get("status") != "ok":
-            return out
+            return {**out, "verdict": FAIL, "passed": False}
         if self.metric in ("copy_bw", "read_bw"):
-            out["value"] = got.get(f"frac_{self.metric}")
+            out["value"] = value = got.get(f"frac_{self.metric}")
+            if value is not None and got.get("q3_ms"):
+                out["conservative"] = value * got["median_ms"] / got["q3_ms"]  # at the impl's q3 time
+            rounds = got.get("n", 0)
         elif base.get("status") == "ok":
             out["value"] = base["median_ms"] / got["median_ms"]  # the speedup over `vs`
-        out["passed"] = None if out["value"] is None else out["value"] >= self.minimum
-        return out
+            if base.get("q1_ms") and got.get("q3_ms"):
+                out["conservative"] = base["q1_ms"] / got["q3_ms"]
+            rounds = min(got.get("n", 0), base.get("n", 0))
+        verdict = judge(out["value"], out["conservative"], self.minimum, rounds)
+        return {**out, "verdict": verdict, "passed": {PASS: True, FAIL: False}.get(verdict)}
+
+
+def judge(value, conservative, minimum: float, rounds: int) -> str:
+    """The verdict of a target: `value` at the medians, `conservative` at the quartiles' far ends."""
+    if value is None:
+        return NOT_APPLICABLE
+    if value < minimum:
+        return FAIL
+    if conservative is not None and conservative >= minimum and rounds >= MIN_ROUNDS:
+        return PASS
+    return NOISE
 
 
 class Case:
@@ -77,7 +108,7 @@ class Case:
     grad_inputs: tuple = ()  # names of the inputs that receive gradients
     baselines: tuple = ()  # impls timed besides torch, the fast impl and COMPILE (e.g. SDPA)
     directions: tuple = ("fwd", "bwd", "fwd+bwd")  # what it has: ("fwd",) for an op without a backward
-    compiles: bool = True  # whether torch.compile of the reference is a baseline
+    compiles: bool = True  # whether torch.compile of the baseline is timed too
 
     def __init__(self, sizes: dict, dtype=torch.float32, targets=(), quick=False, devices=("cpu", "cuda")):
         self.sizes = dict(sizes)
@@ -101,8 +132,8 @@ class Case:
         raise NotImplementedError
 
     def impl_fn(self, impl: str):
-        """A callable inputs-dict -> tuple of output tensors, for impl
-        "torch" | "cpp" | "triton" | COMPILE | one of `baselines`."""
+        """A callable inputs-dict -> tuple of output tensors, for impl "torch" (the op's
+        genkern.bench.baselines function) | "cpp" | "triton" | COMPILE | one of `baselines`."""
         raise NotImplementedError
 
     def bytes_moved(self, direction: str) -> int:
@@ -120,6 +151,17 @@ class Case:
 
     def targets_for(self, device_type: str, direction: str):
         return [t for t in self.targets if t.device == device_type and t.direction == direction]
+
+
+def case_directions(cases) -> list:
+    """(case, direction) for every direction each case has (`Case.directions`): what the bench/
+    suite times, so that no op records a direction it lacks (e.g. a "step" that is a forward)."""
+    return [(case, direction) for case in cases for direction in case.directions]
+
+
+def param_id(value) -> str:
+    """A pytest id for a case (its name) or a direction."""
+    return getattr(value, "name", value)
 
 
 def case_modules(op: str | None = None):

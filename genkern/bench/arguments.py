@@ -6,10 +6,10 @@ import os
 
 import torch
 
-from genkern.bench import COMPILE, DIRECTIONS, FAST
+from genkern.bench import COMPILE, DIRECTIONS, FAST, MIN_ROUNDS
 
 QUICK_BUDGET_S, BUDGET_S = 0.05, 1.0
-QUICK_REPEATS, REPEATS = 10, 100
+QUICK_REPEATS, REPEATS = MIN_ROUNDS, 100  # a quick run still gets enough rounds for its quartiles
 
 
 def add_arguments(parser) -> None:
@@ -25,8 +25,16 @@ def add_arguments(parser) -> None:
         choices=("auto", "cpp", "triton", "torch"),
         help="the fast impl to compare with plain PyTorch (auto: cpp on CPU, triton on CUDA)",
     )
-    parser.add_argument("--repeats", type=int, help="at most this many timed runs per impl (default 100; quick 10)")
-    parser.add_argument("--budget", type=float, help="timing seconds per case and direction (default 1, quick 0.05)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help=f"at most this many timed runs per impl (default 100; quick 10; below {MIN_ROUNDS} no target can pass)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help=f"timing seconds per case and direction, after the first {MIN_ROUNDS} rounds (default 1, quick 0.05)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch and the C++ kernels (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument(
@@ -88,7 +96,7 @@ def fast_impl(device, impl="auto") -> str:
 
 
 def impls_for(device, impl="auto", compile=True) -> list:
-    """The impls to time, the plain-PyTorch reference first."""
+    """The impls to time, the plain-PyTorch baseline ("torch") first."""
     fast = fast_impl(device, impl)
     return ["torch"] + ([fast] if fast != "torch" else []) + ([COMPILE] if compile else [])
 

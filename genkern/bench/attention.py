@@ -7,9 +7,11 @@ E.g. "1x8x2048x64-causal", "1x8x2048x64-causal-kv2", "16x16x1024x128-causal-bf16
 q is (B, H, T, D); k and v are (B, N, T, D). Queries and keys have one length T, so
 genkern's causal mask (bottom-right aligned) and sdpa's is_causal (top-left) agree.
 
-Impls: "torch" (genkern.reference.attention: matmul, mask, softmax, matmul), the fast
-impl, SDPA (torch.nn.functional.scaled_dot_product_attention, with enable_gqa when
-N < H; it picks its own fused kernel on CPU and CUDA) and COMPILE of the reference.
+Impls: "torch" is the plain-PyTorch baseline genkern.bench.baselines.attention (4-D matmuls
+with the grouped-query heads folded into rows, the scale folded into q, the causal mask
+applied in place, softmax, matmul), the fast impl, SDPA
+(torch.nn.functional.scaled_dot_product_attention, with enable_gqa when N < H; it picks its
+own fused kernel on CPU and CUDA) and COMPILE: torch.compile of the baseline.
 
 Flops (the FlashAttention benchmarks' accounting): the forward is two matmuls, q k^T
 and P v, of 2*B*H*T*S*D flops each: fwd = 4*B*H*T*S*D (S = T here). The backward is
@@ -21,9 +23,9 @@ version also computes the masked half, and does not recompute in its backward), 
 TFLOP/s ranks impls as their times do.
 
 Memory: peak bytes per call, measured as genkern.bench.memory describes. The guard's
-estimate for the plain version (and its torch.compile) is 2.5 (fwd) or 3.5 (bwd with
-its retained graph; fwd+bwd) float32 score matrices of 4*B*H*T*S bytes, as measured
-on CPU for float32 and bfloat16 (scores, probabilities, the mask, their gradients).
+estimate for the plain version (and its torch.compile) is 2.25 (fwd), 5.25 (bwd with its
+retained graph) or 4.25 (fwd+bwd) score matrices of B*H*T*S elements of the inputs' dtype,
+as measured on CPU for float32 and bfloat16 (scores, probabilities, their gradients).
 The fused kernels and sdpa need O(B*H*T*D): never guarded.
 """
 
@@ -33,14 +35,14 @@ import re
 
 import torch
 
-from genkern.bench import COMPILE, SDPA, Case, Target
+from genkern.bench import COMPILE, SDPA, Case, Target, baselines
 
 OP = "attention"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _SUFFIX = {dtype: name for name, dtype in DTYPES.items()}
 _LABEL = re.compile(r"(\d+)x(\d+)x(\d+)x(\d+)-(causal|full)(?:-kv(\d+))?(?:-(fp32|bf16|fp16|fp64))?")
 _FLOPS_PER_FWD = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-_SCORES_HELD = {"fwd": 2.5, "bwd": 3.5, "fwd+bwd": 3.5}  # plain version: float32 score matrices at once
+_SCORES_HELD = {"fwd": 2.25, "bwd": 5.25, "fwd+bwd": 4.25}  # plain version: score matrices at once
 
 
 class AttentionCase(Case):
@@ -93,10 +95,9 @@ class AttentionCase(Case):
 
             gqa = {"enable_gqa": True} if self.sizes["Hkv"] != self.sizes["H"] else {}
             return lambda x: (sdpa(x["q"], x["k"], x["v"], is_causal=causal, **gqa),)
-        if impl == COMPILE:
-            from genkern.reference.attention import attention as reference
-
-            fn = torch.compile(reference, dynamic=False)
+        if impl in ("torch", COMPILE):
+            fn = baselines.attention
+            fn = torch.compile(fn, dynamic=False) if impl == COMPILE else fn
             return lambda x: (fn(x["q"], x["k"], x["v"], causal),)
         from genkern.ops.attention import flash_attention
 
@@ -120,7 +121,7 @@ class AttentionCase(Case):
         if impl not in ("torch", COMPILE):
             return None
         s = self.sizes
-        score_bytes = 4 * s["B"] * s["H"] * s["T"] * s["T"] * (2 if self.dtype == torch.float64 else 1)
+        score_bytes = s["B"] * s["H"] * s["T"] * s["T"] * torch.empty((), dtype=self.dtype).element_size()
         return int(_SCORES_HELD[direction] * score_bytes)
 
 
@@ -161,7 +162,7 @@ def _cases():
         AttentionCase(1, 4, 128, 32, causal=False, kv_heads=2, quick=True),
         AttentionCase(1, 8, 2048, 64, causal=True, targets=CPU_TARGETS, devices=cpu),
         AttentionCase(1, 8, 2048, 64, causal=False, devices=cpu),
-        # Long context: the fused op runs in O(T * D); the plain version needs ~2 GiB per score matrix.
+        # Long context: the fused op runs in O(T * D); the plain version needs 2 GiB per score matrix.
         AttentionCase(1, 8, 8192, 64, causal=True, devices=cpu),
     ]
     for t in GPU_SEQ_LENS:

@@ -5,6 +5,10 @@ generator loss of the nonsaturating and relativistic kinds, reduction "mean", on
 shape (B, 1) for B = 64, 256, 4096, 2^20 and on PatchGAN maps (64, 1, 30, 30); real and
 fake logits of one shape. Case names read "<d|g>-<kind>-<shape>", e.g. "d-hinge-256x1",
 and `--sizes` takes any such label.
+
+Impls: "torch" is the plain-PyTorch baseline genkern.bench.baselines.discriminator_loss /
+generator_loss (torch.nn.functional's softplus and relu, means, constants on the 0-d means),
+the fast impl, and COMPILE: torch.compile of that baseline.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 
 import torch
 
-from genkern.bench import COMPILE, Case, Target
+from genkern.bench import COMPILE, Case, Target, baselines
 from genkern.reference.gan_loss import KINDS as _KINDS
 
 OP = "gan_loss"
@@ -47,30 +51,42 @@ class GANLossCase(Case):
         fake = torch.randn(self.shape, device=device, dtype=self.dtype) * 2 - 1
         return {"real": real, "fake": fake}
 
-    def _fn(self, module):
-        loss, kind = getattr(module, LOSSES[self.loss]), self.kind
+    def _baseline(self):
+        kind, real_used = self.kind, self.uses_real
         if self.loss == "d":
-            return lambda real, fake, **kw: loss(real, fake, kind, **kw)
-        return lambda real, fake, **kw: loss(fake, kind, real_logits=real if self.uses_real else None, **kw)
+            return lambda real, fake: baselines.discriminator_loss(real, fake, kind)
+        return lambda real, fake: baselines.generator_loss(fake, kind, real if real_used else None)
 
     def impl_fn(self, impl: str):
-        if impl == COMPILE:
-            from genkern.reference import gan_loss as reference
-
-            fn = torch.compile(self._fn(reference), dynamic=False)
+        if impl in ("torch", COMPILE):
+            fn = self._baseline()
+            fn = torch.compile(fn, dynamic=False) if impl == COMPILE else fn
             return lambda x: (fn(x["real"], x["fake"]),)
         from genkern.ops import gan_loss as ops
 
-        fn = self._fn(ops)
-        return lambda x: (fn(x["real"], x["fake"], impl=impl),)
+        loss, kind = getattr(ops, LOSSES[self.loss]), self.kind
+        if self.loss == "d":
+            return lambda x: (loss(x["real"], x["fake"], kind, impl=impl),)
+        real_used = self.uses_real
+        return lambda x: (loss(x["fake"], kind, real_logits=x["real"] if real_used else None, impl=impl),)
+
+    def const_grads(self) -> tuple:
+        """(real, fake): whether that side's gradient is one constant for every logit (the linear
+        terms: wasserstein, the generator's hinge), which a fused kernel never writes per element."""
+        linear = ("wasserstein",) if self.loss == "d" else ("wasserstein", "hinge")
+        return self.kind in linear, self.kind in linear
 
     def bytes_moved(self, direction: str) -> int:
-        # fwd: read the logits (the loss is 0-d). bwd: read what the gradient needs (the logits, or
-        # a saved gradient of their size) and write the gradients. fwd+bwd: a fused kernel reads
-        # the logits once and writes the gradients once. The relativistic means need a second read
-        # unless the logits stay in cache; it is not counted.
-        n = math.prod(self.shape) * (2 if self.uses_real else 1)
-        elems = {"fwd": n, "bwd": 2 * n, "fwd+bwd": 2 * n}[direction]
+        # fwd: read the logits the loss uses (the loss is 0-d). bwd: per logit with a per-element
+        # gradient, read it (the logits, or a saved gradient of their size) and write the gradient;
+        # a constant gradient is a 0-d value handed out broadcast, so nothing per element.
+        # fwd+bwd: a fused kernel reads the logits once and writes the per-element gradients once.
+        # The relativistic means need a second read unless the logits stay in cache; not counted.
+        n = math.prod(self.shape)
+        sides = (self.uses_real, True)  # (real, fake) read by the loss
+        read = n * sum(sides)
+        grads = n * sum(used and not const for used, const in zip(sides, self.const_grads()))
+        elems = {"fwd": read, "bwd": 2 * grads, "fwd+bwd": read + grads}[direction]
         return elems * torch.empty((), dtype=self.dtype).element_size()
 
 

@@ -6,8 +6,10 @@ name) | "-bf16" | "-fp16" | "-fp64". E.g. "8x8x4096x64", "8x32x4096x64-kv8".
 q is (B, H, 1, D); the caches are (B, N, S, D) with S - 1 positions filled in every row,
 and the step appends one new key/value per row (k_new, v_new) and attends to all S.
 
-Impls: "torch" (genkern.reference.kv_decode: the append, masked scores over the cache,
-softmax, values), the fast impl, and SDPA: the append as a slice copy, then
+Impls: "torch" is the plain-PyTorch baseline genkern.bench.baselines.attention_with_kvcache
+(the append as an index copy, 4-D matmuls over the cache without copying K or V, the ragged
+causal mask applied in place, softmax), the fast impl, COMPILE: torch.compile of that
+baseline, and SDPA: the append as a slice copy, then
 torch.nn.functional.scaled_dot_product_attention over the filled cache (every row has
 one length here, which SDPA needs). Forward only: the op has no backward.
 
@@ -22,7 +24,7 @@ import re
 
 import torch
 
-from genkern.bench import SDPA, Case, Target
+from genkern.bench import COMPILE, SDPA, Case, Target, baselines
 
 OP = "kv_decode"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -88,6 +90,10 @@ class KVDecodeCase(Case):
                 return (sdpa(x["q"], x["k_cache"], x["v_cache"], **gqa),)
 
             return run
+        if impl in ("torch", COMPILE):
+            fn = baselines.attention_with_kvcache
+            fn = torch.compile(fn, dynamic=False) if impl == COMPILE else fn
+            return lambda x: (fn(x["q"], x["k_cache"], x["v_cache"], x["seqlens"], x["k_new"], x["v_new"]),)
         from genkern.ops.kv_decode import attention_with_kvcache
 
         return lambda x: (

@@ -1,10 +1,15 @@
-"""Benchmark cases for genkern.reparameterize_kl (eps drawn inside, standard prior)."""
+"""Benchmark cases for genkern.reparameterize_kl (eps drawn inside, standard prior).
+
+Impls: "torch" is the plain-PyTorch baseline genkern.bench.baselines.reparameterize_kl (noise
+from torch.randn_like, the standard prior's KL without zero passes), the fast impl, and
+COMPILE: torch.compile of that baseline.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from genkern.bench import COMPILE, Case, Target
+from genkern.bench import COMPILE, Case, Target, baselines
 
 OP = "reparameterize_kl"
 
@@ -26,10 +31,9 @@ class ReparamKLCase(Case):
         return {"mu": mu, "logvar": logvar}
 
     def impl_fn(self, impl: str):
-        if impl == COMPILE:
-            from genkern.reference.reparam_kl import reparameterize_kl as reference
-
-            fn = torch.compile(reference, dynamic=False)
+        if impl in ("torch", COMPILE):
+            fn = baselines.reparameterize_kl
+            fn = torch.compile(fn, dynamic=False) if impl == COMPILE else fn
             return lambda x: fn(x["mu"], x["logvar"])
         from genkern.ops.reparam_kl import reparameterize_kl
 

@@ -9,9 +9,10 @@ import sys
 import time
 
 from genkern._io import write_atomic
+from genkern.bench import FAIL, MIN_ROUNDS, NOISE, NOT_APPLICABLE, PASS
 from genkern.bench.timing import BWD_METHOD
 
-_COLS = "{:<18} {:<26} {:<8} {:<7} {:<14} {:>10} {:>9} {:>7} {:>8} {:>6} {:>8} {:>9}  {}"
+_COLS = "{:<18} {:<26} {:<8} {:<7} {:<14} {:>10} {:>9} {:>7} {:>11} {:>8} {:>6} {:>8} {:>9}  {}"
 
 
 # --- summaries ------------------------------------------------------------------------
@@ -22,10 +23,22 @@ def speedup(ref_time: float, impl_time: float) -> float:
     return ref_time / impl_time
 
 
-def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmul_tflops=None, read_gbps=None) -> dict:
-    """Median, quartiles, ratio, GB/s (and TFLOP/s when `flops` is given) of one impl's times (s)."""
-    ms = sorted(t * 1e3 for t in times)
-    q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+def quartiles(times_ms) -> tuple:
+    """(q1, median, q3) of times in ms (one time: itself three times)."""
+    ms = sorted(times_ms)
+    return tuple(statistics.quantiles(ms, n=4, method="inclusive")) if len(ms) > 1 else (ms[0],) * 3
+
+
+def summarize(
+    times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmul_tflops=None, read_gbps=None, ref_q=None
+) -> dict:
+    """Median, quartiles, ratio, GB/s (and TFLOP/s when `flops` is given) of one impl's times (s).
+
+    ref_q: the baseline's (q1, q3) in ms; then ratio_low / ratio_high, the ratio's spread, are its
+    q1 over this impl's q3 (the conservative end) and its q3 over this impl's q1.
+    """
+    ms = [t * 1e3 for t in times]
+    q1, med, q3 = quartiles(ms)
     gbps = nbytes / (med / 1e3) / 1e9 if nbytes else None  # no byte count: a whole training step
     out = {
         "status": "ok",
@@ -35,6 +48,8 @@ def summarize(times, nbytes: int, ref_ms=None, copy_gbps=None, flops=None, matmu
         "iqr_ms": q3 - q1,
         "n": len(ms),
         "ratio": speedup(ref_ms if ref_ms is not None else med, med),
+        "ratio_low": speedup(ref_q[0], q3) if ref_q else None,
+        "ratio_high": speedup(ref_q[1], q1) if ref_q else None,
         "gbps": gbps,
         "frac_copy_bw": gbps / copy_gbps if copy_gbps and gbps else None,
         "frac_read_bw": gbps / read_gbps if read_gbps and gbps else None,
@@ -49,6 +64,21 @@ def all_good(entries) -> bool:
     """No impl failed and no target was missed (what `--strict` asks)."""
     ok = all(r["status"] != "failed" for e in entries for r in e["impls"].values())
     return ok and all(t["passed"] is not False for e in entries for t in e["targets"])
+
+
+def verdict_counts(entries) -> dict:
+    """{verdict: how many targets got it} over `entries`, PASS, NOISE, FAIL, NOT_APPLICABLE in order."""
+    counts = dict.fromkeys((PASS, NOISE, FAIL, NOT_APPLICABLE), 0)
+    for t in (t for e in entries for t in e["targets"]):
+        counts[t["verdict"]] += 1
+    return counts
+
+
+def print_summary(entries) -> None:
+    """One line: how many targets passed, were within noise, failed, did not apply."""
+    counts = verdict_counts(entries)
+    if sum(counts.values()):
+        print("targets: " + ", ".join(f"{n} {verdict}" for verdict, n in counts.items()))
 
 
 # --- the table ------------------------------------------------------------------------
@@ -71,8 +101,14 @@ def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
     extra = f" (+ {', '.join(baselines)} where a case has it)" if baselines else ""
     limit = "none" if mem_limit is None else f"{mem_limit / 2**30:.1f} GiB"
     print(
-        f"impls: {', '.join(impls)}{extra}; ratio = torch time / impl time (>1: faster than plain PyTorch); "
+        f"impls: {', '.join(impls)}{extra}; torch = the plain-PyTorch baseline (genkern.bench.baselines; "
+        f"torch.compile: of it); ratio = torch time / impl time (>1: faster than plain PyTorch); "
         f"bwd = {BWD_METHOD}"
+    )
+    print(
+        f"ratio IQR: torch q1 / impl q3 - torch q3 / impl q1; a target passes at its conservative end "
+        f"(baseline q1 / impl q3; bandwidth: at the impl's q3 time) from >= {MIN_ROUNDS} rounds, "
+        f"'{NOISE}' when only the medians meet it"
     )
     print(
         f"TFLOP/s: the op's flops (see its case module) / median time; peak MiB: allocated during one call "
@@ -88,6 +124,7 @@ def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
             "median ms",
             "IQR ms",
             "ratio",
+            "ratio IQR",
             "GB/s",
             "%copy",
             "TFLOP/s",
@@ -129,6 +166,7 @@ def print_entry(entry: dict) -> None:
                 _fmt(r.get("median_ms"), ".4f"),
                 _fmt(r.get("iqr_ms"), ".4f"),
                 _fmt(r.get("ratio"), ".2f"),
+                _spread(r.get("ratio_low"), r.get("ratio_high")),
                 _fmt(r.get("gbps"), ".1f"),
                 _fmt(r.get("frac_copy_bw"), ".0%"),
                 _fmt(r.get("tflops"), ".3g"),
@@ -139,9 +177,15 @@ def print_entry(entry: dict) -> None:
     sys.stdout.flush()
 
 
+def _spread(low, high) -> str:
+    return "-" if low is None or high is None else f"{low:.2f}-{high:.2f}"
+
+
 def _verdict(t: dict) -> str:
-    value = "-" if t["value"] is None else f"{t['value']:.2f}"
-    return {True: "PASS", False: "FAIL", None: "n/a"}[t["passed"]] + f" ({value})"
+    if t["value"] is None:
+        return t["verdict"]
+    conservative = "" if t.get("conservative") is None else f", conservative {t['conservative']:.2f}"
+    return f"{t['verdict']} ({t['value']:.2f}{conservative})"
 
 
 # --- the results file -----------------------------------------------------------------

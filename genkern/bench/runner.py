@@ -2,7 +2,10 @@
 
 Each (case, direction) is timed for every impl in interleaved rounds, so the
 ratios come from the same stretch of a noisy machine. Times are medians after
-warm-up; on CUDA each call is timed with CUDA events. `bwd` times
+warm-up, with their quartiles; on CUDA each call is timed with CUDA events.
+"torch" is the plain-PyTorch baseline of genkern.bench.baselines. A target
+passes at the conservative end of the spread, else it is "within noise" or
+fails (genkern.bench.Target). `bwd` times
 torch.autograd.grad over a graph built once and retained (no forward inside).
 Peak memory is measured on one more call, and an impl whose estimated memory
 is over the limit is skipped, not run (genkern.bench.memory).
@@ -17,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import statistics
 import sys
 
 import torch
 
-from genkern.bench import COMPILE, DIRECTIONS, select_cases
+from genkern.bench import COMPILE, DIRECTIONS, NOISE, select_cases
 from genkern.bench.arguments import (
     add_arguments,
     budget_s,
@@ -36,7 +38,16 @@ from genkern.bench.arguments import (
 )
 from genkern.bench.machine import copy_bandwidth, device_name, device_slug, machine_header, matmul_rate, read_bandwidth
 from genkern.bench.memory import guard, memory_limit, peak_memory
-from genkern.bench.report import all_good, print_entry, print_header, speedup, summarize, write_results
+from genkern.bench.report import (
+    all_good,
+    print_entry,
+    print_header,
+    print_summary,
+    quartiles,
+    speedup,
+    summarize,
+    write_results,
+)
 from genkern.bench.timing import BWD_METHOD, MIN_ROUNDS, ImplError, measure, prepare, time_once
 
 __all__ = [
@@ -57,6 +68,7 @@ __all__ = [
     "prepare",
     "print_entry",
     "print_header",
+    "print_summary",
     "read_bandwidth",
     "run",
     "speedup",
@@ -94,6 +106,7 @@ def run(args) -> int:
         "quick": args.quick,
         "mem_limit_gib": None if limit is None else round(limit / 2**30, 2),
     }
+    print_summary(entries)
     path = write_results(args.out, header, entries)
     print(f"wrote {path}")
     return 1 if args.strict and not all_good(entries) else 0
@@ -104,6 +117,8 @@ def _run_cases(cases, device, impls, args, budget, repeats, limit):
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         header = machine_header(device, args.quick)
         print_header(header, impls, sorted({b for c in cases for b in c.baselines}), limit)
+        if repeats < MIN_ROUNDS:
+            print(f"note: --repeats {repeats} < {MIN_ROUNDS} rounds: no target can PASS, at best '{NOISE}'")
         entries = []
         for case in cases:
             for direction in args.direction or DIRECTIONS:
@@ -152,9 +167,12 @@ def bench_case(
     samples, errors = measure(calls, device, budget_s, max_rounds)
     results.update({impl: {"status": "failed", "error": error} for impl, error in errors.items()})
     ref = samples.get("torch")
-    ref_ms = statistics.median(ref) * 1e3 if ref else None
+    ref_q1, ref_ms, ref_q3 = quartiles([t * 1e3 for t in ref]) if ref else (None,) * 3
+    rates = (matmul_tflops or {}).get(dtype)
     for impl, times in samples.items():
-        results[impl] = summarize(times, nbytes, ref_ms, copy_gbps, flops, (matmul_tflops or {}).get(dtype), read_gbps)
+        results[impl] = summarize(
+            times, nbytes, ref_ms, copy_gbps, flops, rates, read_gbps, ref_q=(ref_q1, ref_q3) if ref else None
+        )
         if ref_ms is None:
             results[impl]["ratio"] = None
         results[impl]["peak_mem_bytes"] = peak_memory(calls[impl], device)

@@ -11,10 +11,9 @@ import time
 
 import torch
 
-from genkern.bench import COMPILE
+from genkern.bench import COMPILE, MIN_ROUNDS
 
 BWD_METHOD = "torch.autograd.grad over one retained forward graph (retain_graph=True)"
-MIN_ROUNDS = 3
 
 
 class ImplError(Exception):
@@ -60,8 +59,12 @@ def prepare(case, impl, direction, device, inputs=None):
     """A zero-argument callable running one `direction` of `impl` on `case`.
 
     Runs the forward once (the compile, for torch.compile). Raises ImplError
-    when the impl is unavailable (not built, placeholder) or fails.
+    when the impl is unavailable (not built, placeholder) or fails, and ValueError
+    for a direction the case does not have (e.g. "step" of an op, "bwd" of kv_decode):
+    it would time something else under that name.
     """
+    if direction not in case.directions:
+        raise ValueError(f"{case.op} has no {direction!r} direction (it has {', '.join(case.directions)})")
     inputs = case.make_inputs(device) if inputs is None else inputs
     try:
         return _prepare(_impl_fn(case, impl), case, direction, inputs)
@@ -102,7 +105,8 @@ def _message(exc) -> str:
 
 
 def measure(calls: dict, device, budget_s: float, max_rounds: int):
-    """({impl: [seconds, ...]}, {impl: error}): one warm-up each, then interleaved rounds until the budget."""
+    """({impl: [seconds, ...]}, {impl: error}): one warm-up each, then interleaved rounds: at least
+    MIN_ROUNDS (unless max_rounds is smaller), then more until the budget or max_rounds."""
     samples, errors = {name: [] for name in calls}, {}
     live = dict(calls)
     start, rounds = None, 0
