@@ -1,4 +1,4 @@
-"""Plain-PyTorch GAN losses: the spec, the fallback and the benchmark baseline.
+"""Plain-PyTorch GAN losses: the spec and the fallback.
 
 With r = real logits and f = fake logits (any shapes; they may differ in size),
 the per-element terms of each kind are
@@ -19,6 +19,9 @@ Reductions: "mean" averages each term over its own tensor and adds the two;
 "sum" sums each; "none" returns real term + fake term per element, which needs
 real and fake of one shape (a generator loss without a real term returns its
 fake term). Float16 and bfloat16 are computed in float32.
+
+This is the definition the kernels are tested against, written to be exact rather
+than fast: the benchmarks' plain-PyTorch speed baseline lives in genkern.bench.baselines.
 """
 
 from __future__ import annotations

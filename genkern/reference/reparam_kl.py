@@ -1,7 +1,8 @@
 """Plain-PyTorch reparameterized sampling with its KL divergence: the spec.
 
-This file is the definition the kernels are tested against, the fallback when
-no kernel is available and the baseline every benchmark is measured against.
+This file is the definition the kernels are tested against and the fallback when
+no kernel is available. It is written to be exact (float64-safe), not fast: the
+benchmarks' plain-PyTorch speed baseline lives in genkern.bench.baselines.
 
 Math, for mu, logvar of shape (..., D) and a diagonal Gaussian prior
 N(prior_mu, exp(prior_logvar)) (standard normal when not given):
@@ -13,8 +14,8 @@ N(prior_mu, exp(prior_logvar)) (standard normal when not given):
     kl  = 1/2 * sum_D( expm1(d) - d + t^2 )                (...)
 
 which is KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed over
-the last dimension. `expm1(d) - d` keeps precision when logvar is close to
-prior_logvar, and squaring t (rather than multiplying (mu - prior_mu)^2 by
+the last dimension; with the standard prior d = logvar and t = mu. `expm1(d) - d`
+keeps precision when logvar is close to prior_logvar, and squaring t (rather than multiplying (mu - prior_mu)^2 by
 exp(-prior_logvar)) avoids overflowing an intermediate when the result fits.
 
 The in-kernel noise (C++ and Triton impls, eps=None) is counter based, so it
@@ -50,10 +51,12 @@ def kl_divergence(mu, logvar, prior_mu=None, prior_logvar=None):
     """
     ct = _compute_dtype(mu.dtype)
     mu, logvar = mu.to(ct), logvar.to(ct)
-    pm = torch.zeros((), dtype=ct, device=mu.device) if prior_mu is None else prior_mu.to(ct)
-    plv = torch.zeros((), dtype=ct, device=mu.device) if prior_logvar is None else prior_logvar.to(ct)
-    d = logvar - plv
-    t = (mu - pm) * torch.exp(-0.5 * plv)
+    # A missing prior term is skipped, not applied as zeros: subtracting 0 and scaling by
+    # exp(0) = 1 change no value, so the standard prior reads d = logvar and t = mu directly.
+    d = logvar if prior_logvar is None else logvar - prior_logvar.to(ct)
+    t = mu if prior_mu is None else mu - prior_mu.to(ct)
+    if prior_logvar is not None:
+        t = t * torch.exp(-0.5 * prior_logvar.to(ct))
     return (0.5 * (torch.expm1(d) - d + t * t)).sum(-1)
 
 
