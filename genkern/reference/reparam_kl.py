@@ -15,8 +15,9 @@ N(prior_mu, exp(prior_logvar)) (standard normal when not given):
 
 which is KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed over
 the last dimension; with the standard prior d = logvar and t = mu. `expm1(d) - d`
-keeps precision when logvar is close to prior_logvar, and squaring t (rather than multiplying (mu - prior_mu)^2 by
-exp(-prior_logvar)) avoids overflowing an intermediate when the result fits.
+keeps precision when logvar is close to prior_logvar, and squaring t (rather than
+multiplying (mu - prior_mu)^2 by exp(-prior_logvar)) avoids overflowing an
+intermediate when the result fits.
 
 The in-kernel noise (C++ and Triton impls, eps=None) is counter based, so it
 is never stored: the backward pass draws it again from the same seed.
