@@ -54,10 +54,12 @@ def kl_divergence(mu, logvar, prior_mu=None, prior_logvar=None):
     mu, logvar = mu.to(ct), logvar.to(ct)
     # A missing prior term is skipped, not applied as zeros: subtracting 0 and scaling by
     # exp(0) = 1 change no value, so the standard prior reads d = logvar and t = mu directly.
-    d = logvar if prior_logvar is None else logvar - prior_logvar.to(ct)
+    # prior_logvar is cast once, so that its two gradient terms add up in the compute dtype.
+    plv = None if prior_logvar is None else prior_logvar.to(ct)
+    d = logvar if plv is None else logvar - plv
     t = mu if prior_mu is None else mu - prior_mu.to(ct)
-    if prior_logvar is not None:
-        t = t * torch.exp(-0.5 * prior_logvar.to(ct))
+    if plv is not None:
+        t = t * torch.exp(-0.5 * plv)
     return (0.5 * (torch.expm1(d) - d + t * t)).sum(-1)
 
 
@@ -69,9 +71,12 @@ def reparameterize_kl(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
     """
     if eps is None:
         eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
-    ct = _compute_dtype(mu.dtype)
-    z = mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps.to(ct)
-    kl = kl_divergence(mu, logvar, prior_mu, prior_logvar)
+    # One cast of mu and logvar to the compute dtype, shared by z and kl: their gradients then
+    # add up in float32 and round to a half-precision dtype once (two casts would add them
+    # in float16, where a sum of finite float32 terms can overflow).
+    mu_c, logvar_c = mu.to(_compute_dtype(mu.dtype)), logvar.to(_compute_dtype(mu.dtype))
+    z = mu_c + torch.exp(0.5 * logvar_c) * eps.to(mu_c.dtype)
+    kl = kl_divergence(mu_c, logvar_c, prior_mu, prior_logvar)
     return z.to(mu.dtype), kl.to(mu.dtype)
 
 
