@@ -23,7 +23,7 @@ import genkern
 import utils
 from genkern.reference import gan_loss as reference
 from genkern.reference.gan_loss import KINDS, LABEL_KINDS, REDUCTIONS
-from utils import assert_close_rule, impl_device, impl_dtype_params
+from utils import KERNEL_IMPLS, assert_close_rule, assert_matches_formula, impl_device, impl_dtype_params
 
 # (loss, kind, real_label): every kind of both losses, and one-sided label smoothing.
 LOSS_CASES = [("d", k, 1.0) for k in KINDS] + [("d", k, 0.9) for k in LABEL_KINDS] + [("g", k, 1.0) for k in KINDS]
@@ -137,7 +137,7 @@ def check(impl, loss, kind, reduction, real, fake, *, real_label=1.0, grads=True
 def _shape_params(pairs):
     """(impl, dtype, real_shape, fake_shape) params, the interpreter's only up to INTERPRETER_MAX_NUMEL."""
     out = []
-    for p in impl_dtype_params():
+    for p in impl_dtype_params(KERNEL_IMPLS):
         impl, dtype = p.values
         for rs, fs in pairs:
             if utils.interpreted(impl) and max(math.prod(rs), math.prod(fs)) > INTERPRETER_MAX_NUMEL:
@@ -151,7 +151,7 @@ def _shape_params(pairs):
 
 @pytest.mark.parametrize("reduction,shapes", [(r, "same") for r in REDUCTIONS] + [("mean", "diff"), ("sum", "diff")])
 @LOSS_PARAMS
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params())
+@pytest.mark.parametrize("impl,dtype", impl_dtype_params(KERNEL_IMPLS))
 def test_values_and_grads(impl, dtype, loss, kind, label, reduction, shapes):
     # "diff": real and fake of different numbers of elements (reduction="none" needs one shape)
     real_shape, fake_shape = ((64, 1), (64, 1)) if shapes == "same" else ((64, 1), (3, 1, 4, 5))
@@ -212,7 +212,7 @@ def _noncontiguous(t, layout):
     ],
     ids=lambda v: v if isinstance(v, str) else _sid(v),
 )
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params())
+@pytest.mark.parametrize("impl,dtype", impl_dtype_params(KERNEL_IMPLS))
 def test_noncontiguous(impl, dtype, layout, shape):
     device = impl_device(impl)
     for loss, kind, label in LOSS_CASES:
@@ -233,7 +233,9 @@ def test_noncontiguous(impl, dtype, layout, shape):
             )
 
 
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params(dtypes=(torch.float32, torch.float64, torch.float16)))
+@pytest.mark.parametrize(
+    "impl,dtype", impl_dtype_params(KERNEL_IMPLS, dtypes=(torch.float32, torch.float64, torch.float16))
+)
 def test_relativistic_none_cross_terms(impl, dtype):
     # With "none", loss_i = sp(-(r_i - mean f)) + sp(f_i - mean r): every loss_i depends on every
     # logit through the means, so grad_r = -g * a - sum(g * b) / n (a, b the sigmoids): the backward
@@ -254,7 +256,7 @@ def test_relativistic_none_cross_terms(impl, dtype):
     assert (full - elementwise).abs().max() > 0.01
 
 
-@pytest.mark.parametrize("impl", utils.IMPLS)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_none_upstream_layouts(impl):
     # loss.sum().backward() hands the op a stride-0 (expanded) gradient; (loss * w) a strided one.
     device = impl_device(impl)
@@ -279,7 +281,7 @@ def test_none_upstream_layouts(impl):
             )
 
 
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params(dtypes=(torch.float32, torch.bfloat16)))
+@pytest.mark.parametrize("impl,dtype", impl_dtype_params(KERNEL_IMPLS, dtypes=(torch.float32, torch.bfloat16)))
 def test_hinge_kink(impl, dtype):
     # At r = 1 and f = -1 the hinge terms are 0 and the reference's gradient is relu's subgradient 0.
     device = impl_device(impl)
@@ -350,7 +352,7 @@ def test_retained_gradients_stay_put(impl, kind):
         torch.testing.assert_close(b, 3 * c, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("impl", utils.IMPLS)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_no_grad_and_detached_inputs(impl):
     device = impl_device(impl)
     real, fake = (
@@ -376,40 +378,24 @@ def test_no_grad_and_detached_inputs(impl):
 
 
 @pytest.mark.parametrize("kind", ("nonsaturating", "least_squares", "relativistic", "wasserstein"))
-@pytest.mark.parametrize("impl", utils.IMPLS)
-def test_double_backward_correct_or_refused(impl, kind):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_double_backward_refused(impl, kind):
     # A gradient penalty on the loss (logits = w * x, penalty = |d loss / d x|^2, then d / d w)
-    # differentiates the op's backward. A backward that only scales a saved gradient is right to
-    # first order only: double backward must either raise or be right, never silently drop the
-    # loss's second derivative.
+    # differentiates the op's backward. The fused backward only scales a saved gradient, right to
+    # first order only: create_graph=True must raise (the C++ and the Python autograd word it
+    # alike), never silently drop the loss's second derivative. The forward and first-order
+    # gradients are unaffected. impl="torch" differentiates twice: test_spec_double_backward.
     device = impl_device(impl)
-
-    def penalty_grad(op, x, w, fake):
-        out = op(w * x, fake)
-        (gx,) = torch.autograd.grad(out, x, create_graph=True)
-        return torch.autograd.grad((gx * gx).sum(), w)[0]
-
-    x = make_logits((5,), torch.float32, device, seed=12)
+    x = make_logits((5,), torch.float32, device, seed=12).requires_grad_()
     fake = make_logits((5,), torch.float32, device, seed=13)
-    w = torch.tensor(1.3, device=device)
-    try:
-        got = penalty_grad(
-            lambda r, f: genkern.discriminator_loss(r, f, kind, impl=impl),
-            x.clone().requires_grad_(),
-            w.clone().requires_grad_(),
-            fake,
-        )
-    except RuntimeError:
-        return  # refused: fine
-    want = penalty_grad(
-        lambda r, f: reference.discriminator_loss(r, f, kind),
-        x.double().requires_grad_(),
-        w.double().requires_grad_(),
-        fake.double(),
-    )
-    torch.testing.assert_close(
-        got.double(), want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{kind}: d/dw |d loss/dx|^2 silently wrong: {m}"
-    )
+    w = torch.tensor(1.3, device=device, requires_grad=True)
+    out = genkern.discriminator_loss(w * x, fake, kind, impl=impl)
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\)"):
+        torch.autograd.grad(out, x, create_graph=True)
+    (gx,) = torch.autograd.grad(genkern.discriminator_loss(w * x, fake, kind, impl=impl), x)
+    x64 = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.discriminator_loss(1.3 * x64, fake.double(), kind), x64)
+    torch.testing.assert_close(gx.double(), want, rtol=1e-5, atol=1e-6)
 
 
 # --- constant gradients: returned 0-d by the kernels, expanded by the backward -----------
@@ -421,7 +407,7 @@ CONST_IDS = [f"{loss}-{kind}" for loss, kind in CONST_CASES]
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("loss,kind", CONST_CASES, ids=CONST_IDS)
-@pytest.mark.parametrize("impl", utils.IMPLS)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_constant_gradients(impl, loss, kind, reduction):
     # The kernels write no per-element gradient for these terms: the backward hands autograd a
     # stride-0 view of one value (as torch's sum() does). Users must not notice: the values are
@@ -630,13 +616,11 @@ def test_compiled_autograd_cpp():
 # --- numerics ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", utils.IMPLS)
-def test_float32_extreme_logits(impl):
-    # softplus(+-1e4), sigmoid(+-1e4): a naive log(1 + exp(x)) or e / (1 + e) gives inf / NaN.
-    device = impl_device(impl)
+def _extreme_logits(dtype, device):
+    """(real, fake): 64 logits up to +-1e4 (softplus(+-1e4), sigmoid(+-1e4): a naive log(1 + exp(x))
+    or e / (1 + e) gives inf / NaN). Skewed to positive real and negative fake logits: the sums do
+    not cancel (a float32 sum of +-1e4 terms that cancels to ~0 is off by ~1e-4 in any impl)."""
     n = 64
-    # Skewed to positive real and negative fake logits: the sums do not cancel (a float32 sum of
-    # +-1e4 terms that cancels to ~0 is off by ~1e-4 in any impl, beyond ABS_TOL of a ~0 loss).
     vals = torch.cat(
         [
             torch.tensor([1e4, -1e4, 9999.0, -9999.0, 20.0, -20.0, 88.0, -88.0, 89.0, -89.0]),
@@ -644,8 +628,14 @@ def test_float32_extreme_logits(impl):
             torch.linspace(5e3, 1e4, n - 30),
         ]
     ).double()
-    real = vals[torch.randperm(n, generator=torch.Generator().manual_seed(1))].float().to(device)
-    fake = -vals[torch.randperm(n, generator=torch.Generator().manual_seed(2))].float().to(device)
+    real = vals[torch.randperm(n, generator=torch.Generator().manual_seed(1))].to(dtype).to(device)
+    fake = -vals[torch.randperm(n, generator=torch.Generator().manual_seed(2))].to(dtype).to(device)
+    return real, fake
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_float32_extreme_logits(impl):
+    real, fake = _extreme_logits(torch.float32, impl_device(impl))
     for loss, kind, label in LOSS_CASES:
         for reduction in REDUCTIONS:
             out = check(
@@ -654,11 +644,9 @@ def test_float32_extreme_logits(impl):
             assert bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("impl", utils.IMPLS)
-def test_float16_range(impl):
-    # Logits across float16's range: where the float64 loss (or gradient) rounds to inf in float16
-    # the result must be inf as well, elsewhere finite and by the rule (assert_close_rule).
-    device = impl_device(impl)
+def _float16_range_logits(device):
+    """(real, fake) across float16's range, and the same / 1024 (up to +-64: finite losses,
+    near-saturated sigmoids)."""
     n = 128
     vals = torch.cat(
         [
@@ -668,7 +656,14 @@ def test_float16_range(impl):
     ).double()
     real = vals[torch.randperm(n, generator=torch.Generator().manual_seed(3))].half().to(device)
     fake = vals[torch.randperm(n, generator=torch.Generator().manual_seed(4))].half().to(device)
-    small_real, small_fake = real / 1024, fake / 1024  # up to +-64: finite losses, near-saturated sigmoids
+    return real, fake, real / 1024, fake / 1024
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_float16_range(impl):
+    # Logits across float16's range: where the float64 loss (or gradient) rounds to inf in float16
+    # the result must be inf as well, elsewhere finite and by the rule (assert_close_rule).
+    real, fake, small_real, small_fake = _float16_range_logits(impl_device(impl))
     for loss, kind, label in LOSS_CASES:
         for reduction in REDUCTIONS:
             for r, f, what in ((real, fake, "full range"), (small_real, small_fake, "+-64")):
@@ -716,7 +711,7 @@ def check_float16_loss_scaling(impl, n, device, loss_cases=LOSS_CASES):
             )
 
 
-@pytest.mark.parametrize("impl", utils.IMPLS)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_float16_mean_gradient_under_loss_scaling(impl):
     # The interpreter takes ~1.5 s a call at 2^16 logits: two cases there (the GPU test runs them all).
     cases = [("d", "nonsaturating", 1.0), ("g", "relativistic", 1.0)] if utils.interpreted(impl) else LOSS_CASES
@@ -745,6 +740,185 @@ def test_nan_propagates(impl, dtype):
                 assert torch.equal(torch.isnan(out), torch.isnan(want)), f"{what}: NaN at {torch.isnan(out)}"
                 if reduction != "none":
                     assert bool(torch.isnan(out)) == reads_nan, f"{what}: loss {out.item()}"
+
+
+# --- the spec against independent formulas ------------------------------------------------
+# impl="torch" is genkern.reference: comparing it with the reference proves nothing. Here it
+# meets every kind, both sides and every reduction written out per element in float64 as the
+# textbook losses (log sigmoid, relu, squares; no F.softplus), with gradients derived by hand
+# (utils.assert_matches_formula holds each dtype to its rounding).
+
+
+def _sigmoid(x):
+    e = torch.exp(-x.abs())  # never overflows
+    return torch.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _log_sigmoid(x):
+    return x.clamp(max=0) - torch.log1p(torch.exp(-x.abs()))  # min(x, 0) - log(1 + e^-|x|)
+
+
+def _separable_terms(loss, kind, r, f, label):
+    """((real term, d/dr) or None, (fake term, d/df)) per element, float64."""
+    one = torch.ones_like
+    if loss == "g":
+        fake = {
+            "nonsaturating": (-_log_sigmoid(f), _sigmoid(f) - 1),  # -log sigmoid(f)
+            "minimax": (_log_sigmoid(-f), -_sigmoid(f)),  # log(1 - sigmoid(f))
+            "hinge": (-f, -one(f)),
+            "wasserstein": (-f, -one(f)),
+            "least_squares": ((f - 1) ** 2 / 2, f - 1),
+        }[kind]
+        return None, fake
+    if kind in LABEL_KINDS:  # -(l log sigmoid(r) + (1 - l) log(1 - sigmoid(r))), -log(1 - sigmoid(f))
+        real = (-(label * _log_sigmoid(r) + (1 - label) * _log_sigmoid(-r)), _sigmoid(r) - label)
+        return real, (-_log_sigmoid(-f), _sigmoid(f))
+    return {
+        "hinge": (((1 - r).clamp(min=0), -(r < 1).double()), ((1 + f).clamp(min=0), (f > -1).double())),
+        "wasserstein": ((-r, -one(r)), (f, one(f))),
+        "least_squares": (((r - 1) ** 2 / 2, r - 1), (f**2 / 2, f)),
+    }[kind]
+
+
+def _reduce(real, fake, reduction, g):
+    """Loss and per-element gradients of the separable kinds: mean averages each term over its own tensor."""
+    wr, wf = (g, g) if reduction != "mean" else (g / (1 if real is None else real[0].numel()), g / fake[0].numel())
+    if reduction == "none":
+        value = fake[0] + (0 if real is None else real[0])
+    else:
+        value = fake[0].sum() * (wf / g) + (0 if real is None else real[0].sum() * (wr / g))
+    return value, None if real is None else wr * real[1], wf * fake[1]
+
+
+def _relativistic(x, y, reduction, g):
+    """-log sigmoid(x - mean y) over x plus -log(1 - sigmoid(y - mean x)) over y, and the gradients.
+
+    With weights a_i, b_j (g / n for mean, g for sum, g_i for none): d/dx_k = -a_k sigmoid(-(x_k - my))
+    - sum_j b_j sigmoid(y_j - mx) / nx and d/dy_k = b_k sigmoid(y_k - mx) + sum_i a_i sigmoid(-(x_i - my)) / ny.
+    """
+    mx, my = x.sum() / x.numel(), y.sum() / y.numel()
+    tx, ty = -_log_sigmoid(x - my), -_log_sigmoid(-(y - mx))
+    a = g / x.numel() if reduction == "mean" else g
+    b = g / y.numel() if reduction == "mean" else g
+    sx, sy = _sigmoid(-(x - my)), _sigmoid(y - mx)
+    gx = -a * sx - (b * sy).sum() / x.numel()
+    gy = b * sy + (a * sx).sum() / y.numel()
+    if reduction == "none":
+        return tx + ty, gx, gy
+    return (a / g) * tx.sum() + (b / g) * ty.sum() if reduction == "mean" else tx.sum() + ty.sum(), gx, gy
+
+
+def formula_gan_loss(loss, kind, reduction, real, fake, label, upstream):
+    """(loss, grad real or None, grad fake) in float64; upstream is the gradient of the loss."""
+    r = None if real is None else real.detach().double().cpu()
+    f, g = fake.detach().double().cpu(), upstream.detach().double().cpu()
+    if kind == "relativistic":  # the generator's is the discriminator's with real and fake exchanged
+        if loss == "d":
+            return _relativistic(r, f, reduction, g)
+        value, gf, gr = _relativistic(f, r, reduction, g)
+        return value, gr, gf
+    return _reduce(*_separable_terms(loss, kind, r, f, label), reduction, g)
+
+
+def check_spec(loss, kind, reduction, real, fake, *, real_label=1.0, upstream=None, seed=0, where=""):
+    """impl="torch" once, forward and backward, against formula_gan_loss."""
+    where = where or f"{loss} {kind} {reduction} {real.dtype} real {tuple(real.shape)} fake {tuple(fake.shape)}"
+    r, f = real.detach().requires_grad_(), fake.detach().requires_grad_()
+    out = _op("torch", loss, kind, reduction, r, f, real_label)
+    assert out.shape == (fake.shape if reduction == "none" else ()) and out.dtype == fake.dtype, where
+    g = _upstream(out, r, f, reduction, seed + 1) if upstream is None else upstream
+    got = torch.autograd.grad(out, (r, f), g, allow_unused=True)
+    used_real = real if _uses_real(loss, kind) else None
+    value, want_r, want_f = formula_gan_loss(loss, kind, reduction, used_real, f, real_label, g)
+    assert_matches_formula(out, value, name=f"{where}: loss")
+    assert_matches_formula(got[1], want_f, name=f"{where}: grad fake")
+    if want_r is None:
+        assert got[0] is None or not bool(got[0].any()), f"{where}: a gradient for unused real logits"
+    else:
+        assert_matches_formula(got[0], want_r, name=f"{where}: grad real")
+    return out
+
+
+SPEC_DTYPES = [pytest.param(dt, id=str(dt).replace("torch.", "")) for dt in utils.ALL_DTYPES]
+
+
+@pytest.mark.parametrize("reduction,shapes", [(r, "same") for r in REDUCTIONS] + [("mean", "diff"), ("sum", "diff")])
+@LOSS_PARAMS
+@pytest.mark.parametrize("dtype", SPEC_DTYPES)
+def test_spec_values_and_grads(dtype, loss, kind, label, reduction, shapes):
+    real_shape, fake_shape = ((64, 1), (64, 1)) if shapes == "same" else ((64, 1), (3, 1, 4, 5))
+    seed = _seed("torch", str(dtype), loss, kind, reduction, shapes)
+    real, fake = make_logits(real_shape, dtype, seed=seed), make_logits(fake_shape, dtype, seed=seed + 1)
+    check_spec(loss, kind, reduction, real, fake, real_label=label, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", SPEC_DTYPES)
+def test_spec_shapes(dtype):
+    # Every shape of the kernel tests, real and fake of one shape and of different sizes.
+    pairs = [(s, s, REDUCTIONS) for s in SAME_SHAPES] + [(a, b, ("mean", "sum")) for a, b in DIFF_SHAPES]
+    for real_shape, fake_shape, reductions in pairs:
+        for loss, kind, label in LOSS_CASES:
+            for reduction in reductions:
+                seed = _seed(real_shape, fake_shape, loss, kind, reduction)
+                real, fake = make_logits(real_shape, dtype, seed=seed), make_logits(fake_shape, dtype, seed=seed + 1)
+                check_spec(loss, kind, reduction, real, fake, real_label=label, seed=seed)
+
+
+def test_spec_layouts_and_upstreams():
+    # Non-contiguous logits, stride-0 and strided upstream gradients, the hinge kinks (subgradient 0).
+    real, fake = make_logits((12, 1), torch.float32, seed=4), make_logits((12, 1), torch.float32, seed=5)
+    w = _noncontiguous(make_logits((12, 1), torch.float32, seed=6), "step")
+    for loss, kind, label in LOSS_CASES:
+        for upstream in (torch.ones(()).expand(12, 1), w):
+            check_spec(loss, kind, "none", real, fake, real_label=label, upstream=upstream)
+        for layout in ("step", "transpose", "expand"):
+            r, f = (_noncontiguous(make_logits((3, 1, 4, 5), torch.float32, seed=s), layout) for s in (7, 8))
+            for reduction in REDUCTIONS:
+                check_spec(loss, kind, reduction, r, f, real_label=label, where=f"{loss} {kind} {reduction} {layout}")
+    kink_real, kink_fake = torch.tensor([1.0, 0.5, 2.0, 1.0]), torch.tensor([-1.0, -0.5, -2.0, -1.0])
+    for dtype in (torch.float32, torch.bfloat16):
+        for reduction in REDUCTIONS:
+            check_spec("d", "hinge", reduction, kink_real.to(dtype), kink_fake.to(dtype), where=f"kink {reduction}")
+
+
+def test_spec_extremes():
+    # Logits up to +-1e4 in float32 and float64 (finite everywhere), float16 across its range (inf where
+    # the formula rounds to inf), float16 "mean" over 2^16 logits under a 2^15 loss scale (AMP).
+    for dtype in (torch.float32, torch.float64):
+        real, fake = _extreme_logits(dtype, "cpu")
+        for loss, kind, label in LOSS_CASES:
+            for reduction in REDUCTIONS:
+                where = f"{loss} {kind} {reduction} +-1e4 {dtype}"
+                out = check_spec(loss, kind, reduction, real, fake, real_label=label, where=where)
+                assert bool(torch.isfinite(out).all())
+    # float64 across softplus's linear tail (|x| in 20..40): log(1 + e^-|x|) is still above float64's ulp.
+    tail = torch.linspace(-40, 40, 33, dtype=torch.float64)
+    for loss, kind, label in LOSS_CASES:
+        for reduction in REDUCTIONS:
+            check_spec(loss, kind, reduction, tail, -tail.flip(0), real_label=label, where=f"{loss} {kind} +-40")
+    cases = _float16_range_logits("cpu")
+    scaled = (make_logits((1 << 16, 1), torch.float16, seed=16), make_logits((1 << 16, 1), torch.float16, seed=17))
+    up = torch.tensor(32768.0, dtype=torch.float16)
+    for loss, kind, label in LOSS_CASES:
+        for reduction in REDUCTIONS:
+            for r, f in (cases[:2], cases[2:]):
+                where = f"{loss} {kind} {reduction} float16 range"
+                check_spec(loss, kind, reduction, r, f, real_label=label, where=where)
+        check_spec(loss, kind, "mean", *scaled, real_label=label, upstream=up)
+
+
+@LOSS_PARAMS
+def test_spec_double_backward(loss, kind, label):
+    # impl="torch" differentiates twice (a gradient penalty on the loss): second derivatives
+    # against finite differences of the first, in float64.
+    real = make_logits((4,), torch.float64, seed=14, scale=1.5).requires_grad_()
+    for reduction in REDUCTIONS:
+        fake = make_logits((4,) if reduction == "none" else (3,), torch.float64, seed=15, scale=1.5).requires_grad_()
+        if _uses_real(loss, kind):
+            inputs, fn = (real, fake), lambda r, f: _op("torch", loss, kind, reduction, r, f, label)  # noqa: E731
+        else:
+            inputs, fn = (fake,), lambda f: _op("torch", loss, kind, reduction, None, f, label)  # noqa: E731
+        assert torch.autograd.gradgradcheck(fn, inputs)
 
 
 # --- bad input --------------------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""genkern.reparameterize_kl against its float64 reference, for every impl.
+"""genkern.reparameterize_kl: the kernels against the float64 reference, the reference against formulas.
 
-"Correct" is the rule of DESIGN.md: error vs the float64 reference at most 2x the
-error of the plain-PyTorch computation in the same dtype, plus a small floor
-(utils.assert_close_rule). With eps=None the cpp/triton noise must be
+"Correct" for the cpp/triton impls is the rule of DESIGN.md: error vs the float64
+reference at most 2x the error of the plain-PyTorch computation in the same dtype, plus
+a small floor (utils.assert_close_rule). With eps=None their noise must be
 reference.philox_normal(seed) for the seed the op draws from the generator.
+impl="torch" is the reference itself, so it is checked against independently written
+float64 formulas instead (the textbook Gaussian KL of torch.distributions, per-element
+Python floats, hand-derived gradients): see "the spec against independent formulas".
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import textwrap
 
@@ -17,7 +21,7 @@ import torch
 import genkern
 import utils
 from genkern.reference import reparam_kl as reference
-from utils import NOISE_ATOL, assert_close_rule, impl_device, impl_dtype_params
+from utils import KERNEL_IMPLS, NOISE_ATOL, assert_close_rule, assert_matches_formula, impl_device, impl_dtype_params
 
 # Every D in {1, 3, 127, 1000} with 0..3 batch dims; numel <= 4000 (the Triton interpreter is slow).
 SHAPES = [
@@ -69,89 +73,12 @@ def _noise_for(impl, shape, dtype, device, gen):
     return utils.kernel_noise(utils.seed_like_op(clone, device), shape, device), True
 
 
-def check_op(
-    impl,
-    mu,
-    logvar,
-    *,
-    eps_mode="given",
-    prior_mu=None,
-    prior_logvar=None,
-    grads=True,
-    eps_requires_grad=False,
-    seed=1234,
-    eps=None,
-    gz_scale=1.0,
-):
-    """Runs the op once (forward and, with grads, backward) and checks everything against the reference."""
-    device, dtype = mu.device, mu.dtype
-    gen = torch.Generator(device=device).manual_seed(seed)
-    if eps_mode == "given":
-        eps = _randn_like(mu, seed + 1) if eps is None else eps
-        noise, from_kernel = eps, False
-    else:
-        assert eps is None
-        noise, from_kernel = _noise_for(impl, mu.shape, dtype, device, gen)
-
-    named = {
-        "mu": mu,
-        "logvar": logvar,
-        "prior_mu": prior_mu,
-        "prior_logvar": prior_logvar,
-        "eps": eps if eps_requires_grad else None,
-    }
-    leaves = {k: v.detach().requires_grad_(grads) for k, v in named.items() if v is not None}
-    eps_in = leaves.get("eps", eps)
-    z, kl = _op(
-        impl,
-        leaves["mu"],
-        leaves["logvar"],
-        eps_in,
-        prior_mu=leaves.get("prior_mu"),
-        prior_logvar=leaves.get("prior_logvar"),
-        generator=gen,
-    )
-
-    assert z.shape == mu.shape and kl.shape == mu.shape[:-1]
-    assert z.dtype == kl.dtype == dtype and z.device == kl.device == device
-
-    def run_reference(ls, n):
-        return reference.reparameterize_kl(
-            ls["mu"], ls["logvar"], ls.get("eps", n), prior_mu=ls.get("prior_mu"), prior_logvar=ls.get("prior_logvar")
-        )
-
-    leaves64 = {k: v.detach().double().requires_grad_(grads) for k, v in leaves.items()}
-    leaves_same = {k: v.detach().clone().requires_grad_(grads) for k, v in leaves.items()}
-    z64, kl64 = run_reference(leaves64, noise.detach().double())
-    z_same, kl_same = run_reference(leaves_same, noise.detach())
-
-    std64 = torch.exp(0.5 * logvar.detach().double())
-    noise_atol = NOISE_ATOL * std64 if from_kernel else None
-    assert_close_rule(z, z64, z_same, extra_atol=noise_atol, name="z")
-    assert_close_rule(kl, kl64, kl_same, name="kl")
-    if not grads:
-        return z, kl
-
-    gz, gkl = _randn_like(z, seed + 2, gz_scale), _randn_like(kl, seed + 3, gz_scale)
-    names = list(leaves)
-    got = torch.autograd.grad((z, kl), [leaves[k] for k in names], (gz, gkl))
-    want64 = torch.autograd.grad((z64, kl64), [leaves64[k] for k in names], (gz.double(), gkl.double()))
-    want_same = torch.autograd.grad((z_same, kl_same), [leaves_same[k] for k in names], (gz, gkl))
-    for k, g, w64, ws in zip(names, got, want64, want_same):
-        assert g.shape == named[k].shape, f"grad of {k}: shape {tuple(g.shape)} != {tuple(named[k].shape)}"
-        extra = None
-        if k == "logvar" and from_kernel:  # d z / d logvar = std * noise / 2
-            extra = NOISE_ATOL * 0.5 * std64 * gz.double().abs()
-        assert_close_rule(g, w64, ws, extra_atol=extra, name=f"grad {k}")
-    return z, kl
-
-
 # --- values and gradients ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("eps_mode", EPS_MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=_sid)
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params())
+@pytest.mark.parametrize("impl,dtype", impl_dtype_params(KERNEL_IMPLS))
 def test_values(impl, dtype, shape, eps_mode):
     mu, logvar = utils.make_inputs(shape, dtype, impl_device(impl))
     check_op(impl, mu, logvar, eps_mode=eps_mode, grads=False)
@@ -159,7 +86,7 @@ def test_values(impl, dtype, shape, eps_mode):
 
 @pytest.mark.parametrize("eps_mode", ("given", "given_requires_grad", "none"))
 @pytest.mark.parametrize("shape", [(3,), (4, 127), (2, 3, 5), (1025, 3)], ids=_sid)
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params())
+@pytest.mark.parametrize("impl,dtype", impl_dtype_params(KERNEL_IMPLS))
 def test_gradients(impl, dtype, shape, eps_mode):
     mu, logvar = utils.make_inputs(shape, dtype, impl_device(impl))
     check_op(
@@ -173,7 +100,7 @@ def test_gradients(impl, dtype, shape, eps_mode):
 
 @pytest.mark.parametrize("eps_mode", EPS_MODES)
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=_sid)
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params(dtypes=(torch.float32, torch.float16)))
+@pytest.mark.parametrize("impl,dtype", impl_dtype_params(KERNEL_IMPLS, dtypes=(torch.float32, torch.float16)))
 def test_empty(impl, dtype, shape, eps_mode):
     mu, logvar = utils.make_inputs(shape, dtype, impl_device(impl))
     z, kl = check_op(impl, mu, logvar, eps_mode=eps_mode)
@@ -183,7 +110,7 @@ def test_empty(impl, dtype, shape, eps_mode):
 
 @pytest.mark.parametrize("eps_mode", EPS_MODES)
 @pytest.mark.parametrize("layout", ("transpose", "slice", "expand"))
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params())
+@pytest.mark.parametrize("impl,dtype", impl_dtype_params(KERNEL_IMPLS))
 def test_noncontiguous(impl, dtype, layout, eps_mode):
     # The noise index is the row-major index of the logical element, whatever the layout.
     shape = (6, 4, 9)
@@ -205,7 +132,7 @@ PRIOR_CASES = [("none", None)] + [
 
 @pytest.mark.parametrize("eps_mode", EPS_MODES)
 @pytest.mark.parametrize("which,pshape", PRIOR_CASES, ids=[f"{w}-{s}" for w, s in PRIOR_CASES])
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params(dtypes=(torch.float32, torch.float64, torch.bfloat16)))
+@pytest.mark.parametrize("impl,dtype", impl_dtype_params(KERNEL_IMPLS, (torch.float32, torch.float64, torch.bfloat16)))
 def test_priors(impl, dtype, which, pshape, eps_mode):
     shape = (4, 3, 5)
     device = impl_device(impl)
@@ -224,7 +151,7 @@ def test_priors(impl, dtype, which, pshape, eps_mode):
     )
 
 
-@pytest.mark.parametrize("impl,dtype", impl_dtype_params(dtypes=(torch.float16,)))
+@pytest.mark.parametrize("impl,dtype", impl_dtype_params(KERNEL_IMPLS, dtypes=(torch.float16,)))
 def test_priors_low_precision(impl, dtype):
     mu, logvar = utils.make_inputs((8, 33), dtype, impl_device(impl))
     pm, plv = _randn_like(mu[0], 3), _randn_like(mu[0], 4)
@@ -370,31 +297,118 @@ def _shuffled_linspace(lo, hi, shape, dtype, device, seed):
     return torch.linspace(lo, hi, n, dtype=torch.float64)[perm].view(shape).to(dtype).to(device)
 
 
-@pytest.mark.parametrize("eps_mode", EPS_MODES)
-@pytest.mark.parametrize("impl", utils.IMPLS)
-def test_float32_extreme_logvar(impl, eps_mode):
-    device = impl_device(impl)
+def _extreme_logvar_cases(device):
+    """(mu, logvar, prior_mu, prior_logvar) in float32 with log-variances over [-80, 80].
+
+    The second case has a prior with extreme log-variance: t = (mu - prior_mu) * exp(-prior_logvar / 2)
+    is squared after scaling, so kl fits even where (mu - prior_mu)^2 alone would overflow float32.
+    """
     shape = (4, 41)
     logvar = _shuffled_linspace(-80, 80, shape, torch.float32, device, 1)
     mu = _randn_like(logvar, 2, 3.0)
-    check_op(impl, mu, logvar, eps_mode=eps_mode, eps_requires_grad=eps_mode == "given")
-    # A prior with extreme log-variance: t = (mu - prior_mu) * exp(-prior_logvar / 2) is squared
-    # after scaling, so kl fits even where (mu - prior_mu)^2 alone would overflow float32.
     plv = _shuffled_linspace(-80, 80, shape, torch.float32, device, 3)
     lv = plv + _randn_like(plv, 4, 0.5)
-    mu = torch.where(plv > 40, 1e20, 3.0).to(device) * _randn_like(plv, 5)
-    check_op(impl, mu, lv, eps_mode=eps_mode, prior_mu=torch.zeros_like(mu), prior_logvar=plv)
+    mu2 = torch.where(plv > 40, 1e20, 3.0).to(device) * _randn_like(plv, 5)
+    return [(mu, logvar, None, None), (mu2, lv, torch.zeros_like(mu2), plv)]
+
+
+def _float16_range_inputs(device):
+    """logvar sorted across rows: rows of small logvar have a finite kl, rows up to 24 overflow
+    float16 in kl (and in z where std * |eps| > 65504): there the result must be inf too."""
+    shape = (16, 16)
+    logvar = torch.linspace(-16, 24, 256, dtype=torch.float64).view(shape).to(torch.float16).to(device)
+    return _shuffled_linspace(-60, 60, shape, torch.float16, device, 6), logvar
+
+
+def check_op(
+    impl,
+    mu,
+    logvar,
+    *,
+    eps_mode="given",
+    prior_mu=None,
+    prior_logvar=None,
+    grads=True,
+    eps_requires_grad=False,
+    seed=1234,
+    eps=None,
+    gz_scale=1.0,
+):
+    """Runs the op once (forward and, with grads, backward) and checks everything against the reference."""
+    device, dtype = mu.device, mu.dtype
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if eps_mode == "given":
+        eps = _randn_like(mu, seed + 1) if eps is None else eps
+        noise, from_kernel = eps, False
+    else:
+        assert eps is None
+        noise, from_kernel = _noise_for(impl, mu.shape, dtype, device, gen)
+
+    named = {
+        "mu": mu,
+        "logvar": logvar,
+        "prior_mu": prior_mu,
+        "prior_logvar": prior_logvar,
+        "eps": eps if eps_requires_grad else None,
+    }
+    leaves = {k: v.detach().requires_grad_(grads) for k, v in named.items() if v is not None}
+    eps_in = leaves.get("eps", eps)
+    z, kl = _op(
+        impl,
+        leaves["mu"],
+        leaves["logvar"],
+        eps_in,
+        prior_mu=leaves.get("prior_mu"),
+        prior_logvar=leaves.get("prior_logvar"),
+        generator=gen,
+    )
+
+    assert z.shape == mu.shape and kl.shape == mu.shape[:-1]
+    assert z.dtype == kl.dtype == dtype and z.device == kl.device == device
+
+    def run_reference(ls, n):
+        return reference.reparameterize_kl(
+            ls["mu"], ls["logvar"], ls.get("eps", n), prior_mu=ls.get("prior_mu"), prior_logvar=ls.get("prior_logvar")
+        )
+
+    leaves64 = {k: v.detach().double().requires_grad_(grads) for k, v in leaves.items()}
+    leaves_same = {k: v.detach().clone().requires_grad_(grads) for k, v in leaves.items()}
+    z64, kl64 = run_reference(leaves64, noise.detach().double())
+    z_same, kl_same = run_reference(leaves_same, noise.detach())
+
+    std64 = torch.exp(0.5 * logvar.detach().double())
+    noise_atol = NOISE_ATOL * std64 if from_kernel else None
+    assert_close_rule(z, z64, z_same, extra_atol=noise_atol, name="z")
+    assert_close_rule(kl, kl64, kl_same, name="kl")
+    if not grads:
+        return z, kl
+
+    gz, gkl = _randn_like(z, seed + 2, gz_scale), _randn_like(kl, seed + 3, gz_scale)
+    names = list(leaves)
+    got = torch.autograd.grad((z, kl), [leaves[k] for k in names], (gz, gkl))
+    want64 = torch.autograd.grad((z64, kl64), [leaves64[k] for k in names], (gz.double(), gkl.double()))
+    want_same = torch.autograd.grad((z_same, kl_same), [leaves_same[k] for k in names], (gz, gkl))
+    for k, g, w64, ws in zip(names, got, want64, want_same):
+        assert g.shape == named[k].shape, f"grad of {k}: shape {tuple(g.shape)} != {tuple(named[k].shape)}"
+        extra = None
+        if k == "logvar" and from_kernel:  # d z / d logvar = std * noise / 2
+            extra = NOISE_ATOL * 0.5 * std64 * gz.double().abs()
+        assert_close_rule(g, w64, ws, extra_atol=extra, name=f"grad {k}")
+    return z, kl
 
 
 @pytest.mark.parametrize("eps_mode", EPS_MODES)
-@pytest.mark.parametrize("impl", utils.IMPLS)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_float32_extreme_logvar(impl, eps_mode):
+    (mu, logvar, _, _), (mu2, lv, pm, plv) = _extreme_logvar_cases(impl_device(impl))
+    check_op(impl, mu, logvar, eps_mode=eps_mode, eps_requires_grad=eps_mode == "given")
+    check_op(impl, mu2, lv, eps_mode=eps_mode, prior_mu=pm, prior_logvar=plv)
+
+
+@pytest.mark.parametrize("eps_mode", EPS_MODES)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_float16_range(impl, eps_mode):
-    # logvar sorted across rows: rows of small logvar have a finite kl, rows up to 24 overflow
-    # float16 in kl (and in z where std * |eps| > 65504): there the result must be inf too.
-    device = impl_device(impl)
-    shape = (16, 16)
-    logvar = torch.linspace(-16, 24, 256, dtype=torch.float64).view(shape).to(torch.float16).to(device)
-    mu = _shuffled_linspace(-60, 60, shape, torch.float16, device, 6)
+    mu, logvar = _float16_range_inputs(impl_device(impl))
     check_op(impl, mu, logvar, eps_mode=eps_mode, eps_requires_grad=eps_mode == "given", gz_scale=0.25)
 
 
@@ -413,6 +427,178 @@ def test_nan_propagates(impl, dtype):
             assert torch.equal(torch.isnan(z).cpu(), nan_z), f"NaN in {name}: z NaN pattern wrong"
             nan_kl = torch.tensor([False, name != "eps", False, False])
             assert torch.equal(torch.isnan(kl).cpu(), nan_kl), f"NaN in {name}: kl NaN pattern wrong"
+
+
+# --- the spec against independent formulas ------------------------------------------------
+# impl="torch" is genkern.reference: comparing it with the reference proves nothing. Here it
+# meets float64 formulas written independently of its expm1(d) - d and scaled-t forms: the
+# textbook Gaussian KL of torch.distributions, a per-element Python-float loop, and gradients
+# derived by hand (utils.assert_matches_formula holds each dtype to its rounding).
+
+
+def _or_zero(p):
+    return torch.zeros((), dtype=torch.float64) if p is None else p.detach().double().cpu()
+
+
+def _normal_kl64(mu, logvar, prior_mu=None, prior_logvar=None):
+    """sum_D KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) by torch.distributions, float64."""
+    mu, logvar = mu.detach().double().cpu(), logvar.detach().double().cpu()
+    pm, plv = _or_zero(prior_mu).expand(mu.shape), _or_zero(prior_logvar).expand(mu.shape)
+    post = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    prior = torch.distributions.Normal(pm, torch.exp(0.5 * plv))
+    return torch.distributions.kl_divergence(post, prior).sum(-1)
+
+
+def _grads64(mu, logvar, noise, prior_mu, prior_logvar, gz, gkl):
+    """Hand-derived float64 gradients of sum(gz * z) + sum(gkl * kl) for every input (priors at their shapes).
+
+    With v = exp(logvar), pv = exp(prior_logvar), diff = mu - prior_mu, z = mu + sqrt(v) * eps and
+    kl = 1/2 sum_D(v / pv - 1 - log(v / pv) + diff^2 / pv):
+    dz/dmu = 1, dz/dlogvar = sqrt(v) eps / 2, dz/deps = sqrt(v); dkl/dmu = diff / pv = -dkl/dprior_mu,
+    dkl/dlogvar = (v / pv - 1) / 2, dkl/dprior_logvar = (1 - v / pv - diff^2 / pv) / 2.
+    """
+    mu, logvar, noise, gz = (t.detach().double().cpu() for t in (mu, logvar, noise, gz))
+    gk = gkl.detach().double().cpu().unsqueeze(-1)
+    pm, plv = _or_zero(prior_mu), _or_zero(prior_logvar)
+    v, pv, diff = torch.exp(logvar), torch.exp(plv), mu - pm
+    sigma = torch.sqrt(v)
+    grads = {
+        "mu": gz + gk * diff / pv,
+        "logvar": gz * sigma * noise / 2 + gk * (v / pv - 1) / 2,
+        "eps": gz * sigma,
+        "prior_mu": -gk * diff / pv,
+        "prior_logvar": gk * (1 - v / pv - diff * diff / pv) / 2,
+    }
+    for name, p in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if p is not None:  # a broadcast prior's gradient is the sum over the dims it was broadcast along
+            grads[name] = grads[name].sum_to_size(p.shape) if p.dim() else grads[name].sum()
+    return grads
+
+
+def check_spec(mu, logvar, *, eps_mode="given", prior_mu=None, prior_logvar=None, seed=1234, gz_scale=1.0):
+    """impl="torch" once, forward and backward, against _normal_kl64, mu + sqrt(exp(logvar)) * eps and _grads64.
+
+    eps_mode "given": eps is an input (with a gradient); "none": the noise is torch.randn from the generator.
+    """
+    device, dtype = mu.device, mu.dtype
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if eps_mode == "given":
+        eps = noise = _randn_like(mu, seed + 1)
+    else:
+        eps, noise = None, torch.randn(mu.shape, dtype=dtype, device=device, generator=utils.clone_generator(gen))
+    named = {"mu": mu, "logvar": logvar, "eps": eps, "prior_mu": prior_mu, "prior_logvar": prior_logvar}
+    leaves = {k: v.detach().requires_grad_() for k, v in named.items() if v is not None}
+    z, kl = _op(
+        "torch",
+        leaves["mu"],
+        leaves["logvar"],
+        leaves.get("eps"),
+        prior_mu=leaves.get("prior_mu"),
+        prior_logvar=leaves.get("prior_logvar"),
+        generator=gen,
+    )
+    assert z.shape == mu.shape and kl.shape == mu.shape[:-1]
+    assert z.dtype == kl.dtype == dtype and z.device == kl.device == device
+    mu64, lv64 = mu.double().cpu(), logvar.double().cpu()
+    assert_matches_formula(z, mu64 + torch.sqrt(torch.exp(lv64)) * noise.double().cpu(), name="z")
+    assert_matches_formula(kl, _normal_kl64(mu, logvar, prior_mu, prior_logvar), name="kl")
+
+    gz, gkl = _randn_like(z, seed + 2, gz_scale), _randn_like(kl, seed + 3, gz_scale)
+    got = torch.autograd.grad((z, kl), list(leaves.values()), (gz, gkl))
+    want = _grads64(mu, logvar, noise, prior_mu, prior_logvar, gz, gkl)
+    for (k, x), g in zip(leaves.items(), got):
+        assert g.shape == x.shape and g.dtype == dtype, f"grad of {k}: {tuple(g.shape)} {g.dtype}"
+        assert_matches_formula(g, want[k], name=f"grad {k}")
+    return z, kl
+
+
+SPEC_DTYPES = [pytest.param(dt, id=str(dt).replace("torch.", "")) for dt in utils.ALL_DTYPES]
+
+
+@pytest.mark.parametrize("eps_mode", EPS_MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+@pytest.mark.parametrize("dtype", SPEC_DTYPES)
+def test_spec_values_and_grads(dtype, shape, eps_mode):
+    mu, logvar = utils.make_inputs(shape, dtype)
+    check_spec(mu, logvar, eps_mode=eps_mode)
+
+
+@pytest.mark.parametrize("eps_mode", EPS_MODES)
+@pytest.mark.parametrize("which,pshape", PRIOR_CASES, ids=[f"{w}-{s}" for w, s in PRIOR_CASES])
+@pytest.mark.parametrize("dtype", SPEC_DTYPES)
+def test_spec_priors(dtype, which, pshape, eps_mode):
+    # Priors given alone or together, broadcast from (D,), (), (1, D) or given in full.
+    shape = (4, 3, 5)
+    mu, logvar = utils.make_inputs(shape, dtype)
+    full = {"D": shape[-1:], "scalar": (), "full": shape, "1xD": (1, shape[-1])}.get(pshape)
+    pm = utils.randn(full, dtype, seed=11, scale=0.7) if which in ("mu", "both") else None
+    plv = utils.randn(full, dtype, seed=12, scale=0.7) if which in ("logvar", "both") else None
+    check_spec(mu, logvar, eps_mode=eps_mode, prior_mu=pm, prior_logvar=plv)
+
+
+@pytest.mark.parametrize("layout", ("transpose", "slice", "expand"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=("float32", "float16"))
+def test_spec_noncontiguous(dtype, layout):
+    mu, logvar = utils.make_inputs((6, 4, 9), dtype)
+    pm, plv = _randn_like(mu, 8, 0.5), _randn_like(mu, 9, 0.5)
+    nc = lambda t: utils.make_noncontiguous(t, layout)  # noqa: E731
+    for eps_mode in EPS_MODES:
+        check_spec(nc(mu), nc(logvar), eps_mode=eps_mode, prior_mu=nc(pm), prior_logvar=nc(plv))
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=_sid)
+def test_spec_empty(shape):
+    for dtype in (torch.float32, torch.float16):
+        mu, logvar = utils.make_inputs(shape, dtype)
+        for eps_mode in EPS_MODES:
+            _, kl = check_spec(mu, logvar, eps_mode=eps_mode)
+            assert shape[-1] != 0 or bool((kl == 0).all())  # an empty sum over D: kl is 0 for every row
+
+
+def test_spec_extremes():
+    # float32 log-variances over [-80, 80] (priors included), float16 up to overflow (inf where the formula is).
+    for mu, logvar, pm, plv in _extreme_logvar_cases("cpu"):
+        for eps_mode in EPS_MODES:
+            check_spec(mu, logvar, eps_mode=eps_mode, prior_mu=pm, prior_logvar=plv)
+    mu, logvar = _float16_range_inputs("cpu")
+    for eps_mode in EPS_MODES:
+        check_spec(mu, logvar, eps_mode=eps_mode, gz_scale=0.25)
+
+
+def test_spec_per_element_python_floats():
+    # KL and z element by element in Python floats (math.exp, math.log), broadcast priors included.
+    mu, logvar = utils.make_inputs((2, 3, 4), torch.float64, logvar_scale=2.0)
+    eps = _randn_like(mu, 1)
+    priors = [(None, None), (_randn_like(mu[0, 0], 2), None), (None, _randn_like(mu[:1, :1], 3))]
+    priors += [(_randn_like(mu[0, :1], 4), _randn_like(mu[0, 0, 0], 5)), (_randn_like(mu, 6), _randn_like(mu, 7))]
+    for pm, plv in priors:
+        z, kl = genkern.reparameterize_kl(mu, logvar, eps, prior_mu=pm, prior_logvar=plv, impl="torch")
+        pm_full, plv_full = _or_zero(pm).expand(mu.shape), _or_zero(plv).expand(mu.shape)
+        for i, j in itertools.product(range(2), range(3)):
+            want_kl = 0.0
+            for k in range(4):
+                m, lv, p, q = (float(t[i, j, k]) for t in (mu, logvar, pm_full, plv_full))
+                var, pvar = math.exp(lv), math.exp(q)
+                want_kl += 0.5 * (var / pvar - 1.0 - math.log(var / pvar) + (m - p) ** 2 / pvar)
+                assert float(z[i, j, k]) == pytest.approx(
+                    m + math.sqrt(var) * float(eps[i, j, k]), rel=1e-14, abs=1e-14
+                )
+            assert float(kl[i, j]) == pytest.approx(want_kl, rel=1e-12, abs=1e-14), (i, j)
+
+
+@pytest.mark.parametrize("dtype", SPEC_DTYPES)
+def test_spec_standard_prior_is_the_zero_prior(dtype):
+    # The standard prior skips the zero passes: the same values and gradients as explicit zero priors.
+    mu, logvar = utils.make_inputs((5, 33), dtype)
+    zero = torch.zeros(33, dtype=dtype)
+    outs = []
+    for pm, plv in ((None, None), (zero, zero), (zero, None), (None, zero)):
+        leaves = [mu.clone().requires_grad_(), logvar.clone().requires_grad_()]
+        kl = genkern.reparameterize_kl(*leaves, _randn_like(mu, 1), prior_mu=pm, prior_logvar=plv, impl="torch")[1]
+        outs.append([kl, *torch.autograd.grad(kl, leaves, _randn_like(kl, 2))])
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
 
 
 # --- bad input --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Plain-PyTorch GAN losses: the spec, the fallback and the benchmark baseline.
+"""Plain-PyTorch GAN losses: the spec and the fallback.
 
 With r = real logits and f = fake logits (any shapes; they may differ in size),
 the per-element terms of each kind are
@@ -19,6 +19,9 @@ Reductions: "mean" averages each term over its own tensor and adds the two;
 "sum" sums each; "none" returns real term + fake term per element, which needs
 real and fake of one shape (a generator loss without a real term returns its
 fake term). Float16 and bfloat16 are computed in float32.
+
+This is the definition the kernels are tested against, written to be exact rather
+than fast: the benchmarks' plain-PyTorch speed baseline lives in genkern.bench.baselines.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ def _ct(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _sp(x):
+    # softplus exact to float64: torch's default threshold returns x above 20, off by up to
+    # log(1 + e^-20) = 2e-9 (and the gradient by as much); above 40 that is below half an ulp.
+    return F.softplus(x, threshold=40.0)
+
+
 def _combine(real_term, fake_term, reduction, out_dtype):
     if reduction == "mean":
         loss = fake_term.mean() + (0 if real_term is None else real_term.mean())
@@ -50,8 +59,8 @@ def discriminator_terms(r, f, kind, real_label=1.0):
     """(real term, fake term) per element, in the compute dtype."""
     r, f = _ct(r), _ct(f)
     if kind in LABEL_KINDS:
-        real = F.softplus(-r) if real_label == 1.0 else real_label * F.softplus(-r) + (1 - real_label) * F.softplus(r)
-        return real, F.softplus(f)
+        real = _sp(-r) if real_label == 1.0 else real_label * _sp(-r) + (1 - real_label) * _sp(r)
+        return real, _sp(f)
     if kind == "hinge":
         return torch.relu(1 - r), torch.relu(1 + f)
     if kind == "wasserstein":
@@ -59,7 +68,7 @@ def discriminator_terms(r, f, kind, real_label=1.0):
     if kind == "least_squares":
         return 0.5 * (r - 1) ** 2, 0.5 * f * f
     if kind == "relativistic":
-        return F.softplus(-(r - f.mean())), F.softplus(f - r.mean())
+        return _sp(-(r - f.mean())), _sp(f - r.mean())
     raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
@@ -67,16 +76,16 @@ def generator_terms(f, kind, r=None):
     """(fake term, real term or None) per element, in the compute dtype."""
     f = _ct(f)
     if kind == "nonsaturating":
-        return F.softplus(-f), None
+        return _sp(-f), None
     if kind == "minimax":
-        return -F.softplus(f), None
+        return -_sp(f), None
     if kind in ("hinge", "wasserstein"):
         return -f, None
     if kind == "least_squares":
         return 0.5 * (f - 1) ** 2, None
     if kind == "relativistic":
         r = _ct(r)
-        return F.softplus(-(f - r.mean())), F.softplus(r - f.mean())
+        return _sp(-(f - r.mean())), _sp(r - f.mean())
     raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 

@@ -1,7 +1,8 @@
 """Plain-PyTorch reparameterized sampling with its KL divergence: the spec.
 
-This file is the definition the kernels are tested against, the fallback when
-no kernel is available and the baseline every benchmark is measured against.
+This file is the definition the kernels are tested against and the fallback when
+no kernel is available. It is written to be exact (float64-safe), not fast: the
+benchmarks' plain-PyTorch speed baseline lives in genkern.bench.baselines.
 
 Math, for mu, logvar of shape (..., D) and a diagonal Gaussian prior
 N(prior_mu, exp(prior_logvar)) (standard normal when not given):
@@ -13,9 +14,10 @@ N(prior_mu, exp(prior_logvar)) (standard normal when not given):
     kl  = 1/2 * sum_D( expm1(d) - d + t^2 )                (...)
 
 which is KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed over
-the last dimension. `expm1(d) - d` keeps precision when logvar is close to
-prior_logvar, and squaring t (rather than multiplying (mu - prior_mu)^2 by
-exp(-prior_logvar)) avoids overflowing an intermediate when the result fits.
+the last dimension; with the standard prior d = logvar and t = mu. `expm1(d) - d`
+keeps precision when logvar is close to prior_logvar, and squaring t (rather than
+multiplying (mu - prior_mu)^2 by exp(-prior_logvar)) avoids overflowing an
+intermediate when the result fits.
 
 The in-kernel noise (C++ and Triton impls, eps=None) is counter based, so it
 is never stored: the backward pass draws it again from the same seed.
@@ -50,10 +52,14 @@ def kl_divergence(mu, logvar, prior_mu=None, prior_logvar=None):
     """
     ct = _compute_dtype(mu.dtype)
     mu, logvar = mu.to(ct), logvar.to(ct)
-    pm = torch.zeros((), dtype=ct, device=mu.device) if prior_mu is None else prior_mu.to(ct)
-    plv = torch.zeros((), dtype=ct, device=mu.device) if prior_logvar is None else prior_logvar.to(ct)
-    d = logvar - plv
-    t = (mu - pm) * torch.exp(-0.5 * plv)
+    # A missing prior term is skipped, not applied as zeros: subtracting 0 and scaling by
+    # exp(0) = 1 change no value, so the standard prior reads d = logvar and t = mu directly.
+    # prior_logvar is cast once, so that its two gradient terms add up in the compute dtype.
+    plv = None if prior_logvar is None else prior_logvar.to(ct)
+    d = logvar if plv is None else logvar - plv
+    t = mu if prior_mu is None else mu - prior_mu.to(ct)
+    if plv is not None:
+        t = t * torch.exp(-0.5 * plv)
     return (0.5 * (torch.expm1(d) - d + t * t)).sum(-1)
 
 
@@ -65,9 +71,12 @@ def reparameterize_kl(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
     """
     if eps is None:
         eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
-    ct = _compute_dtype(mu.dtype)
-    z = mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps.to(ct)
-    kl = kl_divergence(mu, logvar, prior_mu, prior_logvar)
+    # One cast of mu and logvar to the compute dtype, shared by z and kl: their gradients then
+    # add up in float32 and round to a half-precision dtype once (two casts would add them
+    # in float16, where a sum of finite float32 terms can overflow).
+    mu_c, logvar_c = mu.to(_compute_dtype(mu.dtype)), logvar.to(_compute_dtype(mu.dtype))
+    z = mu_c + torch.exp(0.5 * logvar_c) * eps.to(mu_c.dtype)
+    kl = kl_divergence(mu_c, logvar_c, prior_mu, prior_logvar)
     return z.to(mu.dtype), kl.to(mu.dtype)
 
 
