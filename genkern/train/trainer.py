@@ -57,6 +57,8 @@ def train(family: str, **options) -> TrainResult:
     out, stored, cdir, meta, data = _locate(cfg)
     train_ds, test_ds, data_desc = load_data("digits" if data is None else data)
     settings = resolve_run(fam, train_ds, data_desc, cfg.run_options(), stored)
+    if cdir is not None:  # the checkpoint's weights against the run's model, before anything is built
+        ckpt.check_model(cdir, ckpt.meta_model(build_model, fam, settings["model"], settings["seed"], cfg.impl))
     device = resolve_device(cfg.device, world_size())
     dist = setup_dist(device)
     try:
@@ -87,6 +89,7 @@ def _locate(cfg: RunConfig) -> tuple:
             check_new_out(out)
         return out, None, None, None, cfg.data
     resume = Path(cfg.resume)
+    ckpt.check_run_dir(resume)  # nothing it points to may lead outside it
     stored = read_run(resume)
     if cfg.out is not None and Path(cfg.out).resolve() != resume.resolve():
         raise ValueError(f"out {str(cfg.out)!r} differs from resume {str(resume)!r}: a run continues in its directory")
@@ -101,15 +104,21 @@ def _locate(cfg: RunConfig) -> tuple:
 
 
 def load_trained(path, device=None, impl: str | None = None):
-    """(model in eval mode, family, checkpoint metadata) from a checkpoint or run directory."""
+    """(model in eval mode, family, checkpoint metadata) from a checkpoint or run directory.
+
+    The model is first built on the meta device (no memory) and checked against the weights' header,
+    so a config.json that does not fit its weights is refused before anything is allocated.
+    """
     cdir = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_meta(cdir)
     try:
         fam = get_family(meta["config"]["family"])
-        model = build_model(
-            fam, meta["config"]["model"], meta["config"].get("seed", 0), impl, resolve_device(device, 1)
-        )
+        config, seed = meta["config"]["model"], meta["config"].get("seed", 0)
+        device = resolve_device(device, 1)
+        shadow = ckpt.meta_model(build_model, fam, config, seed, impl)
     except (KeyError, TypeError, ValueError) as exc:
         raise ckpt.CheckpointError(f"{cdir / 'config.json'} describes no model genkern can build: {exc}") from None
+    ckpt.check_model(cdir, shadow)
+    model = build_model(fam, config, seed, impl, device)
     ckpt.load_weights(cdir, model, next(model.parameters()).device)
     return model.eval(), fam, meta
