@@ -258,3 +258,9 @@ def test_meta_model_matches_the_saved_weights(tmp_path, family, config):
     fam = get_family(family)
     save_model(build_model(fam, config, 0, None, "cpu"), str(tmp_path / "model.safetensors"))
     ckpt.check_model(tmp_path, ckpt.meta_model(build_model, fam, config, 0, None))
+
+
+def test_known_config_keys_are_what_checkpoints_record():
+    from genkern.train.config import FIXED
+
+    assert ckpt.CONFIG_KEYS == FIXED

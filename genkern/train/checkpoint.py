@@ -219,6 +219,8 @@ def resolve_checkpoint(path) -> Path:
 # --- what a checkpoint holds ---------------------------------------------------------------------------
 
 META_KEYS = ("format", "version", "step", "config", "optimizers")
+# What genkern.train.config.checkpoint_config records of a run (its FIXED settings; that module imports this one).
+CONFIG_KEYS = ("family", "data", "model", "batch_size", "lr", "betas", "seed")
 
 
 def read_meta(ckpt: Path) -> dict:
@@ -241,9 +243,7 @@ def read_meta(ckpt: Path) -> dict:
         raise CheckpointError(f"{path}: step must be an integer >= 0, got {step!r}")
     if not isinstance(meta["config"], dict):
         raise CheckpointError(f"{path}: config must be an object, got {type(meta['config']).__name__}")
-    from genkern.train.config import FIXED  # what checkpoint_config writes (that module imports this one)
-
-    _check_keys(meta["config"], FIXED, path, "config ")
+    _check_keys(meta["config"], CONFIG_KEYS, path, "config ")
     if not isinstance(meta["optimizers"], dict):
         raise CheckpointError(f"{path}: optimizers must be an object, got {type(meta['optimizers']).__name__}")
     return meta
@@ -257,16 +257,9 @@ def _check_keys(d: dict, known, path: Path, what: str) -> None:
 
 # safetensors' names of the dtypes a genkern model or optimizer holds
 _DTYPE_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+    getattr(torch, name): code
+    for name, code in [("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16")]
+    + [("int64", "I64"), ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL")]
 }
 
 
