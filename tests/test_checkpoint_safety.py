@@ -109,6 +109,16 @@ def test_run_entry_symlinked_outside_is_refused_on_resume(run, tmp_path, name):
         _resume(run)
 
 
+def test_sample_command_refuses_in_one_line(run, tmp_path, capsys):
+    from genkern.cli import main
+
+    (run / "latest.json").write_text(json.dumps({"checkpoint": "../elsewhere", "step": 2}))
+    assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CheckpointError" in err and "inside itself" in err
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_symlink_inside_the_run_is_accepted(run):
     alias = run / "checkpoints" / "step-0000009"
     alias.symlink_to("step-0000002", target_is_directory=True)
@@ -218,7 +228,7 @@ def test_run_json_not_fitting_the_weights_is_refused_before_building_on_resume(r
 def test_absurd_size_is_refused_with_a_clear_message(run, monkeypatch):
     _edit_meta(run, lambda m: m["config"]["model"].update(latent_dim=10**12))
     devices = _no_real_build(monkeypatch)
-    with pytest.raises(ckpt.CheckpointError, match=r"describes a model of .* GiB .*more than this machine's"):
+    with pytest.raises(ckpt.CheckpointError, match=r"would hold .* GiB of parameters and buffers, more than"):
         load_trained(run)
     assert set(devices) == {"meta"}
 

@@ -295,11 +295,11 @@ def _mismatches(found: dict, want: dict, optional=frozenset()) -> list:
     return [f"{kind}: {_listing(items)}" for kind, items in kinds if items]
 
 
-def meta_model(build_model, *args) -> torch.nn.Module:
-    """`build_model(*args, device)` on the meta device: the model's tensor names, shapes and dtypes,
-    with no memory allocated (genkern.train.family.build_model, as the real model is built)."""
+def meta_model(build, *args) -> torch.nn.Module:
+    """`build(*args, device)` on the meta device: the model's tensor names, shapes and dtypes with no
+    memory allocated (`build` is genkern.train.family.build_model, as for the real model)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        return build_model(*args, torch.device("meta"))
+        return build(*args, torch.device("meta"))
 
 
 def _memory_bytes() -> int:
@@ -312,13 +312,13 @@ def _memory_bytes() -> int:
 def check_model(ckpt: Path, model: torch.nn.Module) -> None:
     """Refuses the checkpoint unless `model` (best on the meta device, see meta_model) fits in memory and
     model.safetensors holds exactly its tensors with their shapes and dtypes; reads the header only, so
-    a config.json that does not fit its weights is refused before the model is built."""
+    a model config that does not fit the weights is refused before the model is built."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
     size, limit = sum(t.numel() * t.element_size() for t in tensors), _memory_bytes()
     if size > limit:
         raise CheckpointError(
-            f"{ckpt / 'config.json'} describes a model of {size / 2**30:.4g} GiB (parameters and buffers), "
-            f"more than this machine's {limit / 2**30:.4g} GiB of memory"
+            f"the model for {ckpt} would hold {size / 2**30:.4g} GiB of parameters and buffers, "
+            f"more than this machine's {limit / 2**30:.4g} GiB of memory: refused"
         )
     _check_weights(ckpt, model)
 
