@@ -32,6 +32,8 @@ FIXED = ("family", "data", "model", "batch_size", "lr", "betas", "seed")
 SEED_MAX = 2**63 - 1  # seeds are 0 .. SEED_MAX: a non-negative int64, which every torch generator takes
 # What genkern writes in a run directory (see genkern.train.checkpoint for the layout), by name.
 RUN_FILES = ("run.json", "latest.json", "log.csv", "log.json", "summary.json")
+# The files a run writes before its first checkpoint, put back as they were if it fails before that.
+EARLY_FILES = ("run.json", "log.csv", "log.json")
 _SAMPLE = re.compile(r"step-\d+\.(png|txt)")
 _CHECKPOINT = re.compile(r"step-\d+")
 
@@ -201,9 +203,9 @@ def check_new_out(out: Path) -> None:
 
 def is_unstarted(out: Path) -> bool:
     """Whether the directory `out` holds nothing, or only what a run that stopped before its first
-    checkpoint left: its run.json, samples/ with its sample grids, checkpoints/ with a checkpoint
-    being written, and temporaries of interrupted writes. Sample grids count only beside a genkern
-    run.json (genkern writes run.json first), so a user's own pictures are never taken for them."""
+    checkpoint left: its run.json, logs, samples/ with its sample grids, checkpoints/ with a
+    checkpoint being written, and temporaries of interrupted writes. Logs and grids count only
+    beside a genkern run.json (written first), so a user's own files are never taken for them."""
     entries = {p.name: p for p in out.iterdir()}
     if any(p.is_symlink() for p in entries.values()):
         return False
@@ -212,8 +214,10 @@ def is_unstarted(out: Path) -> bool:
         return False
     has_run = run_file is not None
     samples, checkpoints = entries.pop("samples", None), entries.pop("checkpoints", None)
-    if any(temp_target(name) not in RUN_FILES or not p.is_file() for name, p in entries.items()):
-        return False
+    for name, path in entries.items():
+        ours = temp_target(name) in RUN_FILES or (has_run and name in EARLY_FILES)
+        if not (ours and path.is_file()):
+            return False
     if samples is not None and not _only(samples, lambda p: has_run and _is_sample(p.name) and p.is_file()):
         return False
     return checkpoints is None or _only(checkpoints, lambda p: _is_checkpoint_temp(p.name) and p.is_dir())
@@ -257,22 +261,22 @@ class OpenedRun:
 
     out: Path
     created: list  # the directories opening made (or the first save will), deepest first
-    run_json: bytes | None  # run.json before (None: there was none)
     latest: bytes | None  # latest.json before: a run that changed it has a checkpoint and is kept
+    files: dict = field(default_factory=dict)  # {name in EARLY_FILES: its bytes before, None: none}
     samples: set = field(default_factory=set)  # the names in samples/ before the run drew any
 
 
 def open_run_dir(out: Path, settings: dict) -> OpenedRun:
     """Opens the run directory once every setting has been checked: removes the debris of interrupted
-    writes and, where no checkpoint was ever made, the sample grids of the run that stopped there;
-    then makes samples/ and writes run.json. A failure here puts everything back."""
+    writes and, where no checkpoint was ever made, the logs and sample grids of the run that stopped
+    there; then makes samples/ and writes run.json. A failure here puts everything back."""
     created = [p for p in (out / "checkpoints", out / "samples", out, *out.parents) if not p.exists()]
     if out.is_dir():
         remove_debris(out)
         if not (out / "latest.json").exists() and is_unstarted(out):
-            for grid in _sample_files(out):
-                grid.unlink()
-    opened = OpenedRun(out, created, _read(out / "run.json"), _read(out / "latest.json"))
+            for path in _sample_files(out) + [out / "log.csv", out / "log.json"]:
+                path.unlink(missing_ok=True)
+    opened = OpenedRun(out, created, _read(out / "latest.json"), {n: _read(out / n) for n in EARLY_FILES})
     opened.samples = {p.name for p in _sample_files(out)}
     try:
         (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -284,10 +288,10 @@ def open_run_dir(out: Path, settings: dict) -> OpenedRun:
 
 
 def revert_run_dir(opened: OpenedRun) -> None:
-    """After a run failed before its first checkpoint: run.json as it was, none of its sample grids, no
-    directory it made, so the directory is as the run found it (less debris). A run that made a
-    checkpoint (latest.json changed) is kept as it is: it can be resumed. Best effort: the run's own
-    error is the one reported."""
+    """After a run failed before its first checkpoint: run.json and the logs as they were, none of its
+    sample grids, no directory it made: the directory is as the run found it (less debris). A run
+    that made a checkpoint (latest.json changed) is kept as it is: it can be resumed. Best effort:
+    the run's own error is the one reported."""
     out = opened.out
     if _read(out / "latest.json") != opened.latest:
         return
@@ -297,10 +301,11 @@ def revert_run_dir(opened: OpenedRun) -> None:
         for grid in _sample_files(out):
             if grid.name not in opened.samples:
                 grid.unlink()
-        if opened.run_json is None:
-            (out / "run.json").unlink(missing_ok=True)
-        else:
-            write_atomic(out / "run.json", opened.run_json)
+        for name, data in opened.files.items():
+            if data is None:
+                (out / name).unlink(missing_ok=True)
+            elif _read(out / name) != data:
+                write_atomic(out / name, data)
         for directory in opened.created:
             if directory.exists():
                 directory.rmdir()  # only if empty: stops at the first that holds anything else

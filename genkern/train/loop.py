@@ -176,10 +176,13 @@ def _merge_row(history: list, step: int, row: dict) -> None:
 
 
 def save(run: Run, state: State, step: int) -> None:
-    """A checkpoint and the logs so far (written by the first process; the others wait)."""
+    """The logs so far and a checkpoint (written by the first process; the others wait).
+
+    The logs go first: a run killed in between resumes from the previous checkpoint and reads the
+    rows up to its step (read_history), where the other order would lose the rows since it."""
     if run.dist.rank == 0:
-        ckpt.save_checkpoint(run.out, step, state.model, state.opts, checkpoint_config(run.settings))
         write_logs(run.out, state.history)
+        ckpt.save_checkpoint(run.out, step, state.model, state.opts, checkpoint_config(run.settings))
     run.dist.barrier()
 
 
