@@ -215,7 +215,7 @@ def profile_generation(
             raise ValueError(f"{name} must be positive ints, got {list(values)}")
     if not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens must be an int >= 2, got {new_tokens!r}")
-    device = check_device(device)
+    device = _check_device(device)
     net = load_model(model, device, dtype)
     longest = max(context_lengths) + new_tokens + 2
     if longest > net.args.max_seq_len:
@@ -250,7 +250,7 @@ def profile_generation(
     return report
 
 
-def check_device(device) -> torch.device:
+def _check_device(device) -> torch.device:
     """`device` (default: cuda if available, else cpu), refused with one clear line where it cannot run:
     an unknown device, cuda without a CUDA device (torch's own answer is an AssertionError from deep
     inside), a CUDA index past the last device."""

@@ -45,8 +45,8 @@ def train(family: str, **options) -> TrainResult:
             on resume, the run's own data (a run on a Dataset or tensor needs it passed again).
         steps: the total number of optimizer steps (a resumed run continues up to it).
         out: the run directory (must be new or empty); None trains without writing anything. A directory
-            left by a run that stopped before its first checkpoint (only its run.json, sample grids and
-            temporary files) counts as empty: the new run replaces them.
+            left by a run that stopped before its first checkpoint (only its run.json, logs, sample grids
+            and temporary files) counts as empty: the new run replaces them.
         seed: model initialisation, data order and noise (default 0).
         batch_size, lr, betas: the global batch and Adam's settings (family defaults).
         model: model config overrides (e.g. {"hidden": 128, "latent_dim": 8}).
