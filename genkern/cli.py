@@ -1,15 +1,20 @@
 """The command line: `genkern <command>` (also `python -m genkern <command>`).
 
 Errors are one line on stderr and a non-zero exit, never a traceback
-(set GENKERN_DEBUG=1 to see the traceback).
+(set GENKERN_DEBUG=1 to see the traceback). Numeric flags are checked before
+anything runs: a value that cannot be used is refused naming its flag, never
+replaced by a default nor left to fail deep inside.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+
+SEED_MAX = 2**63 - 1  # a seed is a non-negative int64 (what every torch generator takes)
 
 
 def _cmd_info(args) -> int:
@@ -54,10 +59,31 @@ def _ints(text: str) -> tuple:
     return values
 
 
+def _check_counts(args, flags: dict) -> None:
+    """Refuses {flag: (attribute, least value)} below the least (None: not given, the default applies)."""
+    for flag, (name, least) in flags.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
+            raise ValueError(f"{flag} must be {wanted}, got {value}")
+
+
+def _check_seed(flag: str, value) -> None:
+    if value is not None and not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{flag} must be an integer in 0 .. 2**63-1 ({SEED_MAX}), got {value}")
+
+
+def _check_rate(flag: str, value) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{flag} must be a positive finite number, got {value}")
+
+
 def _cmd_profile(args) -> int:
     import torch
 
     from genkern import profiling
+
+    _check_counts(args, {"--new-tokens": ("new_tokens", 2)})
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -110,6 +136,10 @@ def _cmd_train(args) -> int:
 
     if args.out is None and args.resume is None:
         raise ValueError("--out DIR is required for a new run (or --resume DIR to continue one)")
+    counts = ("steps", "batch_size", "eval_every", "ckpt_every", "log_every")
+    _check_counts(args, {"--" + name.replace("_", "-"): (name, 1) for name in counts})
+    _check_rate("--lr", args.lr)
+    _check_seed("--seed", args.seed)
     model = dict(args.set) if args.set else None
     result = train(
         args.family,
@@ -142,8 +172,8 @@ def _cmd_sample(args) -> int:
 
     from genkern.train.trainer import load_trained
 
-    if args.n < 1:
-        raise ValueError(f"-n must be a positive integer, got {args.n}")
+    _check_counts(args, {"-n": ("n", 1)})
+    _check_seed("--seed", args.seed)
     if not args.out.lower().endswith((".png", ".txt")):
         raise ValueError(f"--out must name a .png file (or a .txt file for a text model), got {args.out!r}")
     parent = os.path.dirname(os.path.abspath(args.out))
@@ -171,7 +201,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--steps", type=int, help="total optimizer steps (a resumed run continues up to it)")
     p.add_argument("--out", help="run directory (new or empty) for checkpoints, logs and sample grids")
     p.add_argument("--resume", help="a run directory to continue from its latest checkpoint")
-    p.add_argument("--seed", type=int, help="initialisation, data order and noise (default 0)")
+    p.add_argument("--seed", type=int, help="initialisation, data order and noise: 0 .. 2**63-1 (default 0)")
     p.add_argument("--batch-size", type=int, help="global batch size (split across torchrun processes)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the family's)")
     p.add_argument(
@@ -197,7 +227,7 @@ def _add_train_parser(sub) -> None:
         help="the PNG to write (default samples.png); a text "
         "model writes text, to this name with .txt for .png, or to a .txt name",
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: 0 .. 2**63-1 (default 0)")
     _add_impl_argument(p)
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_sample)
@@ -206,6 +236,7 @@ def _add_train_parser(sub) -> None:
 def _cmd_compare(args) -> int:
     from genkern.compare import compare
 
+    _check_counts(args, {"--seeds": ("seeds", 1), "--steps": ("steps", 1), "--threads": ("threads", 1)})
     compare(
         quick=args.quick,
         large=True if args.large else None,

@@ -215,7 +215,7 @@ def profile_generation(
             raise ValueError(f"{name} must be positive ints, got {list(values)}")
     if not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens must be an int >= 2, got {new_tokens!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _check_device(device)
     net = load_model(model, device, dtype)
     longest = max(context_lengths) + new_tokens + 2
     if longest > net.args.max_seq_len:
@@ -248,6 +248,26 @@ def profile_generation(
         if plot:
             plot_latency(rows, out / "profile.png")
     return report
+
+
+def _check_device(device) -> torch.device:
+    """`device` (default: cuda if available, else cpu), refused with one clear line where it cannot run:
+    an unknown device, cuda without a CUDA device (torch's own answer is an AssertionError from deep
+    inside), a CUDA index past the last device."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise ValueError(f"device must be cpu or cuda (cuda:N), got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device is 'cuda' but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be cpu or cuda (cuda:N), got {str(device)!r}")
+    return device
 
 
 def _speedups(rows) -> list:

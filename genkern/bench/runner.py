@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import sys
 
 import torch
 
-from genkern.bench import COMPILE, DIRECTIONS, NOISE, select_cases
+from genkern._io import locked, remove_temp_files
+from genkern.bench import COMPILE, DIRECTIONS, NOISE, report, select_cases
 from genkern.bench.arguments import (
     add_arguments,
     budget_s,
@@ -46,7 +48,6 @@ from genkern.bench.report import (
     quartiles,
     speedup,
     summarize,
-    write_results,
 )
 from genkern.bench.timing import BWD_METHOD, MIN_ROUNDS, ImplError, measure, prepare, time_once
 
@@ -110,6 +111,21 @@ def run(args) -> int:
     path = write_results(args.out, header, entries)
     print(f"wrote {path}")
     return 1 if args.strict and not all_good(entries) else 0
+
+
+def write_results(out_dir: str, header: dict, entries) -> str:
+    """Merges `entries` into <out_dir>/<device slug>.json (genkern.bench.report.write_results) under a lock.
+
+    The merge reads the file, adds the entries and rewrites it atomically; two `genkern bench` runs
+    merging at once would each rewrite what they read and lose the other's entries, so the whole
+    read-modify-write holds an exclusive lock beside the file. Under it no other writer is active,
+    so temporaries beside the file are those of a writer that was killed: they are removed.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    name = header["device"]["slug"] + ".json"
+    with locked(os.path.join(out_dir, name)):
+        remove_temp_files(out_dir, lambda target: target == name)
+        return report.write_results(out_dir, header, entries)
 
 
 def _run_cases(cases, device, impls, args, budget, repeats, limit):

@@ -96,7 +96,7 @@ def adam(params, lr: float, betas) -> torch.optim.Adam:
 
 def eval_generator(seed: int) -> torch.Generator:
     """The generator of an evaluation's noise and samples: fixed by the run's seed, not the step."""
-    return torch.Generator().manual_seed(10_007 * seed + 1)
+    return torch.Generator().manual_seed((10_007 * seed + 1) % 2**64)  # any int64 seed: torch takes < 2**64
 
 
 def is_digits(data: Dataset | None) -> bool:

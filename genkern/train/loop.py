@@ -3,6 +3,12 @@
 Reproducibility: the model is initialised from the seed, and the data order and
 every random number of step s derive from (seed, s) alone, so a run resumed
 from a checkpoint at step s reaches the same weights as one that never stopped.
+
+A failed run changes nothing on disk: every setting is checked before the run
+directory is opened, and a run that fails before its first checkpoint puts the
+directory back as it found it (genkern.train.config.revert_run_dir). One killed
+before it could leaves a directory that a new run may reuse or `resume` starts
+from step 0.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from genkern._io import write_atomic
 from genkern.data.base import Dataset
 from genkern.train import checkpoint as ckpt
 from genkern.train.batches import step_generator
-from genkern.train.config import RunConfig, check_run, checkpoint_config
+from genkern.train.config import OpenedRun, RunConfig, check_run, checkpoint_config, open_run_dir, revert_run_dir
 from genkern.train.distributed import Dist, wrap_ddp
 from genkern.train.family import Family, build_model
 from genkern.train.logs import LossWindow, read_history, write_logs
@@ -59,10 +65,20 @@ class State:
     opts: dict
     start: int
     history: list
+    opened: OpenedRun | None = None  # the run directory as this process opened it (the first process only)
 
 
 def run_training(run: Run) -> TrainResult:
     state = prepare(run)
+    try:
+        return _train(run, state)
+    except BaseException:
+        if state.opened is not None:
+            revert_run_dir(state.opened)
+        raise
+
+
+def _train(run: Run, state: State) -> TrainResult:
     steps = run.settings["steps"]
     bar = _progress(run.config.progress and run.dist.rank == 0, steps, state.start)
     window = LossWindow()
@@ -87,9 +103,6 @@ def prepare(run: Run) -> State:
     if start > settings["steps"]:
         raise ValueError(f"steps {settings['steps']} is below the checkpoint's step {start}: nothing to continue")
     run.dist.barrier()  # every process has validated before anything is written
-    if run.out is not None and run.dist.rank == 0:
-        (run.out / "samples").mkdir(parents=True, exist_ok=True)
-        write_atomic(run.out / "run.json", json.dumps(settings, indent=1) + "\n")
     if run.dist.world > 1 and settings["model"].get("loss") == "relativistic" and run.dist.rank == 0:
         warnings.warn(
             "the relativistic average GAN loss takes its means over each process's shard of the "
@@ -97,7 +110,8 @@ def prepare(run: Run) -> State:
             stacklevel=4,
         )
     net = wrap_ddp(model, run.dist, run.device, find_unused=fam.name == "gan")
-    return State(model=model, net=net, opts=opts, start=start, history=history)
+    opened = open_run_dir(run.out, settings) if run.out is not None and run.dist.rank == 0 else None
+    return State(model=model, net=net, opts=opts, start=start, history=history, opened=opened)
 
 
 def restore(run: Run, model: torch.nn.Module, opts: dict) -> tuple:
@@ -162,10 +176,13 @@ def _merge_row(history: list, step: int, row: dict) -> None:
 
 
 def save(run: Run, state: State, step: int) -> None:
-    """A checkpoint and the logs so far (written by the first process; the others wait)."""
+    """The logs so far and a checkpoint (written by the first process; the others wait).
+
+    The logs go first: a run killed in between resumes from the previous checkpoint and reads the
+    rows up to its step (read_history), where the other order would lose the rows since it."""
     if run.dist.rank == 0:
-        ckpt.save_checkpoint(run.out, step, state.model, state.opts, checkpoint_config(run.settings))
         write_logs(run.out, state.history)
+        ckpt.save_checkpoint(run.out, step, state.model, state.opts, checkpoint_config(run.settings))
     run.dist.barrier()
 
 
