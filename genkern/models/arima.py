@@ -36,7 +36,6 @@ import torch
 from scipy import optimize, stats
 
 from genkern.data.arma import (
-    ar_from_pacf,
     as_coefficients,
     check_invertible,
     check_stationary,
@@ -45,12 +44,14 @@ from genkern.data.arma import (
 )
 from genkern.models.arma_likelihood import (
     as_series,
+    css,
     draw_arma,
     gaussian_llf,
     hannan_rissanen,
     kalman,
     lags,
     ols,
+    pacf_coefficients,
     profile,
     state_loadings,
 )
@@ -128,18 +129,43 @@ class ARIMA:
 
         start_params: optional ARMA start values, either ``[ar..., ma...]`` (p + q values) or a
             full vector in ``param_names`` order (only its AR and MA entries are used). They must
-            be stationary and invertible. Default: Hannan-Rissanen.
+            be stationary and invertible, and are the only start. Default: several starts
+            (Hannan-Rissanen, zeros, conditional sum of squares), keeping the best optimum:
+            on real series the likelihood often has a local optimum near the non-invertible
+            boundary that a single start can settle in.
         """
         y = as_series(y)
         self._check_length(y, self.d + len(self._terms) + self.p + self.q + 2)
         w, X = self._differenced(y)
         detrended = w - X @ ols(w, X) if X.shape[1] else w
-        if np.ptp(detrended) == 0.0:
+        if not _varies(detrended, w):
             raise ValueError("y has no variation left after differencing and removing the trend")
         p, q = self.p, self.q
-        if start_params is None:
-            phi0, theta0 = hannan_rissanen(detrended, p, q)
-        else:
+
+        def objective(x):
+            return -profile(*pacf_coefficients(x, p), w, X)[0] / len(w)
+
+        self.optimizer_result = None
+        x = np.empty(0)
+        if p + q:
+            results = [_maximise(objective, x0, maxiter) for x0 in self._starts(detrended, start_params)]
+            self.optimizer_result = min(results, key=lambda r: r.fun)
+            x = self.optimizer_result.x
+            if not self.optimizer_result.success:
+                warnings.warn(
+                    f"ARIMA{(p, self.d, q)} fit: L-BFGS-B did not converge ({self.optimizer_result.message})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        phi, theta = pacf_coefficients(x, p)
+        _, beta, sigma2 = profile(phi, theta, w, X)
+        self._set_fit(y, phi, theta, beta, sigma2)
+        return self
+
+    def _starts(self, detrended: np.ndarray, start_params) -> list[np.ndarray]:
+        """Distinct start vectors (search space of ``pacf_coefficients``) for the likelihood search."""
+        p, q = self.p, self.q
+        if start_params is not None:
             sp = as_coefficients(start_params, "start_params")
             if len(sp) not in (p + q, len(self.param_names)):
                 raise ValueError(
@@ -148,35 +174,11 @@ class ARIMA:
             sp = sp[len(self._terms) : len(self._terms) + p + q] if len(sp) != p + q else sp
             phi0 = check_stationary(sp[:p], "start_params (AR part)")
             theta0 = check_invertible(sp[p:], "start_params (MA part)")
-
-        def split(x):
-            return ar_from_pacf(x[:p]), -ar_from_pacf(x[p:])  # theta(z) = 1 + ... as an AR-type polynomial
-
-        def objective(x):
-            return -profile(*split(x), w, X)[0] / len(w)
-
-        x = np.concatenate((pacf_from_ar(phi0), pacf_from_ar(-theta0)))
-        self.optimizer_result = None
-        if p + q:
-            # Bounds keep the PACFs a hair inside (-1, 1), where the Lyapunov solve stays finite.
-            self.optimizer_result = optimize.minimize(
-                objective,
-                x,
-                method="L-BFGS-B",
-                bounds=[(-1e3, 1e3)] * (p + q),
-                options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-9},
-            )
-            x = self.optimizer_result.x
-            if not self.optimizer_result.success:
-                warnings.warn(
-                    f"ARIMA{(p, self.d, q)} fit: L-BFGS-B did not converge ({self.optimizer_result.message})",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        phi, theta = split(x)
-        _, beta, sigma2 = profile(phi, theta, w, X)
-        self._set_fit(y, phi, theta, beta, sigma2)
-        return self
+            return [np.concatenate((pacf_from_ar(phi0), pacf_from_ar(-theta0)))]
+        phi0, theta0 = hannan_rissanen(detrended, p, q)
+        hr = np.concatenate((pacf_from_ar(phi0), pacf_from_ar(-theta0)))
+        starts = [hr, np.zeros(p + q), css(detrended, p, q, hr)]
+        return [x0 for i, x0 in enumerate(starts) if not any(np.allclose(x0, s, atol=1e-6) for s in starts[:i])]
 
     def _set_fit(self, y, phi, theta, beta, sigma2):
         """Store the parameters and the filter state at the end of y (for forecasts)."""
@@ -341,3 +343,19 @@ class AR(ARIMA):
         beta = [self.intercept / (1.0 - phi.sum())] if k else []
         self._set_fit(y, phi, np.empty(0), beta, sigma2)
         return self
+
+
+def _varies(x: np.ndarray, scale: np.ndarray) -> bool:
+    """Whether x has variation beyond rounding relative to the magnitude of ``scale``."""
+    return bool(np.ptp(x) > 1e-10 * np.abs(scale).max())
+
+
+def _maximise(objective, x0: np.ndarray, maxiter: int):
+    """L-BFGS-B from x0. Bounds keep the PACFs a hair inside (-1, 1), where the Lyapunov solve stays finite."""
+    return optimize.minimize(
+        objective,
+        x0,
+        method="L-BFGS-B",
+        bounds=[(-1e3, 1e3)] * len(x0),
+        options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-9},
+    )

@@ -17,18 +17,21 @@ import math
 
 import numpy as np
 import torch
-from scipy import linalg, signal
+from scipy import linalg, optimize, signal
 
-from genkern.data.arma import check_invertible, check_stationary
+from genkern.data.arma import ar_from_pacf, check_invertible, check_stationary
 
 __all__ = [
     "as_series",
+    "css",
     "draw_arma",
     "gaussian_llf",
     "hannan_rissanen",
+    "initial_state_factor",
     "kalman",
     "lags",
     "ols",
+    "pacf_coefficients",
     "profile",
     "state_loadings",
     "state_space",
@@ -117,14 +120,43 @@ def kalman(Y: np.ndarray, phi: np.ndarray, theta: np.ndarray, tol: float = 1e-14
     return V, f, a, P
 
 
+def initial_state_factor(phi: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """(s, s) factor L, L L' = covariance (in units of sigma2) of the pre-sample state of the residual filter.
+
+    ``lfilter([1, -phi], [1, theta], w, zi=z)`` gives the shocks e_1.. when z is the filter state
+    carried in from before t = 1: minus the first s = max(p, q) entries of T alpha_0 (Harvey form),
+    which is independent of e_1.., with covariance (P - R R')[:s, :s] for the stationary P. That
+    matrix can be singular, so the factor comes from an eigen-decomposition, not Cholesky.
+    """
+    s = max(len(phi), len(theta))
+    T, RR = state_space(phi, theta)
+    lam, U = np.linalg.eigh((linalg.solve_discrete_lyapunov(T, RR) - RR)[:s, :s])
+    return U * np.sqrt(np.clip(lam, 0.0, None))
+
+
 def profile(phi: np.ndarray, theta: np.ndarray, w: np.ndarray, X: np.ndarray):
-    """Concentrated log-likelihood, GLS beta and sigma2 of ``w = X beta + ARMA`` for given ARMA coefficients."""
-    V, f, _, _ = kalman(np.column_stack([w, X]), phi, theta)
-    V = V / np.sqrt(f)[:, None]  # standardised innovations
-    beta = ols(V[:, 0], V[:, 1:]) if X.shape[1] else np.empty(0)
-    resid = V[:, 0] - V[:, 1:] @ beta
-    sigma2 = float(resid @ resid) / len(w)
-    llf = -0.5 * len(w) * (math.log(2 * math.pi * sigma2) + 1.0) - 0.5 * float(np.log(f).sum())
+    """Concentrated log-likelihood, GLS beta and sigma2 of ``w = X beta + ARMA`` for given ARMA coefficients.
+
+    The exact likelihood without a time loop: the residual filter run from a zero state gives
+    e0 = e + G z, linear in the unknown pre-sample state z = L u (u ~ N(0, sigma2 I), see
+    ``initial_state_factor``). Integrating u out leaves ``min_{u, beta} |e0 - E_X beta - G L u|^2 + |u|^2``
+    as the quadratic form and ``det(I + L'G'G L)`` as the determinant (the product of the Kalman
+    innovation variances), so one QR of the stacked (m + s, s + k + 1) system gives both, with
+    beta. Exact for any stationary AR part and any MA part, however close to non-invertible.
+    """
+    m, k = len(w), X.shape[1]
+    s = max(len(phi), len(theta))
+    cols = np.column_stack([np.zeros((m, s)), X, w])  # (m, s + k + 1): state responses, trend, data
+    if s:
+        zi = np.zeros((s, s + k + 1))
+        zi[:, :s] = initial_state_factor(phi, theta)
+        E = signal.lfilter(np.r_[1.0, -phi], np.r_[1.0, theta], cols, axis=0, zi=zi)[0]
+        cols = np.vstack([E, np.eye(s, s + k + 1)])  # (m + s, s + k + 1): the prior |u|^2 as s extra rows
+    R = np.linalg.qr(cols, mode="r")
+    diag = np.abs(np.diag(R))
+    beta = linalg.solve_triangular(R[s:-1, s:-1], R[s:-1, -1]) if k else np.empty(0)
+    sigma2 = float(diag[-1]) ** 2 / m
+    llf = -0.5 * m * (math.log(2 * math.pi * sigma2) + 1.0) - float(np.log(diag[:s]).sum())
     return llf, beta, sigma2
 
 
@@ -192,3 +224,22 @@ def hannan_rissanen(u: np.ndarray, p: int, q: int):
     except ValueError:
         theta = np.zeros(q)
     return phi, theta
+
+
+def pacf_coefficients(x: np.ndarray, p: int):
+    """Search vector (p + q,) -> (phi, theta): both parts through the PACF transform, so every
+    point is stationary and invertible (theta(z) = 1 + ... is read as an AR-type polynomial)."""
+    return ar_from_pacf(x[:p]), -ar_from_pacf(x[p:])
+
+
+def css(u: np.ndarray, p: int, q: int, x0: np.ndarray) -> np.ndarray:
+    """Conditional-sum-of-squares estimate for a zero-mean series u, as a search vector (see
+    ``pacf_coefficients``), searched from x0: residuals from a zero pre-sample state, the first p
+    dropped. Cheap (one filter pass per evaluation) and a different basin from Hannan-Rissanen's."""
+
+    def ssr(x):
+        phi, theta = pacf_coefficients(x, p)
+        e = signal.lfilter(np.r_[1.0, -phi], np.r_[1.0, theta], u)[p:]
+        return float(e @ e) / len(e)
+
+    return optimize.minimize(ssr, x0, method="L-BFGS-B", bounds=[(-1e3, 1e3)] * (p + q)).x
