@@ -53,6 +53,7 @@ from genkern.models.arma_likelihood import (
     ols,
     pacf_coefficients,
     profile,
+    search_objective,
     state_loadings,
 )
 
@@ -143,7 +144,7 @@ class ARIMA:
         p, q = self.p, self.q
 
         def objective(x):
-            return -profile(*pacf_coefficients(x, p), w, X)[0] / len(w)
+            return search_objective(x, p, w, X)
 
         self.optimizer_result = None
         x = np.empty(0)
@@ -174,10 +175,10 @@ class ARIMA:
             sp = sp[len(self._terms) : len(self._terms) + p + q] if len(sp) != p + q else sp
             phi0 = check_stationary(sp[:p], "start_params (AR part)")
             theta0 = check_invertible(sp[p:], "start_params (MA part)")
-            return [np.concatenate((pacf_from_ar(phi0), pacf_from_ar(-theta0)))]
-        phi0, theta0 = hannan_rissanen(detrended, p, q)
-        hr = np.concatenate((pacf_from_ar(phi0), pacf_from_ar(-theta0)))
-        starts = [hr, np.zeros(p + q), css(detrended, p, q, hr)]
+            return [_search_vector(phi0, theta0)]
+        hr = _search_vector(*hannan_rissanen(detrended, p, q))
+        short = _search_vector(*hannan_rissanen(detrended, p, q, long_ar=2 * q))
+        starts = [hr, np.zeros(p + q), css(detrended, p, q, hr), short]
         return [x0 for i, x0 in enumerate(starts) if not any(np.allclose(x0, s, atol=1e-6) for s in starts[:i])]
 
     def _set_fit(self, y, phi, theta, beta, sigma2):
@@ -350,11 +351,17 @@ def _varies(x: np.ndarray, scale: np.ndarray) -> bool:
     return bool(np.ptp(x) > 1e-10 * np.abs(scale).max())
 
 
+def _search_vector(phi: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Stationary phi, invertible theta -> the search vector of ``pacf_coefficients``."""
+    return np.concatenate((pacf_from_ar(phi), pacf_from_ar(-theta)))
+
+
 def _maximise(objective, x0: np.ndarray, maxiter: int):
     """L-BFGS-B from x0. Bounds keep the PACFs a hair inside (-1, 1), where the Lyapunov solve stays finite."""
     return optimize.minimize(
         objective,
         x0,
+        jac=True,
         method="L-BFGS-B",
         bounds=[(-1e3, 1e3)] * len(x0),
         options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-9},
