@@ -61,8 +61,14 @@ def lags(x: np.ndarray, k: int, start: int) -> np.ndarray:
 
 
 def ols(target: np.ndarray, design: np.ndarray) -> np.ndarray:
-    """Least-squares coefficients of target on the columns of design."""
-    return np.linalg.lstsq(design, target, rcond=None)[0]
+    """Least-squares coefficients of target on the columns of design.
+
+    The columns are scaled to unit norm first: lstsq's rank cut (rcond) compares singular values,
+    so a column of ones beside columns of size 1e12 would otherwise be dropped as rank-deficient.
+    """
+    norms = np.linalg.norm(design, axis=0)
+    norms[norms == 0.0] = 1.0
+    return np.linalg.lstsq(design / norms, target, rcond=None)[0] / norms
 
 
 def state_space(phi: np.ndarray, theta: np.ndarray):
@@ -333,11 +339,19 @@ def search_objective(x: np.ndarray, p: int, w: np.ndarray, X: np.ndarray):
 def css(u: np.ndarray, p: int, q: int, x0: np.ndarray) -> np.ndarray:
     """Conditional-sum-of-squares estimate for a zero-mean series u, as a search vector (see
     ``pacf_coefficients``), searched from x0: residuals from a zero pre-sample state, the first p
-    dropped. Cheap (one filter pass per evaluation) and a different basin from Hannan-Rissanen's."""
+    dropped. Cheap (one filter pass per evaluation) and a different basin from Hannan-Rissanen's.
+    Gradient: de / dphi_j = -L^j u / theta(L), de / dtheta_j = -L^j e / theta(L)."""
+    m = len(u) - p
 
     def ssr(x):
         phi, theta = pacf_coefficients(x, p)
-        e = signal.lfilter(np.r_[1.0, -phi], np.r_[1.0, theta], u)[p:]
-        return float(e @ e) / len(e)
+        a = np.concatenate(([1.0], theta))
+        e = signal.lfilter(np.concatenate(([1.0], -phi)), a, u)
+        F = signal.lfilter([1.0], a, np.column_stack([u, e]), axis=0)
+        e_kept = np.concatenate((np.zeros(p), e[p:]))
+        g = -2.0 * np.concatenate((_lagged_dots(e_kept, F[:, 0], p), _lagged_dots(e_kept, F[:, 1], len(theta))))
+        grad = np.concatenate((_pacf_jacobian(x[:p]).T @ g[:p], -_pacf_jacobian(x[p:]).T @ g[p:]))
+        return float(e[p:] @ e[p:]) / m, grad / m
 
-    return optimize.minimize(ssr, x0, method="L-BFGS-B", bounds=[(-1e3, 1e3)] * (p + q)).x
+    bounds = [(-1e3, 1e3)] * (p + q)
+    return optimize.minimize(ssr, x0, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 200}).x
