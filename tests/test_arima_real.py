@@ -13,6 +13,7 @@ checked to equal genkern's llf at genkern's parameters.
 """
 
 import itertools
+import time
 import warnings
 
 import numpy as np
@@ -47,29 +48,35 @@ def _exact_llf(y: np.ndarray, order, params) -> float:
         return float(model.loglike(np.asarray(params, dtype=float)))
 
 
-def _check_never_worse(name: str, order):
+def _check_never_worse(name: str, order) -> float:
+    """Fit both; assert genkern's llf is the same quantity and not below statsmodels'. Returns genkern's fit time."""
     y = _load(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # statsmodels' start-value and convergence notes
         ref = SM(y, order=order).fit()
+        start = time.perf_counter()
         ours = ARIMA(order).fit(y)
+        seconds = time.perf_counter() - start
     at_ours = _exact_llf(y, order, list(ours.params.values()))
     assert ours.llf == pytest.approx(at_ours, rel=REL, abs=1e-9), "not the same likelihood"
     at_ref = _exact_llf(y, order, ref.params)
     assert ours.llf >= at_ref - REL * abs(at_ref), (name, order, ours.llf, at_ref)
     if order[1] == 0:  # without differencing statsmodels' own llf is this quantity
         assert ours.llf >= ref.llf - REL * abs(ref.llf)
+    return seconds
 
 
-# Fits a single Hannan-Rissanen start lost (the first two from the report; the others from the grid),
-# then a sample with every series and the largest orders of the grid.
+# Fits a single Hannan-Rissanen start lost (13 of the 189 of the grid), then a sample with every
+# series and the largest orders of the grid.
 FAILED_BEFORE = [
-    ("elnino", (0, 2, 2)),
-    ("co2", (1, 1, 1)),
-    ("co2", (0, 0, 2)),
-    ("realgdp", (2, 0, 1)),
-    ("sunspots", (2, 2, 2)),
-    ("nile", (2, 0, 2)),
+    ("elnino", (0, 2, 2)),  # -925.33 against -889.75
+    ("co2", (1, 1, 1)),  # -836.49 against -633.48
+    ("co2", (0, 2, 1)),  # -838.44 against -690.29
+    ("elnino", (1, 1, 2)),  # -891.28 against -805.89
+    ("realgdp", (2, 0, 1)),  # 610.97 against 669.79
+    ("sunspots", (0, 2, 1)),  # -1414.33 against -1397.86
+    ("co2", (0, 0, 2)),  # -1584.60 against -1584.32
+    ("infl", (0, 2, 2)),  # -458.576 against -458.573
 ]
 SAMPLE = [
     ("sunspots", (2, 0, 1)),
@@ -93,9 +100,8 @@ def test_llf_never_below_statsmodels_whole_grid(name):
         _check_never_worse(name, (p, d, q))
 
 
-def test_high_order_fit_converges():
-    """ARIMA(8, 1, 8) on 100 values stopped at the evaluation limit after 72 s with numerical
-    gradients; with the exact gradient every start converges and the best beats statsmodels'."""
-    _check_never_worse("nile", (8, 1, 8))
-    model = ARIMA((8, 1, 8)).fit(_load("nile"))
-    assert model.optimizer_result.success and model.optimizer_result.nfev < 1000
+def test_high_order_fit_is_fast_and_never_worse():
+    """ARIMA(8, 1, 8) on 100 values took 72 s and stopped at the evaluation limit with numerical
+    gradients (statsmodels: about 1 s, 50 iterations, not converged). With the exact gradient it takes
+    a few seconds, and its optimum is better than statsmodels'. The bound is loose: the machine is shared."""
+    assert _check_never_worse("nile", (8, 1, 8)) < 30.0
