@@ -43,6 +43,7 @@ from genkern.data.arma import (
     psi_weights,
 )
 from genkern.models.arma_likelihood import (
+    SEARCH_BOUND,
     as_series,
     css,
     draw_arma,
@@ -362,17 +363,17 @@ def _varies(x: np.ndarray, scale: np.ndarray) -> bool:
 
 
 def _search_vector(phi: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """Stationary phi, invertible theta -> the search vector of ``pacf_coefficients``."""
-    return np.concatenate((pacf_from_ar(phi), pacf_from_ar(-theta)))
+    """Stationary phi, invertible theta -> the search vector of ``pacf_coefficients`` (clipped to its bounds)."""
+    return np.clip(np.arcsinh(np.concatenate((pacf_from_ar(phi), pacf_from_ar(-theta)))), -SEARCH_BOUND, SEARCH_BOUND)
 
 
 def _maximise(objective, x0: np.ndarray, maxiter: int, loose: bool = False):
-    """L-BFGS-B from x0. Bounds keep the PACFs a hair inside (-1, 1), where the Lyapunov solve stays finite."""
+    """L-BFGS-B from x0 within the search bounds (see ``SEARCH_BOUND``)."""
     return optimize.minimize(
         objective,
         x0,
         jac=True,
         method="L-BFGS-B",
-        bounds=[(-1e3, 1e3)] * len(x0),
+        bounds=[(-SEARCH_BOUND, SEARCH_BOUND)] * len(x0),
         options={"maxiter": maxiter, "ftol": 1e-10 if loose else 1e-14, "gtol": 1e-6 if loose else 1e-9},
     )
