@@ -375,5 +375,5 @@ def _maximise(objective, x0: np.ndarray, maxiter: int, loose: bool = False):
         jac=True,
         method="L-BFGS-B",
         bounds=[(-SEARCH_BOUND, SEARCH_BOUND)] * len(x0),
-        options={"maxiter": maxiter, "ftol": 1e-10 if loose else 1e-14, "gtol": 1e-6 if loose else 1e-9},
+        options={"maxiter": maxiter, "ftol": 1e-8 if loose else 1e-14, "gtol": 1e-5 if loose else 1e-9},
     )
