@@ -1,12 +1,14 @@
 """The numerics behind ``genkern.models.arima``: series checks, least squares, start values, the
 exact Gaussian likelihood of an ARMA(p, q) series and draws from the process.
 
-The likelihood is exact: a Kalman filter on Harvey's state-space form, started from the
-stationary covariance (discrete Lyapunov equation). Once the filtered covariance has vanished
-(the innovations then equal the ARMA residuals) the rest of the series is filtered with
-``scipy.signal.lfilter``, which makes long series cheap. The regression coefficients and
-``sigma2`` are concentrated out in closed form (GLS on the innovations, ``profile``), so an
-optimizer only has to search the ARMA coefficients. Start values come from Hannan-Rissanen.
+The likelihood is exact. ``profile`` (what the fit searches, with ``profile_gradient``, its exact
+gradient) needs no time loop: residuals from a zero pre-sample state plus a least-squares
+integration of the unknown pre-sample state, whose covariance comes from the stationary one
+(discrete Lyapunov equation); one QR gives the quadratic form, the determinant and the GLS
+regression coefficients, with ``sigma2`` concentrated out. ``kalman`` (Harvey's state-space form,
+switching to ``scipy.signal.lfilter`` once the filtered covariance has vanished) gives the same
+likelihood and the filter state at the end of the series, for forecasts. Start values come from
+Hannan-Rissanen and conditional sum of squares.
 
 Everything here is numpy/scipy float64 and follows the sign convention of ``genkern.data.arma``.
 """
