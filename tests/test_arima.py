@@ -13,7 +13,7 @@ import torch
 
 from genkern.data.arma import ar_from_pacf, arma_process, pacf_from_ar, psi_weights
 from genkern.models.arima import AR, ARIMA
-from genkern.models.arma_likelihood import kalman
+from genkern.models.arma_likelihood import gaussian_llf, kalman, profile, profile_gradient
 
 
 def _sm():
@@ -113,6 +113,51 @@ def test_kalman_steady_state_switch_is_exact(phi, theta):
     full = kalman(Y, np.array(phi, float), np.array(theta, float), tol=-1.0)  # never switches
     for a, b in zip(fast, full):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+LIKELIHOOD_CASES = [
+    ([0.5], [0.3], 1),
+    ([0.5, -0.3], [], 2),
+    ([], [0.6, 0.2], 0),
+    ([0.9], [-0.5, 0.2, 0.1], 1),
+    ([], [-0.999], 0),  # nearly non-invertible: the Kalman gain never settles
+    ([0.999], [-0.75, -0.2], 0),
+    ([0.1, 0.05, 0.02, 0.01, 0.1, 0.0, 0.1, -0.2], [0.3, 0.1, 0, 0, 0, 0, 0, -0.5], 1),
+]
+
+
+def _likelihood_case(phi, theta, k, m=150):
+    rng = np.random.default_rng(len(phi) + 3 * len(theta))
+    w = np.cumsum(rng.standard_normal(m)) * 0.1 + rng.standard_normal(m)
+    X = np.column_stack([np.arange(1.0, m + 1) ** j for j in range(k)]) if k else np.empty((m, 0))
+    return np.array(phi, float), np.array(theta, float), w, X
+
+
+@pytest.mark.parametrize("phi, theta, k", LIKELIHOOD_CASES)
+def test_profile_likelihood_equals_kalman_filter(phi, theta, k):
+    """The loop-free likelihood (initial-state GLS) is the Kalman filter's, beta is GLS."""
+    phi, theta, w, X = _likelihood_case(phi, theta, k)
+    llf, beta, sigma2 = profile(phi, theta, w, X)
+    V, f, _, _ = kalman(np.column_stack([w, X]), phi, theta, tol=-1.0)  # never switches to lfilter
+    V = V / np.sqrt(f)[:, None]
+    gls = np.linalg.lstsq(V[:, 1:], V[:, 0], rcond=None)[0] if k else np.empty(0)
+    np.testing.assert_allclose(beta, gls, rtol=1e-9, atol=1e-12)
+    V, f, _, _ = kalman((w - X @ beta)[:, None], phi, theta, tol=-1.0)
+    assert llf == pytest.approx(gaussian_llf(V[:, 0], f, sigma2), rel=1e-11, abs=1e-9)
+    assert sigma2 == pytest.approx(float(V[:, 0] ** 2 @ (1 / f)) / len(w), rel=1e-10)
+
+
+@pytest.mark.parametrize("phi, theta, k", LIKELIHOOD_CASES)
+def test_profile_gradient_matches_central_differences(phi, theta, k):
+    phi, theta, w, X = _likelihood_case(phi, theta, k)
+    llf, grad = profile_gradient(phi, theta, w, X)
+    assert llf == profile(phi, theta, w, X)[0]
+    coef, h, p = np.concatenate((phi, theta)), 1e-6, len(phi)
+    num = []
+    for e in np.eye(len(coef)) * h:
+        up, down = coef + e, coef - e
+        num.append((profile(up[:p], up[p:], w, X)[0] - profile(down[:p], down[p:], w, X)[0]) / (2 * h))
+    np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(num).max()))
 
 
 def test_pacf_transform_roundtrip_and_stationarity():
@@ -387,3 +432,31 @@ def test_bad_forecast_simulate_and_ar_arguments():
     ]:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+@pytest.mark.parametrize("scale", [1e-10, 1e-5, 1e5, 1e10, 1e12])
+@pytest.mark.parametrize("trend", ["c", "n"])
+def test_ar_estimates_do_not_depend_on_the_scale(scale, trend):
+    """lstsq(rcond=None) dropped the intercept column beside lags of size 1e12 (a level 100 times the
+    noise): the coefficients were silently wrong. The fit must be equivariant in the scale."""
+    y = 100.0 + arma_process([0.5, -0.3], [], 300, seed=3).numpy()
+    base, scaled = AR(2, trend=trend).fit(y), AR(2, trend=trend).fit(scale * y)
+    units = {"const": scale, "sigma2": scale**2}
+    for key, value in base.params.items():
+        assert scaled.params[key] == pytest.approx(value * units.get(key, 1.0), rel=1e-8), key
+    assert scaled.intercept == pytest.approx(base.intercept * scale, rel=1e-8)
+
+
+@pytest.mark.parametrize("model", [AR(0), AR(1), AR(2), AR(3), AR(2, trend="n"), ARIMA((2, 0, 1)), ARIMA((1, 1, 0))])
+@pytest.mark.parametrize("level", [0.0, 3.0, -2.5e8])
+def test_constant_series_is_refused_the_same_way_for_every_order(model, level):
+    """AR(2) on a constant series returned sigma2 ~ 1e-30 and an llf in the thousands: the checks
+    compared with 0.0 exactly, and rounding left a residual."""
+    with pytest.raises(ValueError, match="y has no variation left"):
+        model.fit(np.full(60, level))
+
+
+def test_ar_exact_recursion_is_refused_relative_to_the_scale():
+    y = 1e6 * (1.0 + 0.5 ** np.arange(40.0))  # y_t - 1e6 = 0.5 (y_{t-1} - 1e6): no noise at all
+    with pytest.raises(ValueError, match="zero residual variance"):
+        AR(1).fit(y)

@@ -1,12 +1,14 @@
 """The numerics behind ``genkern.models.arima``: series checks, least squares, start values, the
 exact Gaussian likelihood of an ARMA(p, q) series and draws from the process.
 
-The likelihood is exact: a Kalman filter on Harvey's state-space form, started from the
-stationary covariance (discrete Lyapunov equation). Once the filtered covariance has vanished
-(the innovations then equal the ARMA residuals) the rest of the series is filtered with
-``scipy.signal.lfilter``, which makes long series cheap. The regression coefficients and
-``sigma2`` are concentrated out in closed form (GLS on the innovations, ``profile``), so an
-optimizer only has to search the ARMA coefficients. Start values come from Hannan-Rissanen.
+The likelihood is exact. ``profile`` (what the fit searches, with ``profile_gradient``, its exact
+gradient) needs no time loop: residuals from a zero pre-sample state plus a least-squares
+integration of the unknown pre-sample state, whose covariance comes from the stationary one
+(discrete Lyapunov equation); one QR gives the quadratic form, the determinant and the GLS
+regression coefficients, with ``sigma2`` concentrated out. ``kalman`` (Harvey's state-space form,
+switching to ``scipy.signal.lfilter`` once the filtered covariance has vanished) gives the same
+likelihood and the filter state at the end of the series, for forecasts. Start values come from
+Hannan-Rissanen and conditional sum of squares.
 
 Everything here is numpy/scipy float64 and follows the sign convention of ``genkern.data.arma``.
 """
@@ -14,22 +16,28 @@ Everything here is numpy/scipy float64 and follows the sign convention of ``genk
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import linalg, signal
+from scipy import linalg, optimize, signal
 
-from genkern.data.arma import check_invertible, check_stationary
+from genkern.data.arma import ar_from_pacf
 
 __all__ = [
     "as_series",
+    "css",
     "draw_arma",
     "gaussian_llf",
     "hannan_rissanen",
     "kalman",
     "lags",
     "ols",
+    "pacf_coefficients",
     "profile",
+    "profile_gradient",
+    "search_objective",
+    "SEARCH_BOUND",
     "state_loadings",
     "state_space",
 ]
@@ -56,8 +64,14 @@ def lags(x: np.ndarray, k: int, start: int) -> np.ndarray:
 
 
 def ols(target: np.ndarray, design: np.ndarray) -> np.ndarray:
-    """Least-squares coefficients of target on the columns of design."""
-    return np.linalg.lstsq(design, target, rcond=None)[0]
+    """Least-squares coefficients of target on the columns of design.
+
+    The columns are scaled to unit norm first: lstsq's rank cut (rcond) compares singular values,
+    so a column of ones beside columns of size 1e12 would otherwise be dropped as rank-deficient.
+    """
+    norms = np.linalg.norm(design, axis=0)
+    norms[norms == 0.0] = 1.0
+    return np.linalg.lstsq(design / norms, target, rcond=None)[0] / norms
 
 
 def state_space(phi: np.ndarray, theta: np.ndarray):
@@ -117,15 +131,107 @@ def kalman(Y: np.ndarray, phi: np.ndarray, theta: np.ndarray, tol: float = 1e-14
     return V, f, a, P
 
 
+class _System(NamedTuple):
+    """The exact likelihood's least-squares system for given ARMA coefficients (see ``profile``)."""
+
+    T: np.ndarray  # (r, r) Harvey transition
+    lyap: tuple  # LU factors of I - T (x) T: the stationary covariance and its adjoint share them
+    P: np.ndarray  # (r, r) stationary state covariance
+    cov0: np.ndarray  # (s, s) covariance of the pre-sample filter state
+    L: np.ndarray  # (s, s) cov0 = L L'
+    G: np.ndarray  # (m, s) response of the residual filter to each pre-sample state entry
+    Q: np.ndarray  # (m + s, s + k + 1) and R: QR of the stacked system
+    R: np.ndarray
+
+
+def _system(phi: np.ndarray, theta: np.ndarray, w: np.ndarray, X: np.ndarray) -> _System:
+    """Build and QR-factor the stacked system ``[[G L, E_X, E_w], [I, 0, 0]]`` of ``profile``.
+
+    With x = 0 the residual filter's output from its pre-sample state z solves theta(L) g_t = z_{t-1}
+    (z_t = 0 for t >= s), so G = H / theta(L) with H = [I_s; 0]. z is minus the first s = max(p, q)
+    entries of T alpha_0 (Harvey form): independent of e_1.., with covariance (P - R R')[:s, :s]
+    for the stationary P. That can be singular, so its factor comes from an eigen-decomposition.
+    """
+    m, k, s = len(w), X.shape[1], max(len(phi), len(theta))
+    a = np.concatenate(([1.0], theta))
+    T, RR = state_space(phi, theta)
+    lyap = linalg.lu_factor(np.eye(T.size) - np.kron(T, T))  # P = T P T' + RR', row-major vec
+    P = linalg.lu_solve(lyap, RR.ravel()).reshape(T.shape)
+    cov0 = (P - RR)[:s, :s]
+    lam, U = np.linalg.eigh(cov0)
+    L = U * np.sqrt(np.clip(lam, 0.0, None))
+    G = signal.lfilter([1.0], a, np.eye(m, s), axis=0) if s else np.empty((m, 0))
+    E = signal.lfilter(np.concatenate(([1.0], -phi)), a, np.column_stack([X, w]), axis=0)  # (m, k + 1)
+    stacked = np.block([[G @ L, E], [np.eye(s, s + k + 1)]])  # (m + s, s + k + 1): the prior |u|^2 as s rows
+    Q, R = np.linalg.qr(stacked)
+    return _System(T, lyap, P, cov0, L, G, Q, R)
+
+
 def profile(phi: np.ndarray, theta: np.ndarray, w: np.ndarray, X: np.ndarray):
-    """Concentrated log-likelihood, GLS beta and sigma2 of ``w = X beta + ARMA`` for given ARMA coefficients."""
-    V, f, _, _ = kalman(np.column_stack([w, X]), phi, theta)
-    V = V / np.sqrt(f)[:, None]  # standardised innovations
-    beta = ols(V[:, 0], V[:, 1:]) if X.shape[1] else np.empty(0)
-    resid = V[:, 0] - V[:, 1:] @ beta
-    sigma2 = float(resid @ resid) / len(w)
-    llf = -0.5 * len(w) * (math.log(2 * math.pi * sigma2) + 1.0) - 0.5 * float(np.log(f).sum())
+    """Concentrated log-likelihood, GLS beta and sigma2 of ``w = X beta + ARMA`` for given ARMA coefficients.
+
+    The exact likelihood without a time loop: the residual filter run from a zero state gives
+    e0 = e + G z, linear in the unknown pre-sample state z = L u (u ~ N(0, sigma2 I); see
+    ``_system``). Integrating u out leaves ``SSR = min_{u, beta} |e0 - E_X beta - G L u|^2 + |u|^2``
+    as the quadratic form and ``det(I + L'G'G L)`` as the determinant (the product of the Kalman
+    innovation variances), so one QR of the stacked (m + s, s + k + 1) system gives both, with
+    beta. Exact for any stationary AR part and any MA part, however close to non-invertible.
+    """
+    llf, beta, sigma2, _ = _profile(phi, theta, w, X)
     return llf, beta, sigma2
+
+
+def _profile(phi, theta, w, X):
+    m, k, s = len(w), X.shape[1], max(len(phi), len(theta))
+    sys = _system(phi, theta, w, X)
+    diag = np.abs(np.diag(sys.R))
+    beta = linalg.solve_triangular(sys.R[s:-1, s:-1], sys.R[s:-1, -1]) if k else np.empty(0)
+    sigma2 = float(diag[-1]) ** 2 / m
+    llf = -0.5 * m * (math.log(2 * math.pi * sigma2) + 1.0) - float(np.log(diag[:s]).sum())
+    return llf, beta, sigma2, sys
+
+
+def _lagged_dots(x: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
+    """(n,) sums over t of x_t * y_{t-j} for j = 1..n (over all columns when 2-D)."""
+    m = len(x)
+    return np.array([float(np.sum(x[j:] * y[: m - j])) for j in range(1, n + 1)])
+
+
+def profile_gradient(phi: np.ndarray, theta: np.ndarray, w: np.ndarray, X: np.ndarray):
+    """``profile``'s log-likelihood and its exact gradient ((p + q,): d/dphi, d/dtheta).
+
+    llf = -m/2 log SSR - 1/2 logdet(I + G cov0 G') + const. By the envelope theorem beta and u stay
+    at their optimum, so with r the residual, v = G'r and S = I + G cov0 G':
+    dSSR = 2 r'(d e0 - dG z) - v' dcov0 v, dlogdet = 2 tr(cov0 G'S^-1 dG) + tr(G'S^-1 G dcov0).
+    d e0 / dphi_j = -L^j (w - X beta) / theta(L), (d e0 - dG z) / dtheta_j = -L^j r / theta(L),
+    dG / dtheta_j = -L^j G / theta(L). The cov0 terms go through one adjoint Lyapunov solve
+    (Y = T'Y T + Gamma) instead of one per coefficient.
+    """
+    p, q = len(phi), len(theta)
+    m, s = len(w), max(p, q)
+    llf, beta, sigma2, sys = _profile(phi, theta, w, X)
+    ssr = sigma2 * m
+    r = sys.R[-1, -1] * sys.Q[:m, -1]  # residual of the data rows
+    F = signal.lfilter([1.0], np.concatenate(([1.0], theta)), np.column_stack([w - X @ beta, r, sys.G]), axis=0)
+    g_ssr = -2.0 * np.concatenate((_lagged_dots(r, F[:, 0], p), _lagged_dots(r, F[:, 1], q)))
+    K = sys.G.T @ sys.G
+    RA = sys.R[:s, :s]  # RA'RA = I + L'K L
+    LCL = sys.L @ linalg.cho_solve((RA, False), sys.L.T)
+    WK = K - K @ LCL @ K  # G' S^-1 G
+    Mt = sys.G @ ((np.eye(s) - LCL @ K) @ sys.cov0)  # S^-1 G cov0
+    g_logdet = np.zeros(p + q)
+    g_logdet[p:] = -2.0 * _lagged_dots(Mt, F[:, 2:], q)
+    grad = -0.5 * m / ssr * g_ssr - 0.5 * g_logdet
+    # d llf = tr(Gamma dcov0) through the stationary covariance.
+    v = sys.G.T @ r
+    gamma = np.zeros_like(sys.P)
+    gamma[:s, :s] = 0.5 * m / ssr * np.outer(v, v) - 0.25 * (WK + WK.T)
+    Y = linalg.lu_solve(sys.lyap, gamma.ravel(), trans=1).reshape(gamma.shape)  # Y = T'Y T + Gamma
+    Rvec = np.zeros(len(sys.P))
+    Rvec[0], Rvec[1 : q + 1] = 1.0, theta
+    grad[:p] += 2.0 * (sys.P @ sys.T.T @ Y)[0, :p]
+    grad[p:] += 2.0 * ((Y - gamma) @ Rvec)[1 : q + 1]
+    return llf, grad
 
 
 def gaussian_llf(v: np.ndarray, f: np.ndarray, sigma2: float) -> float:
@@ -164,8 +270,12 @@ def draw_arma(
     return w
 
 
-def hannan_rissanen(u: np.ndarray, p: int, q: int):
-    """Start values for ARMA(p, q) on a zero-mean series u; zeros where they are unusable."""
+def hannan_rissanen(u: np.ndarray, p: int, q: int, long_ar: int | None = None):
+    """Start values for ARMA(p, q) on a zero-mean series u; zeros where they are unusable.
+
+    long_ar: order of the autoregression that estimates the shocks; default max(log(m)^2, 2 max(p, q)).
+    A short one (statsmodels' start uses 2q) lands in a different basin on some series.
+    """
     m = len(u)
     phi, theta = np.zeros(p), np.zeros(q)
     if q == 0:
@@ -173,22 +283,86 @@ def hannan_rissanen(u: np.ndarray, p: int, q: int):
             phi = ols(u[p:], lags(u, p, p))
     else:
         # A long autoregression estimates the shocks, then y is regressed on its lags and them.
-        L = min(max(int(math.log(m) ** 2), 2 * max(p, q)), (m - 1) // 3)
+        L = min(max(int(math.log(m) ** 2), 2 * max(p, q)) if long_ar is None else long_ar, (m - 1) // 3)
         start = max(p, L + q)
         if L >= 1 and m - start > p + q:
             # Yule-Walker (a Toeplitz solve) keeps the long AR cheap: least squares on an
             # (m, L) lag matrix costs O(m L^2), and these are only start values.
+            # A short one is fitted by least squares, as statsmodels' start does.
             acov = np.array([u[: m - j] @ u[j:] for j in range(L + 1)]) / m
             e = np.zeros(m)
-            e[L:] = u[L:] - lags(u, L, L) @ linalg.solve_toeplitz(acov[:L], acov[1:])
+            long = linalg.solve_toeplitz(acov[:L], acov[1:]) if long_ar is None else ols(u[L:], lags(u, L, L))
+            e[L:] = u[L:] - lags(u, L, L) @ long
             coef = ols(u[start:], np.column_stack([lags(u, p, start), lags(e, q, start)]))
             phi, theta = coef[:p], coef[p:]
-    try:
-        check_stationary(phi)
-    except ValueError:
-        phi = np.zeros(p)
-    try:
-        check_invertible(theta)
-    except ValueError:
-        theta = np.zeros(q)
-    return phi, theta
+    return -_reflect_roots(-phi), _reflect_roots(theta)
+
+
+def _reflect_roots(c: np.ndarray, least: float = 1.01) -> np.ndarray:
+    """Coefficients of 1 + c_1 z + ... + c_k z^k with every root z of modulus below ``least`` moved to
+    modulus max(1 / |z|, least): the reflection keeps the autocovariances of an MA polynomial, so a
+    start estimate outside the admissible region keeps its shape instead of dropping to zeros."""
+    if not len(c) or not np.all(np.isfinite(c)):
+        return np.zeros(len(c))
+    roots = np.roots(np.concatenate((c[::-1], [1.0])))
+    if np.all(np.abs(roots) >= least):  # fewer than len(c) roots when c_k = 0
+        return c
+    moduli = np.maximum(np.where(np.abs(roots) < 1.0, 1.0 / np.abs(roots), np.abs(roots)), least)
+    poly = np.poly(moduli * np.exp(1j * np.angle(roots)))[::-1]  # prod (z - root), lowest power first
+    out = np.zeros(len(c))
+    out[: len(roots)] = np.real(poly[1:] / poly[0])
+    return out
+
+
+# |x| <= asinh(1e3) keeps every partial autocorrelation within 5e-7 of +-1, where the Lyapunov solve is finite.
+SEARCH_BOUND = math.asinh(1e3)
+
+
+def pacf_coefficients(x: np.ndarray, p: int):
+    """Search vector (p + q,) -> (phi, theta): partial autocorrelations tanh(x), so every point is
+    stationary and invertible (theta(z) = 1 + ... is read as an AR-type polynomial). tanh rather than
+    x / sqrt(1 + x^2): optima on the invertibility boundary (over-differenced series) are common,
+    and tanh reaches them in a few steps where the algebraic map needs hundreds."""
+    u = np.sinh(x)  # ar_from_pacf maps u to u / sqrt(1 + u^2) = tanh(x)
+    return ar_from_pacf(u[:p]), -ar_from_pacf(u[p:])
+
+
+def _pacf_jacobian(x: np.ndarray) -> np.ndarray:
+    """(k, k) Jacobian of ``ar_from_pacf(sinh(x))``: its Durbin-Levinson recursion differentiated forward."""
+    k = len(x)
+    phi, D = np.empty(0), np.empty((0, k))
+    for j, xj in enumerate(x):
+        rk = math.tanh(xj)
+        drk = 1.0 - rk * rk
+        D = np.vstack((D - rk * D[::-1], np.eye(1, k, j) * drk))
+        D[:j, j] -= drk * phi[::-1]
+        phi = np.concatenate((phi - rk * phi[::-1], [rk]))
+    return D
+
+
+def search_objective(x: np.ndarray, p: int, w: np.ndarray, X: np.ndarray):
+    """-llf / m and its gradient at the search vector x (see ``pacf_coefficients``): what the fit minimises."""
+    llf, g = profile_gradient(*pacf_coefficients(x, p), w, X)
+    grad = np.concatenate((_pacf_jacobian(x[:p]).T @ g[:p], -_pacf_jacobian(x[p:]).T @ g[p:]))
+    return -llf / len(w), -grad / len(w)
+
+
+def css(u: np.ndarray, p: int, q: int, x0: np.ndarray) -> np.ndarray:
+    """Conditional-sum-of-squares estimate for a zero-mean series u, as a search vector (see
+    ``pacf_coefficients``), searched from x0: residuals from a zero pre-sample state, the first p
+    dropped. Cheap (one filter pass per evaluation) and a different basin from Hannan-Rissanen's.
+    Gradient: de / dphi_j = -L^j u / theta(L), de / dtheta_j = -L^j e / theta(L)."""
+    m = len(u) - p
+
+    def ssr(x):
+        phi, theta = pacf_coefficients(x, p)
+        a = np.concatenate(([1.0], theta))
+        e = signal.lfilter(np.concatenate(([1.0], -phi)), a, u)
+        F = signal.lfilter([1.0], a, np.column_stack([u, e]), axis=0)
+        e_kept = np.concatenate((np.zeros(p), e[p:]))
+        g = -2.0 * np.concatenate((_lagged_dots(e_kept, F[:, 0], p), _lagged_dots(e_kept, F[:, 1], len(theta))))
+        grad = np.concatenate((_pacf_jacobian(x[:p]).T @ g[:p], -_pacf_jacobian(x[p:]).T @ g[p:]))
+        return float(e[p:] @ e[p:]) / m, grad / m
+
+    bounds = [(-SEARCH_BOUND, SEARCH_BOUND)] * (p + q)
+    return optimize.minimize(ssr, x0, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 200}).x
