@@ -45,17 +45,22 @@ def _finite(x):
     return torch.where(torch.isfinite(x), x, 0)
 
 
+def _put_back(x, exact, where):
+    """exact's values where `where`, x's elsewhere; the gradient is x's everywhere (none
+    flows through exact, whose masked products may be NaN)."""
+    return x + torch.where(where, (exact - x).detach(), 0)
+
+
 def masked_scores(qf, k, visible, scale):
     """scale * qf k^T, -inf where ~visible. qf (B, Hkv, R, D), k (B, Hkv, S, D), visible
     broadcasting to (B, Hkv, R, S).
 
     The masked scores are replaced, but their gradient is dS @ k with dS = 0 there: a
     non-finite key would still make it NaN. So the product takes k's finite values, and
-    a key holding inf/NaN gets its exact score (no gradient through it) where it is seen."""
+    a key holding inf/NaN gets its exact score back where it is seen."""
     scores = torch.matmul(qf, _finite(k).transpose(-1, -2)) * scale  # (B, Hkv, R, S)
     bad = ~torch.isfinite(k).all(dim=-1).unsqueeze(-2)  # (B, Hkv, 1, S): keys holding inf/NaN
-    exact = (torch.matmul(qf, k.transpose(-1, -2)) * scale).detach()
-    scores = torch.where(visible & bad, exact, scores)
+    scores = _put_back(scores, torch.matmul(qf, k.transpose(-1, -2)) * scale, visible & bad)
     return scores.masked_fill(~visible, float("-inf"))
 
 
@@ -63,12 +68,12 @@ def masked_values(probs, v, visible):
     """probs @ v with probs (B, Hkv, R, S) zero where ~visible, v (B, Hkv, S, D).
 
     0 * inf and 0 * NaN are NaN: the product takes v's finite values, and an inf/NaN
-    value comes back (its exact product, no gradient through it) only into the rows
-    and columns that see it."""
+    value comes back (the exact product) only into the rows and columns that see it.
+    The gradient of an inf/NaN entry of v itself is 0."""
     finite = torch.isfinite(v)
     out = torch.matmul(probs, _finite(v))  # (B, Hkv, R, D)
     seen = torch.matmul(visible.to(probs.dtype), (~finite).to(probs.dtype)) > 0  # (B, Hkv, R, D)
-    return torch.where(seen, torch.matmul(probs, v).detach(), out)
+    return _put_back(out, torch.matmul(probs, v), seen)
 
 
 def attention(q, k, v, causal=True, scale=None, return_lse=False):
