@@ -185,7 +185,6 @@ def kv_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
         chunk,
         scale * LOG2E,
         SU=su,
-        CAUSAL=T > 1,
         BLOCK_M=BLOCK_M,
         BLOCK_D=block_d,
         **pinned,
@@ -218,7 +217,7 @@ def aot_cases():
         for su, (bn, w, s) in [(8, c) for c in configs] + [(1, STRIDED_CONFIG)]:
             yield dict(
                 kernel=_kv_decode_split_kernel.fn,
-                constexprs=dict(SU=su, CAUSAL=True, BLOCK_M=BLOCK_M, BLOCK_D=bd, BLOCK_N=bn),
+                constexprs=dict(SU=su, BLOCK_M=BLOCK_M, BLOCK_D=bd, BLOCK_N=bn),
                 num_warps=w,
                 num_stages=s,
                 types=types,

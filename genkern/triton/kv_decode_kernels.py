@@ -10,7 +10,6 @@ from genkern.triton._common import (
     DOT_PRECISION,
     WHILE_LOOPS,
     autotune,
-    split_nonfinite,
 )
 
 # Query rows per program: tl.dot's minimum M, and G * Tnew <= 16 covers decoding (G <= 8 with
@@ -118,23 +117,7 @@ def _kv_decode_append_kernel(
 
 @triton.jit
 def _softmax_step(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_ptr,
-    v_ptr,
-    st_k,
-    st_v,
-    start,
-    n,
-    lim,
-    offs_n,
-    offs_d,
-    d_ok,
-    qk_scale,
-    SU: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    acc, m_i, l_i, q, k_ptr, v_ptr, st_k, st_v, start, n, lim, offs_n, offs_d, d_ok, qk_scale, SU: tl.constexpr
 ):
     """One block of the online softmax in log2 units over positions j = start + offs_n < n, row r
     seeing j <= lim_r: s2 = qk_scale q k^T, m' = max(m, rowmax s2), l' = l 2^(m - m') + rowsum
@@ -159,12 +142,7 @@ def _softmax_step(
         mask=ok,
         other=0.0,
     )
-    if CAUSAL:  # Tnew > 1: a position masked for some rows; its inf/NaN must not reach them
-        v, first, val = split_nonfinite(v, j)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        acc = tl.where((first[None, :] < n) & (first[None, :] <= lim[:, None]), val[None, :].to(tl.float32), acc)
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -200,7 +178,6 @@ def _kv_decode_split_kernel(
     chunk,
     qk_scale,
     SU: tl.constexpr,
-    CAUSAL: tl.constexpr,  # Tnew > 1: rows see different prefixes of the positions
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -232,13 +209,13 @@ def _kv_decode_split_kernel(
         start = lo
         while start < hi:
             acc, m_i, l_i = _softmax_step(
-                acc, m_i, l_i, q, k_ptr, v_ptr, sk_t, sv_t, start, n, lim, offs_n, offs_d, d_ok, qk_scale, SU, CAUSAL
+                acc, m_i, l_i, q, k_ptr, v_ptr, sk_t, sv_t, start, n, lim, offs_n, offs_d, d_ok, qk_scale, SU
             )
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _softmax_step(
-                acc, m_i, l_i, q, k_ptr, v_ptr, sk_t, sv_t, start, n, lim, offs_n, offs_d, d_ok, qk_scale, SU, CAUSAL
+                acc, m_i, l_i, q, k_ptr, v_ptr, sk_t, sv_t, start, n, lim, offs_n, offs_d, d_ok, qk_scale, SU
             )
     empty = l_i == 0.0
     l_i = tl.where(empty, 1.0, l_i)
