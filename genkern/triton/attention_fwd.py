@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from genkern.triton._common import DOT_PRECISION, WHILE_LOOPS, split_nonfinite
+from genkern.triton._common import DOT_PRECISION, WHILE_LOOPS
 from genkern.triton.attention_tiles import attention_autotune, key_range, load_rows, tile_block, tile_ptr, visible
 
 
@@ -43,12 +43,7 @@ def _fwd_step(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = load_rows(v_ptr, start, S, st_v, offs_n, offs_d, d_ok, MASK)
-    if MASK:  # a masked key's inf/NaN value must not reach the rows that do not see it
-        v, first, val = split_nonfinite(v, start + offs_n)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        acc = tl.where(visible(rows, first, S, diag, CAUSAL), val[None, :].to(tl.float32), acc)
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
