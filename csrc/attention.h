@@ -113,6 +113,46 @@ struct Problem {
   int64_t first_query(int64_t j) const { return causal ? std::clamp<int64_t>(j - (S - T), 0, T) : 0; }
 };
 
+// True when rows [j0, j0 + n) of head h of m are finite: x * 0 is 0 for finite x and NaN
+// for inf or NaN (not folded away: no -ffast-math), one vectorised multiply-add per value.
+template <typename T>
+bool rows_finite(const Mat<const T>& m, int64_t b, int64_t h, int64_t j0, int64_t n, int64_t D) {
+  T acc = 0;
+  for (int64_t j = j0; j < j0 + n; ++j) {
+    const T* r = m.row(b, h, j);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) acc += r[d] * T(0);
+  }
+  return acc == T(0);
+}
+
+// C (bq x D, ld D) = alpha A X + beta C, X the key rows [j0, j0 + bk) of head kvh of m, A
+// (bq x bk, ld bk) zero past each row's visible keys (queries i0 .. i0 + bq - 1). A key a
+// row does not see may hold anything (padding, garbage), and 0 * inf or NaN is NaN: BLAS
+// multiplies every column, so where the partly visible columns of a diagonal tile hold a
+// non-finite value, each row takes only its visible ones. The scan costs ~1/bq of the product.
+template <typename T>
+void masked_ab(const Problem<T>& P, const Mat<const T>& m, int64_t b, int64_t kvh, int64_t i0, int64_t bq, int64_t j0,
+               int64_t bk, T alpha, const T* a, T beta, T* c) {
+  const int64_t D = P.D, common = std::clamp<int64_t>(P.key_end(i0) - j0, 0, bk);  // seen by every row
+  if (common == bk || rows_finite(m, b, kvh, j0 + common, bk - common, D)) {
+    gemm_ab<T>(bq, D, bk, alpha, a, bk, m.row(b, kvh, j0), m.sl, beta, c, D);
+    return;
+  }
+  if (common > 0) gemm_ab<T>(bq, D, common, alpha, a, bk, m.row(b, kvh, j0), m.sl, beta, c, D);
+  else if (beta == T(0)) std::fill(c, c + bq * D, T(0));
+  for (int64_t r = 0; r < bq; ++r) {
+    T* cr = c + r * D;
+    const int64_t lim = std::clamp<int64_t>(P.key_end(i0 + r) - j0, 0, bk);
+    for (int64_t j = common; j < lim; ++j) {
+      const T w = alpha * a[r * bk + j];
+      const T* x = m.row(b, kvh, j0 + j);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) cr[d] += w * x[d];
+    }
+  }
+}
+
 // Spreads the causal triangle's uneven blocks over at::parallel_for's contiguous
 // chunks: block order 0, n-1, 1, n-2, ... pairs a short block with a long one.
 inline int64_t zigzag(int64_t u, int64_t n) { return (u & 1) ? n - 1 - (u >> 1) : (u >> 1); }

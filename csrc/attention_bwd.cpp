@@ -46,7 +46,7 @@ void bwd_tile(const Problem<T>& P, const Grads<T>& g, int64_t b, int64_t h, int6
     gemm_atb<T>(bk, D, bq, T(1), p, bk, dout, g.dout.sl, T(1), g.dv + (bkv * P.S + j0) * D, D);
     gemm_atb<T>(bk, D, bq, P.scale, ds, bk, q, P.q.sl, T(1), g.dk + (bkv * P.S + j0) * D, D);
   }
-  if (want_dq) gemm_ab<T>(bq, D, bk, P.scale, ds, bk, k, P.k.sl, T(1), g.dq + (bh * P.T + i0) * D, D);
+  if (want_dq) masked_ab<T>(P, P.k, b, kvh, i0, bq, j0, bk, P.scale, ds, T(1), g.dq + (bh * P.T + i0) * D);
 }
 
 // dK/dV of key blocks [jb0, jb1) of (b, kvh), over every query of its group; with

@@ -55,7 +55,7 @@ void fwd_block(const Problem<T>& P, int64_t b, int64_t h, int64_t i0, int64_t bq
       l[r] += sum;
       m[r] = mnew;
     }
-    if (o != nullptr) gemm_ab<T>(bq, D, bk, T(1), s, bk, P.v.row(b, kvh, j0), P.v.sl, T(j0 > 0 ? 1 : 0), o, D);
+    if (o != nullptr) masked_ab<T>(P, P.v, b, kvh, i0, bq, j0, bk, T(1), s, T(j0 > 0 ? 1 : 0), o);
   }
   for (int64_t r = 0; r < bq; ++r) {
     const bool empty = l[r] == T(0);  // the row sees no key (a NaN in l propagates instead)

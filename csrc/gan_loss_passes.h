@@ -93,7 +93,7 @@ Sums for_each_tile(int64_t numel, F&& f) {
 }
 // --- explicit AVX-512 path of the float32 softplus side pass --------------------------
 // GCC's vectorisation of softplus_sigmoid keeps an IEEE division and the generic log_f32;
-// here: e = exp(-|z|) by exp_neg_abs_v (vec_math.h: no clamps, NaN propagates, underflow
+// here: e = exp(-|z|) by exp_neg_abs_v (vec_math.h: one clamp, NaN propagates, underflow
 // goes gradually to 0) and 1/(1 + e) by vrcp14ps and one Newton step
 // (~1 ulp). The loss needs only the sum of sp(z) = max(z, 0) + log1p(e), so no log is taken
 // per element: with u = 1 + e (in [1, 2]) rounded, log1p(e) = log(u) + (e - (u - 1)) / u

@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -96,12 +97,15 @@ void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
       ahead.row[j] = reinterpret_cast<const char*>(vb + (j0 + j) * p.vs[2]);
     }
     block_scores(Q, nr, rp, nb, D, Dp, S, ahead);
-    for (int64_t rr = 0; rr < nr; ++rr)
-      softmax_block(S + rr * kBlk, nb, std::clamp(lim[rr] - j0, int64_t(0), nb), m[rr], l[rr], acc + rr * Dp, D);
+    int64_t vis[kMaxRows];  // positions of the block row rr sees
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      vis[rr] = std::clamp(lim[rr] - j0, int64_t(0), nb);
+      softmax_block(S + rr * kBlk, nb, vis[rr], m[rr], l[rr], acc + rr * Dp, D);
+    }
     ahead.n = std::clamp(hi - j0 - kBlk, int64_t(0), kBlk);  // the next block's K rows
     for (int64_t j = 0; j < ahead.n; ++j) ahead.row[j] = reinterpret_cast<const char*>(kb + (j0 + kBlk + j) * p.ks[2]);
     for (int64_t j = 0; j < nb; ++j) rp[j] = load_as<acc_t>(vb + (j0 + j) * p.vs[2], D, rowbuf + j * Dp);
-    block_pv(S, nr, rp, nb, D, Dp, acc, ahead);
+    block_pv(S, nr, rp, nb, vis, D, Dp, acc, ahead);
   }
   for (int64_t rr = 0; rr < nr; ++rr) {
     const acc_t* a = acc + rr * Dp;
@@ -152,7 +156,6 @@ void write_new(const at::Tensor& cache, const at::Tensor& src, const int32_t* le
     for (int64_t x = a; x < e; ++x) {
       const int64_t t = x % T, kvh = (x / T) % Hkv, b = x / (T * Hkv);
       scalar_t* dst = c + b * cache.stride(0) + kvh * cache.stride(1) + (lens[b] + t) * cache.stride(2);
-      // memmove: k_new may be a view of the very positions it is written to
       std::memmove(dst, s + b * src.stride(0) + kvh * src.stride(1) + t * src.stride(2), D * sizeof(scalar_t));
     }
   });
@@ -207,6 +210,29 @@ void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const 
 }
 
 // --- checks and entry point ------------------------------------------------------------
+// Whether a and b may share elements: one storage and intersecting address ranges (strides
+// are never negative). Conservative: interleaved views count as overlapping.
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* lo = static_cast<const char*>(t.data_ptr());
+    return std::make_pair(lo, lo + (last + 1) * int64_t(t.element_size()));
+  };
+  auto [alo, ahi] = span(a);
+  auto [blo, bhi] = span(b);
+  return alo < bhi && blo < ahi;
+}
+
+// k_new (or v_new) as the rows to write, unit last-dim stride: copied first when it shares
+// memory with a cache (k_new = k_cache[:, :, L - 1 : L - 1 + T]), since the rows are written
+// in parallel and one row's write would change another's source.
+at::Tensor source_rows(const at::Tensor& t, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  if (may_overlap(t, k_cache) || may_overlap(t, v_cache)) return t.clone(at::MemoryFormat::Contiguous);
+  return t.stride(3) == 1 ? t : t.contiguous();
+}
+
 void check_new(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t Hkv) {
   check_cpu(t, name);
   GENKERN_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ",
@@ -263,8 +289,9 @@ at::Tensor kv_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kv_decode_cpp", [&] {
     if (has_new && k_new->numel() > 0) {
-      write_new<scalar_t>(k_cache, k_new->stride(3) == 1 ? *k_new : k_new->contiguous(), lens);
-      write_new<scalar_t>(v_cache, v_new->stride(3) == 1 ? *v_new : v_new->contiguous(), lens);
+      const at::Tensor kn = source_rows(*k_new, k_cache, v_cache), vn = source_rows(*v_new, k_cache, v_cache);
+      write_new<scalar_t>(k_cache, kn, lens);
+      write_new<scalar_t>(v_cache, vn, lens);
     }
     if (out.numel() > 0) run<scalar_t>(q, k_cache, v_cache, lens, has_new, scale, out);
   });

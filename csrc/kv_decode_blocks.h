@@ -52,13 +52,15 @@ GENKERN_INLINE void axpy(T p, const T* __restrict__ x, T* __restrict__ y, int64_
   for (int64_t d = 0; d < n; ++d) y[d] += p * x[d];
 }
 
-// acc_rr += sum_j P[rr * kBlk + j] V_j.
+// acc_rr += sum_{j < vis[rr]} P[rr * kBlk + j] V_j: only the positions row rr sees, since a
+// causally masked one may hold anything and 0 * inf or NaN is NaN.
 template <typename T>
-void block_pv(const T* P, int64_t nr, const T* const* vr, int64_t nb, int64_t D, int64_t Dp, T* acc,
+void block_pv(const T* P, int64_t nr, const T* const* vr, int64_t nb, const int64_t* vis, int64_t D, int64_t Dp, T* acc,
               const Ahead& ahead) {
   for (int64_t j = 0; j < nb; ++j) {
     ahead.whole(j);
-    for (int64_t rr = 0; rr < nr; ++rr) axpy(P[rr * kBlk + j], vr[j], acc + rr * Dp, D);
+    for (int64_t rr = 0; rr < nr; ++rr)
+      if (j < vis[rr]) axpy(P[rr * kBlk + j], vr[j], acc + rr * Dp, D);
   }
 }
 
@@ -120,8 +122,8 @@ inline void block_scores(const float* Q, int64_t nr, const float* const* kr, int
 }
 
 template <>
-inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t nb, int64_t D, int64_t Dp, float* acc,
-                     const Ahead& ahead) {
+inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t nb, const int64_t* vis, int64_t D,
+                     int64_t Dp, float* acc, const Ahead& ahead) {
   for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 64 columns (4 registers) of every row per pass
     __mmask16 m[4];
     __m512 a[4];
@@ -130,12 +132,14 @@ inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t
       float* y = acc + rr * Dp + d0;
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) a[u] = _mm512_maskz_loadu_ps(m[u], y + 16 * u);
-      for (int64_t j = 0; j < nb; ++j) {
+      for (int64_t j = 0; j < vis[rr]; ++j) {
         if (rr == 0 && d0 == 0) ahead.whole(j);
         const __m512 w = _mm512_set1_ps(P[rr * kBlk + j]);
 #pragma GCC unroll 4
         for (int u = 0; u < 4; ++u) a[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[u], vr[j] + d0 + 16 * u), a[u]);
       }
+      if (rr == 0 && d0 == 0)
+        for (int64_t j = vis[0]; j < nb; ++j) ahead.whole(j);
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(y + 16 * u, m[u], a[u]);
     }

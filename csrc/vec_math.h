@@ -126,10 +126,12 @@ GENKERN_INLINE void sincos_2pi_f32(float u, float& c, float& s) {
 
 // --- explicit AVX-512 forms (16 lanes) ----------------------------------------------
 #if defined(__AVX512F__)
-// exp(-|z|), in [0, 1]: the exp_f32 reduction finished with vscalefps (no clamps, NaN
-// propagates, underflow goes gradually to 0).
+// exp(-|z|), in [0, 1]: the exp_f32 reduction finished with vscalefps (NaN propagates,
+// underflow goes gradually to 0). -|z| is clamped at -104 (exp(-104) rounds to 0): the
+// Cody-Waite split is exact only while |n| < 2^15, and beyond ~3e13 the reduced r is
+// garbage (NaN from -inf). vmaxps returns its second operand when one is NaN: x goes second.
 GENKERN_INLINE __m512 exp_neg_abs_v(__m512 z) {
-  __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(z));  // -|z|
+  __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(z)));
   __m512 n =
       _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from genkern.ops.kv_decode import attention_with_kvcache
+from genkern.ops.kv_decode import attention_with_kvcache, check_room
 from genkern.reference.kv_decode import write_new
+
+
+def _version(t):
+    """t's version counter (bumped by every in-place write), None where it has none (an
+    inference tensor)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class KVCache:
@@ -21,6 +30,8 @@ class KVCache:
         seqlens: (batch_size,) int32 on `device`, the filled length of each row; rows
             may differ (ragged batches).
         max_len: max(seqlens) as an int, kept on the host so that no step synchronises.
+            Edits of seqlens by other means than `advance` and `reset` are noticed (its
+            version counter): the lengths are then read (and checked) once more.
 
     One decoding step: for each layer i, `cache.attend(i, q, k_new, v_new)` (or
     `genkern.attention_with_kvcache(q, *cache.layer(i), cache.seqlens, k_new, v_new,
@@ -47,8 +58,10 @@ class KVCache:
         shape = (num_layers, batch_size, num_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.k.device)
+        with torch.inference_mode(False):  # a version counter even when made under inference mode
+            self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.k.device)
         self._max_len = 0  # max(seqlens), known on the host so that no step synchronises
+        self._mark_lengths()
 
     def layer(self, i: int):
         """(k_cache, v_cache) of layer i: (B, Hkv, Smax, D) views into the buffers."""
@@ -58,14 +71,36 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        """max(seqlens), known on the host (read-only: `advance` and `reset` change it)."""
+        """max(seqlens), known on the host (read-only: `advance` and `reset` change it, and a
+        call that finds seqlens edited by hand reads it again)."""
         return self._max_len
+
+    def _mark_lengths(self):
+        """Records seqlens as this cache last set it (the tensor and its version)."""
+        self._lengths_seen = (self.seqlens, _version(self.seqlens))
+
+    def _room_bound(self):
+        """max(seqlens) for the room check of a write, without synchronising while seqlens is
+        the tensor this cache last set, unwritten since. Otherwise (a public attribute, edited or
+        replaced) the lengths are read again: valid ones are trusted from then on, invalid ones
+        give None, so that the op reads every row and refuses the call before any write."""
+        seen, version = self._lengths_seen
+        if torch.compiler.is_compiling() or (
+            seen is self.seqlens and version is not None and version == _version(seen)
+        ):
+            return self._max_len
+        lo, hi = (int(x) for x in torch.aminmax(self.seqlens))
+        if lo < 0 or hi > self.max_seq_len:
+            return None
+        self._max_len = hi
+        self._mark_lengths()
+        return hi
 
     def attend(self, i: int, q, k_new=None, v_new=None, *, scale=None, impl="auto"):
         """genkern.attention_with_kvcache on layer i (writes k_new/v_new; lengths unchanged)."""
         k, v = self.layer(i)
         return attention_with_kvcache(
-            q, k, v, self.seqlens, k_new, v_new, scale=scale, impl=impl, max_seqlen=self._max_len
+            q, k, v, self.seqlens, k_new, v_new, scale=scale, impl=impl, max_seqlen=self._room_bound()
         )
 
     def write(self, i: int, k_new, v_new):
@@ -91,11 +126,7 @@ class KVCache:
                 )
             if t.device != k.device:
                 raise ValueError(f"{name} must be on the cache's device {k.device}, got {t.device}")
-        if self._max_len + k_new.shape[2] > self.max_seq_len:
-            raise ValueError(
-                f"the KV cache is full: a row of length {self._max_len} plus {k_new.shape[2]} new "
-                f"tokens exceeds max_seq_len={self.max_seq_len}"
-            )
+        check_room(self.seqlens, k_new.shape[2], self.max_seq_len, self._room_bound())
 
     def advance(self, n):
         """Adds n filled positions to every row (int), or n[b] to row b ((B,) tensor)."""
@@ -110,17 +141,23 @@ class KVCache:
         else:
             if isinstance(n, bool) or not isinstance(n, int):
                 raise TypeError(f"n must be an int or an integer tensor, got {type(n).__name__}")
-            new, lo, hi = self.seqlens.long() + n, None, self._max_len + n
-            lo = int(new.min()) if n < 0 else 0
+            bound = self._room_bound()
+            new = self.seqlens.long() + n
+            if bound is None:
+                lo, hi = (int(x) for x in torch.aminmax(new))
+            else:
+                lo, hi = (int(new.min()) if n < 0 else 0), bound + n
         if lo < 0 or hi > self.max_seq_len:
             raise ValueError(f"advancing by {n} leaves a row outside 0..max_seq_len={self.max_seq_len}")
         self.seqlens.copy_(new)
         self._max_len = hi
+        self._mark_lengths()
 
     def reset(self):
         """Empties every row (the buffers keep their memory; stale values are never read)."""
         self.seqlens.zero_()
         self._max_len = 0
+        self._mark_lengths()
 
     @property
     def nbytes(self) -> int:

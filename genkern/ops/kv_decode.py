@@ -26,8 +26,9 @@ def attention_with_kvcache(
         scale: multiplies the scores; default 1 / sqrt(D).
         impl: "auto" | "torch" | "cpp" | "triton" (default from GENKERN_IMPL).
         max_seqlen: an int the caller knows to be >= max(cache_seqlens) (genkern.KVCache
-            passes its `max_len`), or None. Given, the bound check uses it instead of
-            reading cache_seqlens on the host, and negative lengths go unchecked.
+            passes its `max_len`), or None. Given, the bound check of CUDA lengths uses it
+            instead of reading cache_seqlens on the host, and negative lengths go unchecked
+            there (CPU lengths are always read: it costs no synchronisation).
 
     Returns:
         out: (B, H, Tnew, D) in q's dtype. Query i of row b attends to the positions
@@ -48,7 +49,7 @@ def attention_with_kvcache(
 def _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, impl, max_len):
     """attention_with_kvcache; `max_len`, when the caller knows it, bounds max(cache_seqlens)."""
     _check_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
-    _check_room(cache_seqlens, 0 if k_new is None else k_new.shape[2], k_cache.shape[2], max_len)
+    check_room(cache_seqlens, 0 if k_new is None else k_new.shape[2], k_cache.shape[2], max_len)
     scale = check_scale(scale, q.shape[-1])
     backend = head_dim_backend(KV_DECODE, impl, q)
     if backend == "torch":
@@ -105,11 +106,15 @@ def _check_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
                 )
 
 
-def _check_room(cache_seqlens, tnew, smax, max_len):
-    if max_len is not None:
-        lo, hi = 0, max_len
-    else:
+def check_room(cache_seqlens, tnew, smax, max_len):
+    """Refuses lengths outside [0, smax - tnew], before anything is written. A bound the caller
+    knows (max_len) spares reading the lengths on the host; CPU lengths are read anyway (no
+    synchronisation there), so that every row is checked."""
+    if max_len is None or (cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()):
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+        hi = hi if max_len is None else max(hi, max_len)
+    else:
+        lo, hi = 0, max_len
     if torch.compiler.is_compiling():
         # lo and hi are data-dependent here: an `if` cannot be traced, so the checks
         # become runtime asserts of the compiled graph (messages cannot name them).

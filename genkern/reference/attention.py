@@ -17,6 +17,11 @@ after S - T cached keys see the whole cache and themselves:
 With T > S the first T - S queries see no key: their output is 0 and their
 log-sum-exp is -inf (not NaN).
 
+A key a query does not see never reaches it, whatever it holds: NaN or inf in k or v
+at a masked key changes neither that query's output nor the gradients (0 * NaN is
+NaN, so the products below take the finite values only; see masked_scores and
+masked_values). A non-finite value a query does see makes its output non-finite.
+
 This version materialises the (G * T, S) score matrix of each KV head: it is O(T * S)
 in memory, which is what the fused kernels avoid. It is written to be read and to be
 exact, not to be fast: the speed baseline of the benchmarks is genkern.bench.baselines.
@@ -36,6 +41,41 @@ def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
     return j <= i + (s - t)
 
 
+def _finite(x):
+    return torch.where(torch.isfinite(x), x, 0)
+
+
+def _put_back(x, exact, where):
+    """exact's values where `where`, x's elsewhere; the gradient is x's everywhere (none
+    flows through exact, whose masked products may be NaN)."""
+    return x + torch.where(where, (exact - x).detach(), 0)
+
+
+def masked_scores(qf, k, visible, scale):
+    """scale * qf k^T, -inf where ~visible. qf (B, Hkv, R, D), k (B, Hkv, S, D), visible
+    broadcasting to (B, Hkv, R, S).
+
+    The masked scores are replaced, but their gradient is dS @ k with dS = 0 there: a
+    non-finite key would still make it NaN. So the product takes k's finite values, and
+    a key holding inf/NaN gets its exact score back where it is seen."""
+    scores = torch.matmul(qf, _finite(k).transpose(-1, -2)) * scale  # (B, Hkv, R, S)
+    bad = ~torch.isfinite(k).all(dim=-1).unsqueeze(-2)  # (B, Hkv, 1, S): keys holding inf/NaN
+    scores = _put_back(scores, torch.matmul(qf, k.transpose(-1, -2)) * scale, visible & bad)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def masked_values(probs, v, visible):
+    """probs @ v with probs (B, Hkv, R, S) zero where ~visible, v (B, Hkv, S, D).
+
+    0 * inf and 0 * NaN are NaN: the product takes v's finite values, and an inf/NaN
+    value comes back (the exact product) only into the rows and columns that see it.
+    The gradient of an inf/NaN entry of v itself is 0."""
+    finite = torch.isfinite(v)
+    out = torch.matmul(probs, _finite(v))  # (B, Hkv, R, D)
+    seen = torch.matmul(visible.to(probs.dtype), (~finite).to(probs.dtype)) > 0  # (B, Hkv, R, D)
+    return _put_back(out, torch.matmul(probs, v), seen)
+
+
 def attention(q, k, v, causal=True, scale=None, return_lse=False):
     """softmax(scale * q k^T, masked) v in q's dtype; with return_lse also the
     (B, H, T) float32 log-sum-exp of each row's scaled, masked scores."""
@@ -48,10 +88,11 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False):
     # that head: row r is query i = r % T of query head c * G + r // T. K and V are
     # read where they are, never repeated per query head.
     qf = q.reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D)
-    scores = torch.matmul(qf, k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
     if causal:
         mask = causal_mask(t, s, q.device).repeat(g, 1)  # (G*T, S): row r is query r % T
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = masked_scores(qf, k, mask, scale)  # (B, Hkv, G*T, S)
+    else:
+        scores = torch.matmul(qf, k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
     # Softmax accumulates in float32 for float16/bfloat16 (as torch's fused softmax
     # does); float64 stays float64.
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -60,7 +101,8 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False):
         # A row with no visible key is all -inf, which softmax turns into NaN: zero
         # exactly those rows (a NaN from the inputs elsewhere stays NaN).
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-    out = torch.matmul(probs.to(v.dtype), v)  # (B, Hkv, G*T, D)
+    probs = probs.to(v.dtype)
+    out = masked_values(probs, v, mask) if causal else torch.matmul(probs, v)  # (B, Hkv, G*T, D)
     out = out.reshape(b, h, t, d)
     if not return_lse:
         return out

@@ -15,10 +15,11 @@ v_new (B, Hkv, Tnew, D) or None.
 
 cache_seqlens is not modified: advancing it is the caller's job (genkern.KVCache).
 
-This version is written to be read and to be exact, not to be fast. It copies V once
-per call so that stale values (NaN/inf past a row's end) cannot reach the result:
-that copy is part of the spec's exactness. The speed baseline of the benchmarks, which
-masks without copying the cache, is genkern.bench.baselines.
+This version is written to be read and to be exact, not to be fast. Stale values
+(NaN/inf past a row's end) and causally masked ones cannot reach the result
+(genkern.reference.attention.masked_values): that is part of the spec's exactness.
+The speed baseline of the benchmarks, which masks without copying the cache, is
+genkern.bench.baselines.
 """
 
 from __future__ import annotations
@@ -27,9 +28,39 @@ import math
 
 import torch
 
+from genkern.reference.attention import masked_values
+
+
+def may_overlap(a, b) -> bool:
+    """Whether tensors a and b may share elements: one storage and intersecting address
+    ranges (strides are never negative). Conservative: interleaved views count."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def separate_new(k_cache, v_cache, k_new, v_new):
+    """(k_new, v_new), each copied if it shares memory with a cache (e.g. k_new =
+    k_cache[:, :, L - 1 : L - 1 + Tnew]): every new row must be read before any is
+    overwritten, whatever order (or parallelism) the write has. Under torch.compile the
+    tensors have no addresses; its functionalised graph orders the reads itself."""
+    if torch.compiler.is_compiling():
+        return k_new, v_new
+    caches = (k_cache, v_cache)
+    k_new = k_new.clone() if any(may_overlap(k_new, c) for c in caches) else k_new
+    v_new = v_new.clone() if any(may_overlap(v_new, c) for c in caches) else v_new
+    return k_new, v_new
+
 
 def write_new(k_cache, v_cache, cache_seqlens, k_new, v_new):
     """Writes k_new/v_new into the caches at each row's positions L_b .. L_b + Tnew - 1."""
+    k_new, v_new = separate_new(k_cache, v_cache, k_new, v_new)
     b, hkv, tnew, d = k_new.shape
     pos = cache_seqlens.long().view(b, 1, 1, 1) + torch.arange(tnew, device=k_new.device).view(1, 1, tnew, 1)
     pos = pos.expand(b, hkv, tnew, d)  # (B, Hkv, Tnew, D)
@@ -58,15 +89,13 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     visible = visible.repeat(1, g, 1).view(b, 1, g * tnew, smax)  # (B, 1, G*Tnew, Smax)
     qf = q.reshape(b, hkv, g * tnew, d)  # (B, Hkv, G*Tnew, D)
     scores = torch.matmul(qf, k_cache.transpose(-1, -2)) * scale  # (B, Hkv, G*Tnew, Smax)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.masked_fill(~visible, float("-inf"))  # no backward: k needs no masked_scores
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     probs = torch.softmax(scores, dim=-1, dtype=acc)
     # Rows that see nothing are all -inf (NaN after softmax): zero exactly those.
     probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
-    # Zero weights times stale values that are inf/NaN would still be NaN: unfilled
-    # positions must not reach the result, so their values are zeroed in a copy (the
-    # spec's exactness, at the price of reading and writing all of V once more).
-    filled = j.view(1, 1, smax, 1) < n.view(b, 1, 1, 1)  # (B, 1, Smax, 1)
-    v = v_cache.masked_fill(~filled, 0.0)
-    out = torch.matmul(probs.to(v.dtype), v)  # (B, Hkv, G*Tnew, D)
+    # Zero weights times stale (unfilled) or causally masked values that are inf/NaN
+    # would still be NaN: masked_values takes the finite values only (the spec's
+    # exactness, at the price of reading V more than once).
+    out = masked_values(probs.to(v_cache.dtype), v_cache, visible)  # (B, Hkv, G*Tnew, D)
     return out.reshape(b, h, tnew, d).to(q.dtype)

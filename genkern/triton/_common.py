@@ -26,6 +26,19 @@ WHILE_LOOPS = tl.constexpr(INTERPRETED)
 DOT_PRECISION = tl.constexpr("ieee")
 
 
+@triton.jit
+def split_nonfinite(x, keys):
+    """(x with its inf/NaN entries zeroed, first, val) for a (keys, D) tile x: per column, the
+    first of `keys` whose row holds an inf/NaN there (2^30 when none) and that value. tl.dot(p, x)
+    with p = 0 at a masked key would turn its inf/NaN into NaN for every row (0 * NaN = NaN):
+    the caller multiplies the finite part and puts the value back only into the rows that see
+    `first` (with causal masks a row sees a prefix of the keys: any of them, then the first)."""
+    finite = tl.abs(x) < float("inf")
+    first = tl.min(tl.where(finite, 1 << 30, keys[:, None]), 0)
+    val = tl.sum(tl.where(keys[:, None] == first[None, :], x, 0.0), 0)
+    return tl.where(finite, x, 0.0), first, val
+
+
 def check_dtype(name: str, t: torch.Tensor, op: str) -> None:
     """TypeError unless t is float16, bfloat16 or float32 (the kernels compute in float32 from those)."""
     if t.dtype not in FLOAT_DTYPES:

@@ -62,10 +62,10 @@ def _term(v, label, KIND: tl.constexpr, REAL: tl.constexpr, GENERATOR: tl.conste
     elif KIND == 2:
         if GENERATOR:
             term, grad = -v, -one
-        elif REAL:
-            term, grad = _relu(1.0 - v), tl.where(1.0 - v > 0, -one, 0.0)
+        elif REAL:  # relu's gradient is 0 only where t <= 0: a NaN logit passes it, as in torch
+            term, grad = _relu(1.0 - v), tl.where(1.0 - v <= 0, 0.0, -one)
         else:
-            term, grad = _relu(1.0 + v), tl.where(1.0 + v > 0, one, 0.0)
+            term, grad = _relu(1.0 + v), tl.where(1.0 + v <= 0, 0.0, one)
     elif KIND == 3:
         if GENERATOR or REAL:
             term, grad = -v, -one

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from genkern.reference.kv_decode import separate_new
 from genkern.triton._common import (
     BLOCK_DS,
     INTERPRETED,
@@ -130,6 +131,8 @@ def kv_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
     """out (B, H, Tnew, D) contiguous in q's dtype; writes k_new/v_new into the caches in place.
     The contract of kv_decode in csrc/genkern.cpp; see the module docstring."""
     B, H, T, D, Hkv, S = _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    if k_new is not None:
+        k_new, v_new = separate_new(k_cache, v_cache, k_new, v_new)  # a view of a cache is read first
     (q, sq), (su, sc), block_d = rows8(q), _cache_strides(k_cache, v_cache), triton.next_power_of_2(D)
     if k_new is not None:
         (kn, skn), (vn, svn) = rows8(k_new), rows8(v_new)
