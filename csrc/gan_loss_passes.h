@@ -25,17 +25,17 @@ constexpr int64_t kBlock = 16 * 1024;  // unit of the thread split (fixed: deter
 // log1p(e), sg = 1/(1+e) or e/(1+e). log1p(e) = log(u) + (e - (u - 1)) / u with u = 1 + e
 // corrects the rounding of u, so sp(z) keeps its relative accuracy as z -> -inf.
 // max is written `z < 0 ? 0 : z` so that NaN passes through.
-GENKERN_INLINE void softplus_sigmoid(float z, float& sp, float& sg) {
+GENKERN_INLINE void log1p_sigmoid(float z, float& lp, float& sg) {
   float e = exp_f32(-std::fabs(z));
   float u = 1.0f + e;
   float inv = 1.0f / u;
-  sp = (z < 0.0f ? 0.0f : z) + (log_f32(u) + (e - (u - 1.0f)) * inv);
+  lp = log_f32(u) + (e - (u - 1.0f)) * inv;
   sg = z >= 0.0f ? inv : e * inv;
 }
-GENKERN_INLINE void softplus_sigmoid(double z, double& sp, double& sg) {
+GENKERN_INLINE void log1p_sigmoid(double z, double& lp, double& sg) {
   double e = std::exp(-std::fabs(z));
   double inv = 1.0 / (1.0 + e);
-  sp = (z < 0.0 ? 0.0 : z) + std::log1p(e);
+  lp = std::log1p(e);
   sg = z >= 0.0 ? inv : e * inv;
 }
 
@@ -49,10 +49,14 @@ struct Term {
 template <int kShape, typename T>
 GENKERN_INLINE void eval(T x, const Term<T> p, T& term, T& deriv) {
   if constexpr (kShape == kSoftplus) {
-    T sp, sg;
-    softplus_sigmoid(p.sign * (x - p.shift), sp, sg);
-    T cx = p.c1 * x;
-    term = p.scale * sp + (p.c1 != T(0) ? cx : T(0));  // no 0 * inf when unsmoothed
+    T lp, sg, z = p.sign * (x - p.shift);
+    log1p_sigmoid(z, lp, sg);
+    // sp(z) = max(z, 0) + lp. Smoothed (c1 != 0), the linear parts scale max(z, 0) and c1 x meet
+    // in one coefficient where z > 0, so an infinite x gives the limit, not inf - inf.
+    T coef = p.scale * p.sign + p.c1;
+    T above = (coef != T(0) ? coef * x : T(0)) - p.scale * p.sign * p.shift;
+    T lin = p.c1 != T(0) ? (z > T(0) ? above : p.c1 * x) : p.scale * (z < T(0) ? T(0) : z);
+    term = p.scale * lp + lin;  // max is written `z < 0 ? 0 : z` so that NaN passes through
     deriv = (p.scale * p.sign) * sg + p.c1;
   } else if constexpr (kShape == kRelu) {
     T t = p.shift + p.sign * x;
@@ -110,6 +114,9 @@ inline Sums softplus_pass_avx512(const float* x, int64_t numel, Term<float> p, f
     const __m512 sign = _mm512_set1_ps(p.sign), shift = _mm512_set1_ps(p.shift), c1 = _mm512_set1_ps(p.c1),
                  ds = _mm512_set1_ps(p.scale * p.sign), gs = _mm512_set1_ps(gscale), gt = _mm512_set1_ps(gshift);
     const bool smooth = p.c1 != 0.0f;
+    // smoothed, where z > 0: coef x - scale sign shift (coef = scale sign + c1; 0 x would be NaN at inf)
+    const float cf = p.scale * p.sign + p.c1;
+    const __m512 coef = _mm512_set1_ps(cf), below = _mm512_set1_ps(-p.scale * p.sign * p.shift);
     // per lane: sum max(z, 0), product of u, sum of the rounding corrections, sum x, sum d
     __m512 smax = zero, prod = one, corr = zero, sx = zero, sd = zero;
     const float* xs = x + first;
@@ -125,15 +132,21 @@ inline Sums softplus_pass_avx512(const float* x, int64_t numel, Term<float> p, f
       __m512 sg = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, zero, _CMP_GE_OQ), _mm512_mul_ps(e, inv), inv);
       __m512 d = _mm512_fmadd_ps(ds, sg, c1);
       sd = _mm512_mask_add_ps(sd, m, sd, d);
-      smax = _mm512_mask_add_ps(smax, m, smax, _mm512_max_ps(zero, z));  // max(0, NaN) = NaN
+      if (smooth) {  // as eval: where z > 0 the linear parts meet in one coefficient (no inf - inf)
+        __mmask16 pos = _mm512_cmp_ps_mask(z, zero, _CMP_GT_OQ);
+        __m512 up = cf != 0.0f ? _mm512_fmadd_ps(coef, xv, below) : below;
+        __m512 lin = _mm512_mask_blend_ps(pos, _mm512_mul_ps(c1, xv), up);
+        sx = _mm512_mask_add_ps(sx, m, sx, lin);
+      } else {
+        smax = _mm512_mask_add_ps(smax, m, smax, _mm512_max_ps(zero, z));  // max(0, NaN) = NaN
+      }
       prod = _mm512_mask_mul_ps(prod, m, prod, u);
       corr = _mm512_mask3_fmadd_ps(_mm512_sub_ps(e, _mm512_sub_ps(u, one)), inv, corr, m);
-      if (smooth) sx = _mm512_mask_add_ps(sx, m, sx, xv);
       if (g) _mm512_mask_storeu_ps(g + j, m, _mm512_fmadd_ps(d, gs, gt));
     }
     __m512 sp = _mm512_add_ps(_mm512_add_ps(smax, log_ge1_v(prod)), corr);
     s.term += static_cast<double>(p.scale) * _mm512_reduce_add_ps(sp);
-    if (smooth) s.term += static_cast<double>(p.c1) * _mm512_reduce_add_ps(sx);  // no 0 * inf when unsmoothed
+    if (smooth) s.term += _mm512_reduce_add_ps(sx);
     s.deriv += _mm512_reduce_add_ps(sd);
   });
 }

@@ -300,3 +300,21 @@ def test_kvcache_lengths_tracked_under_inference_mode():
         c.seqlens[0] = 4
         with pytest.raises(ValueError, match=r"the KV cache is full"):
             c.attend(0, x, x, x, impl="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("label", [0.9, 0.0])
+def test_label_smoothing_at_infinite_real_logits(dtype, reduction, label):
+    # l sp(-x) + (1 - l) sp(x) at x = -inf is +inf (l > 0) or 0 (l = 0), at x = +inf +inf (l < 1);
+    # sp(-x) + (1 - l) x would be inf - inf there.
+    real = torch.tensor([float("-inf"), 0.5, float("inf"), -3.0], dtype=dtype, requires_grad=True)
+    fake = torch.tensor([0.1, -0.2, 0.3, 2.0], dtype=dtype, requires_grad=True)
+    got = genkern.discriminator_loss(real, fake, "nonsaturating", reduction=reduction, real_label=label, impl="cpp")
+    want = genkern.discriminator_loss(real, fake, "nonsaturating", reduction=reduction, real_label=label, impl="torch")
+    assert not got.isnan().any(), got
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=2e-3, atol=2e-3)
+    g_got = torch.autograd.grad(got.sum(), (real, fake))
+    g_want = torch.autograd.grad(want.sum(), (real, fake))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)

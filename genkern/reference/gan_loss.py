@@ -59,7 +59,11 @@ def discriminator_terms(r, f, kind, real_label=1.0):
     """(real term, fake term) per element, in the compute dtype."""
     r, f = _ct(r), _ct(f)
     if kind in LABEL_KINDS:
-        real = _sp(-r) if real_label == 1.0 else real_label * _sp(-r) + (1 - real_label) * _sp(r)
+        # A label of exactly 1 or 0 leaves one term alone (0 * sp(inf) would be NaN, not 0).
+        if real_label in (0.0, 1.0):
+            real = _sp(-r) if real_label == 1.0 else _sp(r)
+        else:
+            real = real_label * _sp(-r) + (1 - real_label) * _sp(r)
         return real, _sp(f)
     if kind == "hinge":
         return torch.relu(1 - r), torch.relu(1 + f)
