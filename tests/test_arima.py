@@ -13,7 +13,14 @@ import torch
 
 from genkern.data.arma import ar_from_pacf, arma_process, pacf_from_ar, psi_weights
 from genkern.models.arima import AR, ARIMA
-from genkern.models.arma_likelihood import gaussian_llf, kalman, profile, profile_gradient
+from genkern.models.arma_likelihood import (
+    gaussian_llf,
+    kalman,
+    pacf_coefficients,
+    profile,
+    profile_gradient,
+    search_objective,
+)
 
 
 def _sm():
@@ -158,6 +165,22 @@ def test_profile_gradient_matches_central_differences(phi, theta, k):
         up, down = coef + e, coef - e
         num.append((profile(up[:p], up[p:], w, X)[0] - profile(down[:p], down[p:], w, X)[0]) / (2 * h))
     np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(num).max()))
+
+
+@pytest.mark.parametrize("p, q, k", [(1, 1, 1), (3, 0, 2), (0, 2, 0), (4, 4, 1), (8, 8, 0)])
+def test_search_objective_gradient_matches_central_differences(p, q, k):
+    """What L-BFGS-B sees: -llf / m through the partial autocorrelations tanh(x), and its chain-rule gradient."""
+    _, _, w, X = _likelihood_case([0.0] * p, [0.0] * q, k)
+    x = np.random.default_rng(p + 5 * q).uniform(-1.0, 1.0, p + q)
+    phi, theta = pacf_coefficients(x, p)
+    np.testing.assert_allclose(phi, ar_from_pacf(np.sinh(x[:p])), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(theta, -ar_from_pacf(np.sinh(x[p:])), rtol=0, atol=1e-14)
+    f, grad = search_objective(x, p, w, X)
+    assert f == pytest.approx(-profile(phi, theta, w, X)[0] / len(w), rel=1e-14)
+    h, num = 1e-6, []
+    for e in np.eye(p + q) * h:
+        num.append((search_objective(x + e, p, w, X)[0] - search_objective(x - e, p, w, X)[0]) / (2 * h))
+    np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(num).max()))
 
 
 def test_pacf_transform_roundtrip_and_stationarity():

@@ -155,7 +155,10 @@ class ARIMA:
             # Every start is searched to a loose tolerance (relative llf change 1e-8); only the best is
             # then polished, for at most 50 steps: on flat, over-parameterised surfaces (ARIMA(8, 1, 8)
             # on 100 values) the tight search crawls for thousands of steps to gain 1e-7 of the llf.
-            results = [_maximise(objective, x0, maxiter, loose=True) for x0 in self._starts(detrended, start_params)]
+            # A start that reaches an optimum already found, or that crawls in a clearly worse one, stops early.
+            results = []
+            for x0 in self._starts(detrended, start_params):
+                results.append(_maximise(objective, x0, maxiter, loose=True, found=results))
             best = min(results, key=lambda r: r.fun)
             self.optimizer_result = _maximise(objective, best.x, min(maxiter, 50))
             if self.optimizer_result.fun > best.fun:
@@ -369,8 +372,9 @@ def _search_vector(phi: np.ndarray, theta: np.ndarray) -> np.ndarray:
     return np.clip(np.arcsinh(np.concatenate((pacf_from_ar(phi), pacf_from_ar(-theta)))), -SEARCH_BOUND, SEARCH_BOUND)
 
 
-def _maximise(objective, x0: np.ndarray, maxiter: int, loose: bool = False):
-    """L-BFGS-B from x0 within the search bounds (see ``SEARCH_BOUND``)."""
+def _maximise(objective, x0: np.ndarray, maxiter: int, loose: bool = False, found=()):
+    """L-BFGS-B from x0 within the search bounds (see ``SEARCH_BOUND``); with ``found`` (the results of
+    earlier starts) it stops early once it cannot change which optimum is best (see ``_EarlyStop``)."""
     return optimize.minimize(
         objective,
         x0,
@@ -378,4 +382,30 @@ def _maximise(objective, x0: np.ndarray, maxiter: int, loose: bool = False):
         method="L-BFGS-B",
         bounds=[(-SEARCH_BOUND, SEARCH_BOUND)] * len(x0),
         options={"maxiter": maxiter, "ftol": 1e-8 if loose else 1e-14, "gtol": 1e-5 if loose else 1e-9},
+        callback=_EarlyStop(found) if len(found) else None,
     )
+
+
+class _EarlyStop:
+    """L-BFGS-B callback for a later start: stop when the iterate sits at an optimum an earlier start
+    already reached (within 1e-3 in the search space and at most 1e-6 above it in the objective, -llf / m:
+    the best is polished afterwards anyway), or when it is worse than the best so far by more than 100 times what
+    it gained over its last 10 steps (it is settling in a worse local optimum). The loose searches of
+    high orders spend most of their steps creeping like that."""
+
+    WINDOW, RATIO = 10, 100.0
+
+    def __init__(self, found):
+        self.found, self.history = list(found), []
+        self.best = min(r.fun for r in self.found)
+
+    def __call__(self, intermediate_result):
+        x, f = intermediate_result.x, float(intermediate_result.fun)
+        self.history.append(f)
+        for r in self.found:
+            if 0.0 <= f - r.fun <= 1e-6 and np.max(np.abs(x - r.x)) <= 1e-3:  # never better: not the best
+                raise StopIteration
+        if len(self.history) > self.WINDOW:
+            gained = self.history[-self.WINDOW - 1] - f
+            if f - self.best > self.RATIO * gained:
+                raise StopIteration

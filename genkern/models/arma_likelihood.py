@@ -15,14 +15,13 @@ Everything here is numpy/scipy float64 and follows the sign convention of ``genk
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy import linalg, optimize, signal
-
-from genkern.data.arma import ar_from_pacf
 
 __all__ = [
     "as_series",
@@ -139,7 +138,8 @@ class _System(NamedTuple):
     P: np.ndarray  # (r, r) stationary state covariance
     cov0: np.ndarray  # (s, s) covariance of the pre-sample filter state
     L: np.ndarray  # (s, s) cov0 = L L'
-    G: np.ndarray  # (m, s) response of the residual filter to each pre-sample state entry
+    h: np.ndarray  # (m,) impulse response of 1 / theta(L)
+    G: np.ndarray  # (m, s) response of the residual filter to each pre-sample state entry: h delayed by j
     Q: np.ndarray  # (m + s, s + k + 1) and R: QR of the stacked system
     R: np.ndarray
 
@@ -155,16 +155,17 @@ def _system(phi: np.ndarray, theta: np.ndarray, w: np.ndarray, X: np.ndarray) ->
     m, k, s = len(w), X.shape[1], max(len(phi), len(theta))
     a = np.concatenate(([1.0], theta))
     T, RR = state_space(phi, theta)
-    lyap = linalg.lu_factor(np.eye(T.size) - np.kron(T, T))  # P = T P T' + RR', row-major vec
-    P = linalg.lu_solve(lyap, RR.ravel()).reshape(T.shape)
+    lyap = linalg.lu_factor(np.eye(T.size) - np.kron(T, T), check_finite=False)  # P = T P T' + RR', row-major vec
+    P = linalg.lu_solve(lyap, RR.ravel(), check_finite=False).reshape(T.shape)
     cov0 = (P - RR)[:s, :s]
     lam, U = np.linalg.eigh(cov0)
     L = U * np.sqrt(np.clip(lam, 0.0, None))
-    G = signal.lfilter([1.0], a, np.eye(m, s), axis=0) if s else np.empty((m, 0))
+    h = signal.lfilter([1.0], a, np.eye(1, m)[0])
+    G = _shifted_columns(h, s)
     E = signal.lfilter(np.concatenate(([1.0], -phi)), a, np.column_stack([X, w]), axis=0)  # (m, k + 1)
     stacked = np.block([[G @ L, E], [np.eye(s, s + k + 1)]])  # (m + s, s + k + 1): the prior |u|^2 as s rows
     Q, R = np.linalg.qr(stacked)
-    return _System(T, lyap, P, cov0, L, G, Q, R)
+    return _System(T, lyap, P, cov0, L, h, G, Q, R)
 
 
 def profile(phi: np.ndarray, theta: np.ndarray, w: np.ndarray, X: np.ndarray):
@@ -185,16 +186,29 @@ def _profile(phi, theta, w, X):
     m, k, s = len(w), X.shape[1], max(len(phi), len(theta))
     sys = _system(phi, theta, w, X)
     diag = np.abs(np.diag(sys.R))
-    beta = linalg.solve_triangular(sys.R[s:-1, s:-1], sys.R[s:-1, -1]) if k else np.empty(0)
+    beta = linalg.solve_triangular(sys.R[s:-1, s:-1], sys.R[s:-1, -1], check_finite=False) if k else np.empty(0)
     sigma2 = float(diag[-1]) ** 2 / m
     llf = -0.5 * m * (math.log(2 * math.pi * sigma2) + 1.0) - float(np.log(diag[:s]).sum())
     return llf, beta, sigma2, sys
 
 
 def _lagged_dots(x: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
-    """(n,) sums over t of x_t * y_{t-j} for j = 1..n (over all columns when 2-D)."""
+    """(n,) sums over t of x_t * y_{t-j} for j = 1..n (over all columns when 2-D): one vdot per lag, as
+    the search evaluates this a few times per step on short series, where call overhead is the cost."""
     m = len(x)
-    return np.array([float(np.sum(x[j:] * y[: m - j])) for j in range(1, n + 1)])
+    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+    return np.array([np.vdot(x[j:], y[: m - j]) for j in range(1, n + 1)])
+
+
+@functools.lru_cache(maxsize=64)
+def _delay_index(m: int, s: int) -> np.ndarray:
+    """(m, s) indices t - j + s - 1 into a series with s - 1 zeros in front (see ``_shifted_columns``)."""
+    return np.arange(m)[:, None] - np.arange(s)[None, :] + (s - 1)
+
+
+def _shifted_columns(h: np.ndarray, s: int) -> np.ndarray:
+    """(m, s) matrix with column j holding h delayed by j (zeros first): the response to a unit impulse at j."""
+    return np.concatenate((np.zeros(s - 1), h))[_delay_index(len(h), s)] if s else np.empty((len(h), 0))
 
 
 def profile_gradient(phi: np.ndarray, theta: np.ndarray, w: np.ndarray, X: np.ndarray):
@@ -212,21 +226,22 @@ def profile_gradient(phi: np.ndarray, theta: np.ndarray, w: np.ndarray, X: np.nd
     llf, beta, sigma2, sys = _profile(phi, theta, w, X)
     ssr = sigma2 * m
     r = sys.R[-1, -1] * sys.Q[:m, -1]  # residual of the data rows
-    F = signal.lfilter([1.0], np.concatenate(([1.0], theta)), np.column_stack([w - X @ beta, r, sys.G]), axis=0)
+    F = signal.lfilter([1.0], np.concatenate(([1.0], theta)), np.column_stack([w - X @ beta, r, sys.h]), axis=0)
     g_ssr = -2.0 * np.concatenate((_lagged_dots(r, F[:, 0], p), _lagged_dots(r, F[:, 1], q)))
+    FG = _shifted_columns(F[:, 2], s)  # (m, s): G filtered by 1 / theta(L), column by column
     K = sys.G.T @ sys.G
     RA = sys.R[:s, :s]  # RA'RA = I + L'K L
-    LCL = sys.L @ linalg.cho_solve((RA, False), sys.L.T)
+    LCL = sys.L @ linalg.cho_solve((RA, False), sys.L.T, check_finite=False)
     WK = K - K @ LCL @ K  # G' S^-1 G
     Mt = sys.G @ ((np.eye(s) - LCL @ K) @ sys.cov0)  # S^-1 G cov0
     g_logdet = np.zeros(p + q)
-    g_logdet[p:] = -2.0 * _lagged_dots(Mt, F[:, 2:], q)
+    g_logdet[p:] = -2.0 * _lagged_dots(Mt, FG, q)
     grad = -0.5 * m / ssr * g_ssr - 0.5 * g_logdet
     # d llf = tr(Gamma dcov0) through the stationary covariance.
     v = sys.G.T @ r
     gamma = np.zeros_like(sys.P)
     gamma[:s, :s] = 0.5 * m / ssr * np.outer(v, v) - 0.25 * (WK + WK.T)
-    Y = linalg.lu_solve(sys.lyap, gamma.ravel(), trans=1).reshape(gamma.shape)  # Y = T'Y T + Gamma
+    Y = linalg.lu_solve(sys.lyap, gamma.ravel(), trans=1, check_finite=False).reshape(gamma.shape)  # Y = T'Y T + Gamma
     Rvec = np.zeros(len(sys.P))
     Rvec[0], Rvec[1 : q + 1] = 1.0, theta
     grad[:p] += 2.0 * (sys.P @ sys.T.T @ Y)[0, :p]
@@ -323,27 +338,34 @@ def pacf_coefficients(x: np.ndarray, p: int):
     stationary and invertible (theta(z) = 1 + ... is read as an AR-type polynomial). tanh rather than
     x / sqrt(1 + x^2): optima on the invertibility boundary (over-differenced series) are common,
     and tanh reaches them in a few steps where the algebraic map needs hundreds."""
-    u = np.sinh(x)  # ar_from_pacf maps u to u / sqrt(1 + u^2) = tanh(x)
-    return ar_from_pacf(u[:p]), -ar_from_pacf(u[p:])
+    phi, _ = _pacf_map(x[:p])
+    theta, _ = _pacf_map(x[p:])
+    return phi, -theta
 
 
-def _pacf_jacobian(x: np.ndarray) -> np.ndarray:
-    """(k, k) Jacobian of ``ar_from_pacf(sinh(x))``: its Durbin-Levinson recursion differentiated forward."""
+def _pacf_map(x: np.ndarray):
+    """x (k,) -> the AR coefficients with partial autocorrelations tanh(x) (the Durbin-Levinson
+    recursion of ``genkern.data.arma.ar_from_pacf``) and their (k, k) Jacobian, differentiated forward
+    in place: the search evaluates both at every step, so nothing is re-allocated per order."""
     k = len(x)
-    phi, D = np.empty(0), np.empty((0, k))
-    for j, xj in enumerate(x):
-        rk = math.tanh(xj)
-        drk = 1.0 - rk * rk
-        D = np.vstack((D - rk * D[::-1], np.eye(1, k, j) * drk))
-        D[:j, j] -= drk * phi[::-1]
-        phi = np.concatenate((phi - rk * phi[::-1], [rk]))
-    return D
+    r = np.tanh(x)
+    dr = 1.0 - r * r
+    phi, D = np.zeros(k), np.zeros((k, k))
+    for j in range(k):
+        if j:
+            old, Dold = phi[:j].copy(), D[:j].copy()
+            D[:j] = Dold - r[j] * Dold[::-1]
+            D[:j, j] -= dr[j] * old[::-1]
+            phi[:j] = old - r[j] * old[::-1]
+        phi[j], D[j, j] = r[j], dr[j]
+    return phi, D
 
 
 def search_objective(x: np.ndarray, p: int, w: np.ndarray, X: np.ndarray):
     """-llf / m and its gradient at the search vector x (see ``pacf_coefficients``): what the fit minimises."""
-    llf, g = profile_gradient(*pacf_coefficients(x, p), w, X)
-    grad = np.concatenate((_pacf_jacobian(x[:p]).T @ g[:p], -_pacf_jacobian(x[p:]).T @ g[p:]))
+    (phi, Dphi), (theta, Dtheta) = _pacf_map(x[:p]), _pacf_map(x[p:])
+    llf, g = profile_gradient(phi, -theta, w, X)
+    grad = np.concatenate((Dphi.T @ g[:p], -Dtheta.T @ g[p:]))
     return -llf / len(w), -grad / len(w)
 
 
@@ -355,13 +377,14 @@ def css(u: np.ndarray, p: int, q: int, x0: np.ndarray) -> np.ndarray:
     m = len(u) - p
 
     def ssr(x):
-        phi, theta = pacf_coefficients(x, p)
+        (phi, Dphi), (theta, Dtheta) = _pacf_map(x[:p]), _pacf_map(x[p:])
+        theta = -theta
         a = np.concatenate(([1.0], theta))
         e = signal.lfilter(np.concatenate(([1.0], -phi)), a, u)
         F = signal.lfilter([1.0], a, np.column_stack([u, e]), axis=0)
         e_kept = np.concatenate((np.zeros(p), e[p:]))
         g = -2.0 * np.concatenate((_lagged_dots(e_kept, F[:, 0], p), _lagged_dots(e_kept, F[:, 1], len(theta))))
-        grad = np.concatenate((_pacf_jacobian(x[:p]).T @ g[:p], -_pacf_jacobian(x[p:]).T @ g[p:]))
+        grad = np.concatenate((Dphi.T @ g[:p], -Dtheta.T @ g[p:]))
         return float(e[p:] @ e[p:]) / m, grad / m
 
     bounds = [(-SEARCH_BOUND, SEARCH_BOUND)] * (p + q)
