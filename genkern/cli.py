@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--modes",
         default="genkern,torch,no_cache",
-        help="genkern (KV cache, genkern's kernels), torch (KV cache, plain PyTorch), no_cache",
+        help="genkern (KV cache, genkern's kernels), torch (a cached loop on torch's SDPA), no_cache (SDPA)",
     )
     p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
