@@ -104,9 +104,10 @@ INCLUDE_CSRC = re.compile(r'^\s*#\s*include\s*[<"](torch/csrc/[^>"]+)[>"]', re.M
 def _cxx_flags():
     """setup.py's _cxx_flags, read from its source (importing setup.py would run setup())."""
     tree = ast.parse((ROOT / "setup.py").read_text())
-    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_cxx_flags")
+    wanted = {"_cxx_flags", "_sanitizing", "_sanitize_flags"}  # _cxx_flags and what it calls
+    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
     namespace = {"os": os, "platform": platform}
-    exec(compile(ast.Module(body=[func], type_ignores=[]), "setup.py", "exec"), namespace)
+    exec(compile(ast.Module(body=funcs, type_ignores=[]), "setup.py", "exec"), namespace)
     return namespace["_cxx_flags"]()
 
 
