@@ -9,6 +9,7 @@ from genkern._info import info
 from genkern.generation import generate
 from genkern.kvcache import KVCache
 from genkern.ops import attention_with_kvcache, discriminator_loss, flash_attention, generator_loss, reparameterize_kl
+from genkern.patching import patch, patched, unpatch
 from genkern.profiling import profile_generation
 
 __version__ = "0.1.0"
@@ -26,8 +27,11 @@ __all__ = [
     "info",
     "models",
     "nn",
+    "patch",
+    "patched",
     "profile_generation",
     "reparameterize_kl",
     "train",
+    "unpatch",
     "__version__",
 ]
