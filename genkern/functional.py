@@ -33,8 +33,9 @@ def scaled_dot_product_attention(
     """torch.nn.functional.scaled_dot_product_attention with the same signature and results.
 
     It runs genkern.flash_attention (the impl from GENKERN_IMPL, "auto" by default)
-    when it can: the FlashAttention backend allowed (torch.nn.attention.sdpa_kernel), 4-d (B, H, L, E) query with key and value of one shape (B, Hkv, S, E),
-    no attn_mask, dropout_p == 0, H == Hkv (or enable_gqa and H % Hkv == 0), a head
+    when it can: the FlashAttention backend allowed (genkern stands in for it under
+    torch.nn.attention.sdpa_kernel), 4-d (B, H, L, E) query with key and value of
+    one shape (B, Hkv, S, E), no attn_mask, dropout_p == 0, H == Hkv (or enable_gqa and H % Hkv == 0), a head
     dim and dtype the chosen kernel takes, and for is_causal, L == S (torch's causal
     mask is aligned to the top-left corner, genkern's to the bottom-right; they agree
     only on square masks). Anything else calls torch's own function (held from
