@@ -17,6 +17,18 @@ after S - T cached keys see the whole cache and themselves:
 With T > S the first T - S queries see no key: their output is 0 and their
 log-sum-exp is -inf (not NaN).
 
+A sliding window, window_size = (left, right) as FlashAttention defines it, limits each
+query to the keys around its diagonal i + S - T (-1: no limit on that side):
+
+    i + S - T - left <= j <= i + S - T + right
+
+    T = 3, S = 5, window (1, 0)    keys j = 0 1 2 3 4
+    query i = 0                         . x x . .     causal means right = 0
+    query i = 1                         . . x x .
+    query i = 2                         . . . x x
+
+A row the window leaves without a key gives 0 and -inf, as above.
+
 A key a query does not see never reaches it, whatever it holds: NaN or inf in k or v
 at a masked key changes neither that query's output nor the gradients (0 * NaN is
 NaN, so the products below take the finite values only; see masked_scores and
@@ -33,12 +45,33 @@ import math
 
 import torch
 
+from genkern.ops.varlen_checks import check_window
+
 
 def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
     """(T, S) bool, True where query i may see key j (bottom-right aligned)."""
     i = torch.arange(t, device=device).unsqueeze(1)
     j = torch.arange(s, device=device).unsqueeze(0)
     return j <= i + (s - t)
+
+
+def window_mask(t: int, s: int, causal: bool, window_size=(-1, -1), device=None):
+    """(T, S) bool, True where query i may see key j under causal and window_size (see the
+    module docstring); None where every query sees every key. Causal sets right = 0, as
+    FlashAttention does, so causal with the default window is causal_mask exactly."""
+    left, right = check_window(window_size)
+    right = 0 if causal else right
+    if left < 0 and right < 0:
+        return None
+    i = torch.arange(t, device=device).unsqueeze(1)
+    j = torch.arange(s, device=device).unsqueeze(0)
+    diag = i + (s - t)  # (T, 1): the key aligned with query i
+    visible = torch.ones(t, s, dtype=torch.bool, device=device)
+    if right >= 0:
+        visible = visible & (j <= diag + right)
+    if left >= 0:
+        visible = visible & (j >= diag - left)
+    return visible
 
 
 def _finite(x):
@@ -76,9 +109,10 @@ def masked_values(probs, v, visible):
     return _put_back(out, torch.matmul(probs, v), seen)
 
 
-def attention(q, k, v, causal=True, scale=None, return_lse=False):
+def attention(q, k, v, causal=True, scale=None, return_lse=False, *, window_size=(-1, -1)):
     """softmax(scale * q k^T, masked) v in q's dtype; with return_lse also the
-    (B, H, T) float32 log-sum-exp of each row's scaled, masked scores."""
+    (B, H, T) float32 log-sum-exp of each row's scaled, masked scores. window_size =
+    (left, right) limits the keys of each query (module docstring); (-1, -1): none."""
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = h // hkv
@@ -88,8 +122,9 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False):
     # that head: row r is query i = r % T of query head c * G + r // T. K and V are
     # read where they are, never repeated per query head.
     qf = q.reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D)
-    if causal:
-        mask = causal_mask(t, s, q.device).repeat(g, 1)  # (G*T, S): row r is query r % T
+    mask = window_mask(t, s, causal, window_size, q.device)  # (T, S) or None
+    if mask is not None:
+        mask = mask.repeat(g, 1)  # (G*T, S): row r is query r % T
         scores = masked_scores(qf, k, mask, scale)  # (B, Hkv, G*T, S)
     else:
         scores = torch.matmul(qf, k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
@@ -97,12 +132,12 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False):
     # does); float64 stays float64.
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     probs = torch.softmax(scores, dim=-1, dtype=acc)
-    if causal and t > s:
+    if mask is not None and (t > s or tuple(window_size) != (-1, -1)):
         # A row with no visible key is all -inf, which softmax turns into NaN: zero
         # exactly those rows (a NaN from the inputs elsewhere stays NaN).
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     probs = probs.to(v.dtype)
-    out = masked_values(probs, v, mask) if causal else torch.matmul(probs, v)  # (B, Hkv, G*T, D)
+    out = masked_values(probs, v, mask) if mask is not None else torch.matmul(probs, v)  # (B, Hkv, G*T, D)
     out = out.reshape(b, h, t, d)
     if not return_lse:
         return out

@@ -12,6 +12,10 @@ v_new (B, Hkv, Tnew, D) or None.
    the Tnew queries are the last Tnew tokens of the row. Positions >= n_b (stale
    or never written) are never read into the result. A row that sees nothing
    (n_b = 0) gives zeros.
+3. window_size = (left, right) limits query i to positions j >= i + n_b - Tnew - left
+   (FlashAttention's sliding window with S = n_b, the row's own length; left = -1: no
+   limit). The attention is causal, so right is 0 whatever is passed, as FlashAttention
+   sets it under causal.
 
 cache_seqlens is not modified: advancing it is the caller's job (genkern.KVCache).
 
@@ -28,6 +32,7 @@ import math
 
 import torch
 
+from genkern.ops.varlen_checks import check_window
 from genkern.reference.attention import masked_values
 
 
@@ -68,8 +73,11 @@ def write_new(k_cache, v_cache, cache_seqlens, k_new, v_new):
     v_cache.scatter_(2, pos, v_new.to(v_cache.dtype))
 
 
-def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, scale=None):
+def attention_with_kvcache(
+    q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, scale=None, *, window_size=(-1, -1)
+):
     """The attention output (B, H, Tnew, D) in q's dtype (see the module docstring)."""
+    left, _ = check_window(window_size)
     b, h, tnew, d = q.shape
     hkv, smax = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -82,6 +90,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new
     j = torch.arange(smax, device=q.device).view(1, 1, smax)
     nb = n.view(b, 1, 1)
     visible = (j < nb) & (j <= i + nb - tnew)  # (B, Tnew, Smax)
+    if left >= 0:
+        visible = visible & (j >= i + nb - tnew - left)
     # Grouped-query attention: the G query heads of KV head c (c * G .. c * G + G - 1)
     # fold into the rows of one matmul against that head, row r being query r % Tnew
     # of query head c * G + r // Tnew. The cache is read where it is.
