@@ -91,7 +91,7 @@ class AttentionCase(Case):
     def impl_fn(self, impl: str):
         causal = self.causal
         if impl == SDPA:
-            from torch.nn.functional import scaled_dot_product_attention as sdpa
+            from genkern.functional import _TORCH_SDPA as sdpa  # torch's own, even under genkern.patch()
 
             gqa = {"enable_gqa": True} if self.sizes["Hkv"] != self.sizes["H"] else {}
             return lambda x: (sdpa(x["q"], x["k"], x["v"], is_causal=causal, **gqa),)

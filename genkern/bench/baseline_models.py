@@ -21,8 +21,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+from genkern.functional import _TORCH_SDPA as sdpa  # torch's own, even under genkern.patch()
 from genkern.kvcache import KVCache
 from genkern.nn.attention import CausalAttention
 

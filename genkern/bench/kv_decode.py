@@ -80,7 +80,7 @@ class KVDecodeCase(Case):
 
     def impl_fn(self, impl: str):
         if impl == SDPA:
-            from torch.nn.functional import scaled_dot_product_attention as sdpa
+            from genkern.functional import _TORCH_SDPA as sdpa  # torch's own, even under genkern.patch()
 
             gqa = {"enable_gqa": True} if self.sizes["Hkv"] != self.sizes["H"] else {}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from genkern.triton._common import DOT_PRECISION, WHILE_LOOPS, split_nonfinite
+from genkern.triton._common import DOT_PRECISION, WHILE_LOOPS
 from genkern.triton.attention_tiles import attention_autotune, key_range, load_rows, tile_block, tile_ptr, visible
 
 
@@ -248,7 +248,7 @@ def _dq_step(
     ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
     if MASK:  # a masked key's inf/NaN (in k or v) must not reach the rows that do not see it
         ds = tl.where(visible(rows, start + offs_n, S, diag, CAUSAL), ds, 0.0)
-        k, _, _ = split_nonfinite(k, start + offs_n)  # a seen one already made ds NaN
+        k = tl.where(tl.abs(k) < float("inf"), k, 0.0)  # a seen inf/NaN already made its row's ds NaN
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 

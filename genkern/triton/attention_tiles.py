@@ -39,7 +39,9 @@ CONFIGS = {
         32: _DQ_SMALL_D,
         64: _DQ_SMALL_D,
         128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
-        256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+        # (64, 64, 8, 2) left out: with masked keys' inf/NaN kept out of dq it needs 64-72 bytes of
+        # stack per thread on sm_90 in 16-bit types.
+        256: [(64, 32, 8, 2), (32, 32, 4, 2)],
     },
 }
 # Under the interpreter: one small config, unequal blocks so both tilings of the diagonal run.
