@@ -525,3 +525,93 @@ def test_attention_baseline_mask_made_in_inference_mode_serves_training():
     q.requires_grad_()
     baselines.attention(q, k, k).sum().backward()  # autograd saves that mask
     assert q.grad is not None
+
+
+# --- input checks and per-entry run headers --------------------------------------------------------
+
+BAD_OPTIONS = [
+    (("--sizes", "0x0"), "--sizes"),
+    (("--sizes=-1x16",), "--sizes"),  # a label starting with "-" needs the "=" form
+    (("--op", "reparameterize_kl", "--sizes", "8x0"), "--sizes"),
+    (("--op", "gan_loss", "--sizes", "d-hinge-0x1"), "--sizes"),
+    (("--op", "gan_loss", "--sizes", "d-hinge--1x1"), "--sizes"),
+    (("--op", "attention", "--sizes", "0x8x64x16-causal"), "--sizes"),
+    (("--op", "attention", "--sizes", "1x8x64x16-causal-kv0"), "--sizes"),
+    (("--op", "kv_decode", "--sizes", "1x2x0x4"), "--sizes"),
+    (("--op", "kv_decode", "--sizes", "1x2x8x4-kv0-bf16"), "--sizes"),
+    (("--sizes", ","), "--sizes"),
+    (("--budget", "-1"), "--budget"),
+    (("--budget", "nan"), "--budget"),
+    (("--budget", "inf"), "--budget"),
+    (("--repeats", "0"), "--repeats"),
+    (("--repeats", "-3"), "--repeats"),
+    (("--threads", "0"), "--threads"),
+    (("--threads", "-1"), "--threads"),
+    (("--mem-limit", "-1"), "--mem-limit"),
+    (("--mem-limit", "nan"), "--mem-limit"),
+    (("--mem-limit", "inf"), "--mem-limit"),
+]
+
+
+@pytest.mark.parametrize("options, flag", BAD_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, tuple) else v)
+def test_bad_options_are_refused_by_name_before_timing(options, flag, tmp_path, capsys, monkeypatch):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timing started")
+
+    monkeypatch.setattr(runner, "machine_header", no_timing)
+    monkeypatch.setattr(runner, "bench_case", no_timing)
+    from genkern import cli
+
+    out = str(tmp_path / "out")
+    assert cli.main(["bench", "--quick", "--device", "cpu", *options, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("genkern bench: ") and flag in err[0], err
+    assert not os.path.exists(out)
+
+
+def test_valid_size_labels_pass_the_check():
+    labels = "8x16, d-hinge-256x1,g-relativistic-8x1x30x30,1x8x64x16-causal-kv2-bf16,8x8x4096x64-fp16"
+    assert runner.size_labels(labels) == [
+        "8x16",
+        "d-hinge-256x1",
+        "g-relativistic-8x1x30x30",
+        "1x8x64x16-causal-kv2-bf16",
+        "8x8x4096x64-fp16",
+    ]
+    assert runner.size_labels(None) is None
+    from genkern.bench.arguments import check_cases
+
+    check_cases(select_cases(quick=True))  # every listed case has positive sizes
+    with pytest.raises(ValueError, match="--sizes"):
+        check_cases([ReparamKLCase(0, 16)])  # what make_case("0x16") builds
+
+
+def _entry(case, run_date=None):
+    entry = {"op": "op", "case": case, "dtype": "float32", "direction": "fwd", "impls": {}, "targets": []}
+    return entry if run_date is None else {**entry, "run": {"date": run_date}}
+
+
+def _header(date, threads):
+    device = {"slug": "cpu-runs", "type": "cpu", "name": "cpu"}
+    return {"device": device, "date": date, "threads": threads, "copy_gbps": 1.0, "settings": {"repeats": 3}}
+
+
+def test_each_entry_keeps_its_own_run_header(tmp_path):
+    report.write_results(str(tmp_path), _header("2024-01-01", 1), [_entry("a"), _entry("b")])
+    report.write_results(str(tmp_path), _header("2024-02-02", 2), [_entry("b"), _entry("c", run_date="2023-12-31")])
+    data = json.loads((tmp_path / "cpu-runs.json").read_text())
+    runs = {key.split("/")[0]: e["run"] for key, e in data["results"]["op"].items()}
+    assert runs["a"] == {"date": "2024-01-01", "threads": 1, "copy_gbps": 1.0, "settings": {"repeats": 3}}
+    assert runs["b"] == {"date": "2024-02-02", "threads": 2, "copy_gbps": 1.0, "settings": {"repeats": 3}}
+    assert runs["c"] == {"date": "2023-12-31"}  # an entry that brings its own run header keeps it
+    assert data["date"] == "2024-02-02" and data["threads"] == 2  # the top-level header: the latest run's
+    assert "device" not in runs["a"]  # the device is the file's, not a run's
+
+
+def test_a_bench_run_stores_its_header_in_every_entry(tmp_path):
+    assert _run(*TINY, "--direction", "fwd", "--device", "cpu", "--out", str(tmp_path)) == 0
+    data = _results(tmp_path)
+    entry = data["results"]["reparameterize_kl"]["8x16/float32/fwd"]
+    fields = ("date", "versions", "threads", "load_avg", "copy_gbps", "read_gbps", "matmul_tflops", "settings")
+    assert set(entry["run"]) == set(fields)
+    assert all(entry["run"][k] == data[k] for k in fields)

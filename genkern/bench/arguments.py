@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 
 import torch
 
@@ -62,17 +64,45 @@ def resolve_device(name) -> torch.device:
     return device
 
 
+# A dimension in a size label: a number at the start or after "x", "-" or "kv" (not the 16 of "bf16"), with its sign.
+_DIMENSION = re.compile(r"(?:^|(?<=[xv-]))(-?\d+)")
+
+
 def size_labels(sizes) -> list | None:
-    """The `--sizes` labels, or None (every size) when the option is not given."""
-    return [s.strip() for s in sizes.split(",") if s.strip()] if sizes else None
+    """The `--sizes` labels, or None (every size) when the option is not given.
+
+    ValueError for a label with a dimension below 1 ("0x0", "-1x4", "...-kv0"): a case module's
+    make_case may build it (an empty tensor times nothing) or, with no --op, be left out silently.
+    """
+    if sizes is None:
+        return None
+    labels = [s.strip() for s in sizes.split(",") if s.strip()]
+    if not labels:
+        raise ValueError(f"--sizes must name at least one size label, got {sizes!r}")
+    for label in labels:
+        if any(int(d) < 1 for d in _DIMENSION.findall(label.lower())):
+            raise ValueError(f"--sizes: every dimension must be a positive integer, got {label!r}")
+    return labels
 
 
 def check_numbers(args) -> None:
-    """ValueError for a count or limit out of range (an argparse `type` checks only that it parses)."""
-    if any(n is not None and n < 1 for n in (args.threads, args.repeats)):
-        raise ValueError("--threads and --repeats must be >= 1")
-    if args.mem_limit is not None and args.mem_limit < 0:
-        raise ValueError("--mem-limit must be >= 0")
+    """ValueError naming the flag for a count, time or limit out of range (an argparse `type` checks only
+    that it parses: "nan", "inf" and "-1" parse as floats)."""
+    for flag, value in (("--threads", args.threads), ("--repeats", args.repeats)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget >= 0):
+        raise ValueError(f"--budget must be a finite number of seconds >= 0, got {args.budget}")
+    if args.mem_limit is not None and not (math.isfinite(args.mem_limit) and args.mem_limit >= 0):
+        raise ValueError(f"--mem-limit must be a finite number of GiB >= 0 (0: no limit), got {args.mem_limit}")
+
+
+def check_cases(cases) -> None:
+    """ValueError for a case whose sizes are not all positive: what a make_case built from `--sizes`."""
+    for case in cases:
+        bad = {k: v for k, v in case.sizes.items() if isinstance(v, int) and not isinstance(v, bool) and v < 1}
+        if bad:
+            raise ValueError(f"--sizes: {case.op} case {case.name!r} has sizes below 1: {bad}")
 
 
 def budget_s(args) -> float:

@@ -64,6 +64,15 @@ def machine_header(device, quick=False) -> dict:
     }
 
 
+# What one run measured and ran with: each results entry keeps its own copy (a file merges many runs).
+RUN_FIELDS = ("date", "versions", "threads", "load_avg", "copy_gbps", "read_gbps", "matmul_tflops", "settings")
+
+
+def run_header(header: dict) -> dict:
+    """The fields of `header` (machine_header, plus the run's settings) that belong to one run, not the device."""
+    return {k: header[k] for k in RUN_FIELDS if k in header}
+
+
 def _device_info(device) -> dict:
     info = {"type": device.type, "name": device_name(device), "slug": device_slug(device)}
     if device.type == "cuda":

@@ -10,6 +10,7 @@ import time
 
 from genkern._io import write_atomic
 from genkern.bench import FAIL, MIN_ROUNDS, NOISE, NOT_APPLICABLE, PASS
+from genkern.bench.machine import run_header
 from genkern.bench.timing import BWD_METHOD
 
 _COLS = "{:<18} {:<26} {:<8} {:<7} {:<14} {:>10} {:>9} {:>7} {:>11} {:>8} {:>6} {:>8} {:>9}  {}"
@@ -192,12 +193,19 @@ def _verdict(t: dict) -> str:
 
 
 def write_results(out_dir: str, header: dict, entries) -> str:
-    """Merges `entries` into <out_dir>/<device slug>.json by op and case key; atomic."""
+    """Merges `entries` into <out_dir>/<device slug>.json by op and case key; atomic.
+
+    The top-level header is the latest run's; an entry kept from an earlier run was measured under
+    other threads, load and limits, so every entry carries its own run's header under "run" (an entry
+    that has one keeps it; older files' entries without one are left as they are).
+    """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, header["device"]["slug"] + ".json")
     data = _load(path)
     results = data.get("results") if isinstance(data.get("results"), dict) else {}
+    run = run_header(header)
     for e in entries:
+        e = e if "run" in e else {**e, "run": run}
         results.setdefault(e["op"], {})[f"{e['case']}/{e['dtype']}/{e['direction']}"] = e
     data.update(header, results=results)
     write_atomic(path, json.dumps(data, indent=1, sort_keys=False) + "\n")

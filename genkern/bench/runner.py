@@ -31,6 +31,7 @@ from genkern.bench.arguments import (
     add_arguments,
     budget_s,
     case_impls,
+    check_cases,
     check_numbers,
     fast_impl,
     impls_for,
@@ -81,10 +82,12 @@ __all__ = [
 
 def run(args) -> int:
     """Runs the benchmarks selected by `args`; returns the exit code."""
-    try:
-        device = resolve_device(args.device)
-        cases = select_cases(args.op, size_labels(args.sizes), args.quick, device.type)
+    try:  # every option is checked before anything is timed
         check_numbers(args)
+        labels = size_labels(args.sizes)
+        device = resolve_device(args.device)
+        cases = select_cases(args.op, labels, args.quick, device.type)
+        check_cases(cases)
     except (ValueError, RuntimeError) as exc:
         print(f"genkern bench: {exc}", file=sys.stderr)
         return 2
