@@ -586,7 +586,7 @@ def test_valid_size_labels_pass_the_check():
         check_cases([ReparamKLCase(0, 16)])  # what make_case("0x16") builds
 
 
-def _entry(case, run_date=None):
+def _result_entry(case, run_date=None):
     entry = {"op": "op", "case": case, "dtype": "float32", "direction": "fwd", "impls": {}, "targets": []}
     return entry if run_date is None else {**entry, "run": {"date": run_date}}
 
@@ -597,8 +597,9 @@ def _header(date, threads):
 
 
 def test_each_entry_keeps_its_own_run_header(tmp_path):
-    report.write_results(str(tmp_path), _header("2024-01-01", 1), [_entry("a"), _entry("b")])
-    report.write_results(str(tmp_path), _header("2024-02-02", 2), [_entry("b"), _entry("c", run_date="2023-12-31")])
+    out = str(tmp_path)
+    report.write_results(out, _header("2024-01-01", 1), [_result_entry("a"), _result_entry("b")])
+    report.write_results(out, _header("2024-02-02", 2), [_result_entry("b"), _result_entry("c", run_date="2023-12-31")])
     data = json.loads((tmp_path / "cpu-runs.json").read_text())
     runs = {key.split("/")[0]: e["run"] for key, e in data["results"]["op"].items()}
     assert runs["a"] == {"date": "2024-01-01", "threads": 1, "copy_gbps": 1.0, "settings": {"repeats": 3}}
