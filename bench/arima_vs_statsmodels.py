@@ -19,12 +19,16 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-SERIES = ["sunspots", "nile", "elnino", "co2", "realgdp", "infl", "unemp"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the series as the tests read them
+from arima_series import SERIES, load_series  # noqa: E402
+
 HIGH_ORDERS = [
     ("infl", (4, 1, 4)),
     ("realgdp", (1, 1, 2)),
@@ -32,21 +36,6 @@ HIGH_ORDERS = [
     ("nile", (8, 1, 8)),
     ("unemp", (6, 0, 6)),
 ]
-
-
-def load(name: str) -> np.ndarray:
-    """The series as tests/test_arima_real.py reads it."""
-    import statsmodels.api as sm
-
-    ds = sm.datasets
-    if name == "elnino":  # (year, month) table -> one monthly series
-        return ds.elnino.load_pandas().data.drop(columns="YEAR").to_numpy(float).ravel()
-    if name == "co2":  # weekly with gaps -> monthly means, gaps carried forward
-        return ds.co2.load_pandas().data["co2"].resample("MS").mean().ffill().to_numpy(float)
-    column = {"sunspots": "SUNACTIVITY", "nile": "volume"}.get(name)
-    if column:
-        return getattr(ds, name).load_pandas().data[column].to_numpy(float)
-    return ds.macrodata.load_pandas().data[name].to_numpy(float)
 
 
 def median_seconds(fit, repeats: int):
@@ -88,7 +77,7 @@ def main(argv=None) -> None:
         args.cases
         or [(name, order) for name in SERIES for order in itertools.product(range(3), range(3), range(3))] + HIGH_ORDERS
     )
-    data = {name: load(name) for name in {name for name, _ in cases}}
+    data = {name: load_series(name) for name in {name for name, _ in cases}}
     print(f"{'series':9} {'order':10} {'genkern s':>10} {'statsm. s':>10} {'ratio':>6} {'llf diff':>10}")
     total_ours = total_ref = 0.0
     over = []

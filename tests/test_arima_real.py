@@ -19,24 +19,13 @@ import warnings
 import numpy as np
 import pytest
 
+from arima_series import SERIES, load_series
 from genkern.models.arima import ARIMA
 
-sm_api = pytest.importorskip("statsmodels.api")
+pytest.importorskip("statsmodels.api")
 SM = pytest.importorskip("statsmodels.tsa.arima.model").ARIMA
 
 REL = 1e-6
-
-
-def _load(name: str) -> np.ndarray:
-    ds = sm_api.datasets
-    if name == "elnino":  # (year, month) table -> one monthly series
-        return ds.elnino.load_pandas().data.drop(columns="YEAR").to_numpy(float).ravel()
-    if name == "co2":  # weekly with gaps -> monthly means, gaps carried forward
-        return ds.co2.load_pandas().data["co2"].resample("MS").mean().ffill().to_numpy(float)
-    column = {"sunspots": "SUNACTIVITY", "nile": "volume"}.get(name)
-    if column:
-        return getattr(ds, name).load_pandas().data[column].to_numpy(float)
-    return ds.macrodata.load_pandas().data[name].to_numpy(float)  # realgdp, infl, unemp
 
 
 def _exact_llf(y: np.ndarray, order, params) -> float:
@@ -50,7 +39,7 @@ def _exact_llf(y: np.ndarray, order, params) -> float:
 
 def _check_never_worse(name: str, order) -> float:
     """Fit both; assert genkern's llf is the same quantity and not below statsmodels'. Returns genkern's fit time."""
-    y = _load(name)
+    y = load_series(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # statsmodels' start-value and convergence notes
         ref = SM(y, order=order).fit()
@@ -94,7 +83,7 @@ def test_llf_never_below_statsmodels(name, order):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sunspots", "nile", "elnino", "co2", "realgdp", "infl", "unemp"])
+@pytest.mark.parametrize("name", SERIES)
 def test_llf_never_below_statsmodels_whole_grid(name):
     for p, d, q in itertools.product(range(3), range(3), range(3)):
         _check_never_worse(name, (p, d, q))
