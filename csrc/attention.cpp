@@ -69,12 +69,18 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 bool is_low_precision(at::ScalarType s) { return s == at::kHalf || s == at::kBFloat16; }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                 bool causal, double scale) {
+void check_plain(int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& key_lo,
+                 const c10::optional<at::Tensor>& key_hi) {
+  GENKERN_CHECK_VALUE(window_left == -1 && window_right == -1 && !key_lo.has_value() && !key_hi.has_value(),
+                      "windows and key spans are not supported yet");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_plain(const at::Tensor& q_, const at::Tensor& k_,
+                                                       const at::Tensor& v_, bool causal, double scale) {
   check_qkv(q_, k_, v_);
   const auto dt = q_.scalar_type();
   if (is_low_precision(dt)) {
-    auto [o, lse] = attention_fwd(q_.to(at::kFloat), k_.to(at::kFloat), v_.to(at::kFloat), causal, scale);
+    auto [o, lse] = attention_fwd_plain(q_.to(at::kFloat), k_.to(at::kFloat), v_.to(at::kFloat), causal, scale);
     return {o.to(dt), lse};
   }
   auto opts = q_.options().memory_format(at::MemoryFormat::Contiguous);
@@ -111,11 +117,11 @@ void run_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
   bwd_kernel(P, g);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& grad_out, const at::Tensor& q_,
-                                                             const at::Tensor& k_, const at::Tensor& v_,
-                                                             const at::Tensor& out_, const at::Tensor& lse_,
-                                                             const c10::optional<at::Tensor>& grad_lse, bool causal,
-                                                             double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_plain(const at::Tensor& grad_out, const at::Tensor& q_,
+                                                                   const at::Tensor& k_, const at::Tensor& v_,
+                                                                   const at::Tensor& out_, const at::Tensor& lse_,
+                                                                   const c10::optional<at::Tensor>& grad_lse,
+                                                                   bool causal, double scale) {
   check_qkv(q_, k_, v_);
   check_cpu(grad_out, "grad_out");
   check_same(grad_out, q_, "grad_out", "q");
@@ -126,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   const auto dt = q_.scalar_type();
   if (is_low_precision(dt)) {
     auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
-    auto [dq, dk, dv] = attention_bwd(f(grad_out), f(q_), f(k_), f(v_), f(out_), lse_, grad_lse, causal, scale);
+    auto [dq, dk, dv] = attention_bwd_plain(f(grad_out), f(q_), f(k_), f(v_), f(out_), lse_, grad_lse, causal, scale);
     return {dq.to(dt), dk.to(dt), dv.to(dt)};
   }
   auto opts = q_.options().memory_format(at::MemoryFormat::Contiguous);
@@ -137,6 +143,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   if (dt == at::kDouble) run_bwd<double>(dout, q, k, v, out, lse, grad_lse, causal, scale, dq, dk, dv);
   else run_bwd<float>(dout, q, k, v, out, lse, grad_lse, causal, scale, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 bool causal, double scale, int64_t window_left, int64_t window_right,
+                                                 const c10::optional<at::Tensor>& key_lo,
+                                                 const c10::optional<at::Tensor>& key_hi) {
+  check_plain(window_left, window_right, key_lo, key_hi);
+  return attention_fwd_plain(q, k, v, causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, bool causal, double scale, int64_t window_left,
+    int64_t window_right, const c10::optional<at::Tensor>& key_lo, const c10::optional<at::Tensor>& key_hi) {
+  check_plain(window_left, window_right, key_lo, key_hi);
+  return attention_bwd_plain(grad_out, q, k, v, out, lse, grad_lse, causal, scale);
 }
 
 }  // namespace

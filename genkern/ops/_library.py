@@ -58,10 +58,37 @@ _GAN_LOSS_FWD = (
 # typed like q, k, v. grad_lse, when given ((B, H, T) float32), is the gradient flowing into
 # lse: it adds P_ij * grad_lse_i to the score gradient, i.e. delta_i = rowsum(dO_i * O_i) -
 # grad_lse_i.
-_ATTENTION_FWD = "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)"
+#
+# Which keys a query sees. Query i of batch b sees key j when all of these hold (diag = i + S - T):
+#   causal:            j <= diag
+#   window_left >= 0:  j >= diag - window_left          (-1: no limit on that side)
+#   window_right >= 0: j <= diag + window_right         (ignored under causal, as FlashAttention does)
+#   key_lo, key_hi:    key_lo[b, i] <= j < key_hi[b, i] (int32 (B, T) on q's device, both or neither:
+#                      each row's span of keys, the padding pattern of a mask; all heads alike)
+# so every row sees one contiguous span of keys, possibly empty (out = 0, lse = -inf). Key blocks
+# wholly outside a query block's spans are never computed: cost follows the visible keys.
+_VISIBILITY = "int window_left=-1, int window_right=-1, Tensor? key_lo=None, Tensor? key_hi=None"
+_ATTENTION_FWD = f"(Tensor q, Tensor k, Tensor v, bool causal, float scale, {_VISIBILITY}) -> (Tensor, Tensor)"
 _ATTENTION_BWD = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
-    "bool causal, float scale) -> (Tensor, Tensor, Tensor)"
+    f"bool causal, float scale, {_VISIBILITY}) -> (Tensor, Tensor, Tensor)"
+)
+
+# attention_varlen: packed sequences (genkern/reference/attention_varlen.py is the spec). q (total_q, H, D),
+# k, v (total_k, Hkv, D), any strides with a unit last dim; cu_seqlens_q, cu_seqlens_k int32 (B + 1,) on q's
+# device, already checked (genkern/ops/varlen_checks.py: from 0, non-decreasing, ending at total_q / total_k);
+# max_seqlen_q/_k bound the lengths. Sequence b is an attention problem of its own, T_b = cu_seqlens_q[b + 1] -
+# cu_seqlens_q[b] queries against S_b keys, with causal and the window as above (diag = i + S_b - T_b, i and j
+# counted from the sequence's first row). _fwd returns (out (total_q, H, D) contiguous in q's dtype, lse
+# (H, total_q) float32); _bwd returns (dq, dk, dv) shaped and typed like q, k, v; grad_lse as for attention.
+_ATTENTION_VARLEN_FWD = (
+    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+    "int max_seqlen_k, bool causal, float scale, int window_left, int window_right) -> (Tensor, Tensor)"
+)
+_ATTENTION_VARLEN_BWD = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? grad_lse, "
+    "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
+    "int window_left, int window_right) -> (Tensor, Tensor, Tensor)"
 )
 
 # kv_decode: attention of q (B, H, Tnew, D) against preallocated caches k_cache, v_cache
@@ -71,10 +98,11 @@ _ATTENTION_BWD = (
 # checks L_b + Tnew <= Smax for every row before writing anything); the row then holds
 # n_b = L_b + Tnew positions, else n_b = L_b. Query i of row b attends to positions j < n_b with
 # j <= i + n_b - Tnew; a row with n_b = 0 gives zeros. Returns out (B, H, Tnew, D) contiguous in
-# q's dtype. No backward. cache_seqlens is not modified.
+# q's dtype. No backward. cache_seqlens is not modified. window_left >= 0 also hides the positions
+# j < i + n_b - Tnew - window_left (FlashAttention's sliding window with S = n_b; -1: no limit).
 _KV_DECODE = (
     "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
-    "Tensor? v_new, float scale) -> Tensor"
+    "Tensor? v_new, float scale, int window_left=-1) -> Tensor"
 )
 
 # (stem, direction) -> schema; the op names are <stem>_<family>_<direction>.
@@ -84,6 +112,8 @@ SCHEMAS = {
     ("gan_loss", "fwd"): _GAN_LOSS_FWD,
     ("attention", "fwd"): _ATTENTION_FWD,
     ("attention", "bwd"): _ATTENTION_BWD,
+    ("attention_varlen", "fwd"): _ATTENTION_VARLEN_FWD,
+    ("attention_varlen", "bwd"): _ATTENTION_VARLEN_BWD,
     ("kv_decode", ""): _KV_DECODE,
 }
 

@@ -7,15 +7,16 @@ import math
 import torch
 
 from genkern import _dispatch
-from genkern.ops._common import FLOAT_DTYPES, KernelOp, check_float_tensor, refuse_double_backward
+from genkern.ops._common import FLOAT_DTYPES, KernelOp, check_float_tensor, check_same_device, refuse_double_backward
+from genkern.ops.varlen_checks import check_window
 from genkern.reference import attention as reference
 
 HEAD_DIMS = range(16, 257, 8)  # head dims the C++ and Triton kernels take
 CPP_DTYPES = FLOAT_DTYPES  # float16/bfloat16 are computed in float32 on the CPU
 
 
-def flash_attention(q, k, v, *, causal=True, scale=None, return_lse=False, impl="auto"):
-    """Causal (or full) softmax attention in O(T * D) memory.
+def flash_attention(q, k, v, *, causal=True, window_size=(-1, -1), scale=None, return_lse=False, impl="auto"):
+    """Causal (or full) softmax attention in O(T * D) memory, optionally in a sliding window.
 
     Args:
         q: (B, H, T, D) queries; float16, bfloat16, float32 or float64.
@@ -33,6 +34,11 @@ def flash_attention(q, k, v, *, causal=True, scale=None, return_lse=False, impl=
 
             A query that sees no key (T > S) gets zeros, not NaN. False: every query
             sees every key.
+        window_size: (left, right), FlashAttention's sliding window: query i sees only
+            keys j with i + S - T - left <= j <= i + S - T + right (-1: no limit on that
+            side; causal sets right = 0). Key blocks outside every window are skipped, so
+            the cost is O(T * window), not O(T * S). A query whose window holds no key
+            gets zeros, like T > S under causal.
         scale: multiplies the scores; default 1 / sqrt(D).
         return_lse: also return the log-sum-exp of each row's scaled scores.
         impl: "auto" | "torch" | "cpp" | "triton" (default from GENKERN_IMPL). The C++
@@ -48,11 +54,32 @@ def flash_attention(q, k, v, *, causal=True, scale=None, return_lse=False, impl=
     attention weights from lse, FlashAttention-2 style).
     """
     _check_args(q, k, v)
-    scale = check_scale(scale, q.shape[-1])
+    left, right = check_window(window_size)
+    return _attention(q, k, v, bool(causal), (left, right), check_scale(scale, q.shape[-1]), return_lse, impl, None)
+
+
+def span_attention(q, k, v, key_lo, key_hi, *, scale=None, return_lse=False, impl="auto"):
+    """Attention where query i of batch b sees exactly the keys key_lo[b, i] <= j < key_hi[b, i]
+    (int32 (B, T) on q's device, all heads alike): the padding pattern of a mask (e.g. (0, len_b)
+    for right padding, combined with causal by the caller's spans), run on the kernels with the key
+    blocks outside the spans skipped. Shapes, dtypes, GQA and results as flash_attention; a row
+    whose span is empty gets zeros (its lse is -inf)."""
+    _check_args(q, k, v)
+    b, _, t, _ = q.shape
+    for name, x in (("key_lo", key_lo), ("key_hi", key_hi)):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int32 or tuple(x.shape) != (b, t):
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be an int32 tensor of shape (B, T) = ({b}, {t}), got {got}")
+        check_same_device(x, name, q, "q")
+    return _attention(q, k, v, False, (-1, -1), check_scale(scale, q.shape[-1]), return_lse, impl, (key_lo, key_hi))
+
+
+def _attention(q, k, v, causal, window, scale, return_lse, impl, spans):
     backend = head_dim_backend(ATTENTION, impl, q)
     if backend == "torch":
-        return reference.attention(q, k, v, bool(causal), scale, return_lse)
-    out, lse = ATTENTION(backend, q, k, v, bool(causal), scale)
+        return reference.attention(q, k, v, causal, scale, return_lse, window_size=window, key_spans=spans)
+    lo, hi = spans if spans is not None else (None, None)
+    out, lse = ATTENTION(backend, q, k, v, causal, scale, window[0], window[1], lo, hi)
     return (out, lse) if return_lse else out
 
 
@@ -103,20 +130,20 @@ def head_dim_backend(op: KernelOp, impl, q) -> str:
 # --- the op: fake kernels and autograd ------------------------------------------------
 
 
-def _fake_fwd(q, k, v, causal, scale):
+def _fake_fwd(q, k, v, causal, scale, window_left=-1, window_right=-1, key_lo=None, key_hi=None):
     b, h, t, d = q.shape
     return q.new_empty((b, h, t, d)), q.new_empty((b, h, t), dtype=torch.float32)
 
 
-def _fake_bwd(grad_out, q, k, v, out, lse, grad_lse, causal, scale):
+def _fake_bwd(grad_out, q, k, v, out, lse, grad_lse, causal, scale, *visibility):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, *visibility = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.visibility = causal, scale, visibility
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -124,8 +151,9 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     if grad_out is None:  # only lse was differentiated
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = ATTENTION.op(ctx.family, "bwd")(grad_out, q, k, v, out, lse, grad_lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    bwd = ATTENTION.op(ctx.family, "bwd")
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, grad_lse, ctx.causal, ctx.scale, *ctx.visibility)
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.visibility))
 
 
 ATTENTION = KernelOp(

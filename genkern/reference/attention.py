@@ -109,10 +109,19 @@ def masked_values(probs, v, visible):
     return _put_back(out, torch.matmul(probs, v), seen)
 
 
-def attention(q, k, v, causal=True, scale=None, return_lse=False, *, window_size=(-1, -1)):
+def span_mask(key_lo, key_hi, s: int):
+    """(B, T, S) bool, True where key_lo[b, i] <= j < key_hi[b, i]: each row's span of keys."""
+    j = torch.arange(s, device=key_lo.device)
+    return (j >= key_lo.unsqueeze(-1).long()) & (j < key_hi.unsqueeze(-1).long())
+
+
+def attention(q, k, v, causal=True, scale=None, return_lse=False, *, window_size=(-1, -1), key_spans=None):
     """softmax(scale * q k^T, masked) v in q's dtype; with return_lse also the
     (B, H, T) float32 log-sum-exp of each row's scaled, masked scores. window_size =
-    (left, right) limits the keys of each query (module docstring); (-1, -1): none."""
+    (left, right) limits the keys of each query (module docstring); (-1, -1): none.
+    key_spans = (key_lo, key_hi), int (B, T) each, limits query i of batch b further to
+    the keys key_lo[b, i] <= j < key_hi[b, i] (all heads alike): the padding pattern of
+    a mask, e.g. (0, len_b) for a right-padded row."""
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = h // hkv
@@ -123,8 +132,12 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False, *, window_size
     # read where they are, never repeated per query head.
     qf = q.reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D)
     mask = window_mask(t, s, causal, window_size, q.device)  # (T, S) or None
+    if key_spans is not None:
+        spans = span_mask(*key_spans, s)  # (B, T, S)
+        mask = spans if mask is None else spans & mask
+        mask = mask.unsqueeze(1)  # (B, 1, T, S)
     if mask is not None:
-        mask = mask.repeat(g, 1)  # (G*T, S): row r is query r % T
+        mask = mask.repeat(*(1,) * (mask.dim() - 2), g, 1)  # (..., G*T, S): row r is query r % T
         scores = masked_scores(qf, k, mask, scale)  # (B, Hkv, G*T, S)
     else:
         scores = torch.matmul(qf, k.transpose(-1, -2)) * scale  # (B, Hkv, G*T, S)
@@ -132,7 +145,7 @@ def attention(q, k, v, causal=True, scale=None, return_lse=False, *, window_size
     # does); float64 stays float64.
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     probs = torch.softmax(scores, dim=-1, dtype=acc)
-    if mask is not None and (t > s or tuple(window_size) != (-1, -1)):
+    if mask is not None and (t > s or tuple(window_size) != (-1, -1) or key_spans is not None):
         # A row with no visible key is all -inf, which softmax turns into NaN: zero
         # exactly those rows (a NaN from the inputs elsewhere stays NaN).
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)

@@ -15,6 +15,10 @@ LAUNCHERS = {
     "reparam_kl": {"reparam_kl_triton_fwd": "reparam_kl_forward", "reparam_kl_triton_bwd": "reparam_kl_backward"},
     "gan_loss": {"gan_loss_triton_fwd": "gan_loss_forward"},
     "attention": {"attention_triton_fwd": "attention_forward", "attention_triton_bwd": "attention_backward"},
+    "attention_varlen": {
+        "attention_varlen_triton_fwd": "attention_varlen_forward",
+        "attention_varlen_triton_bwd": "attention_varlen_backward",
+    },
     "kv_decode": {"kv_decode_triton": "kv_decode"},
 }
 

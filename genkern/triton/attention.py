@@ -70,8 +70,14 @@ def _meta(q, T, S, D, causal):
     return (triton.next_power_of_2(T), triton.next_power_of_2(S)), dict(CAUSAL=bool(causal), BLOCK_D=block_d), edge
 
 
-def attention_forward(q, k, v, causal, scale):
+def _check_plain(window_left, window_right, key_lo, key_hi):
+    if (window_left, window_right) != (-1, -1) or key_lo is not None or key_hi is not None:
+        raise ValueError("the Triton attention kernels take no window or key spans yet")
+
+
+def attention_forward(q, k, v, causal, scale, window_left=-1, window_right=-1, key_lo=None, key_hi=None):
     """(out (B, H, T, D) contiguous in q's dtype, lse (B, H, T) float32); see _attention_fwd_kernel."""
+    _check_plain(window_left, window_right, key_lo, key_hi)
     B, H, T, D, Hkv, S = _check(q, k, v)
     if q.numel() == 0 or S == 0:  # no key anywhere: out 0, lse -inf
         return q.new_zeros((B, H, T, D)), torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
@@ -84,8 +90,11 @@ def attention_forward(q, k, v, causal, scale):
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale):
+def attention_backward(
+    grad_out, q, k, v, out, lse, grad_lse, causal, scale, window_left=-1, window_right=-1, key_lo=None, key_hi=None
+):
     """(dq, dk, dv), shaped and typed like q, k, v (contiguous); see the backward kernels."""
+    _check_plain(window_left, window_right, key_lo, key_hi)
     B, H, T, D, Hkv, S = _check(
         q,
         k,
