@@ -245,8 +245,9 @@ void check_new(const at::Tensor& t, const char* name, const at::Tensor& q, int64
 
 at::Tensor kv_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k_new,
-                     const c10::optional<at::Tensor>& v_new, double scale, int64_t window_left) {
-  GENKERN_CHECK_VALUE(window_left == -1, "window_left is not supported yet, got ", window_left);
+                     const c10::optional<at::Tensor>& v_new, double scale, int64_t window_left,
+                     const c10::optional<at::Tensor>& key_lo) {
+  GENKERN_CHECK_VALUE(window_left == -1 && !key_lo.has_value(), "window_left and key_lo are not supported yet");
   check_cpu(q_in, "q");
   check_float(q_in, "q");
   GENKERN_CHECK_VALUE(q_in.dim() == 4, "q must be 4-d (B, H, Tnew, D), got shape ", q_in.sizes());

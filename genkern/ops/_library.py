@@ -99,10 +99,11 @@ _ATTENTION_VARLEN_BWD = (
 # n_b = L_b + Tnew positions, else n_b = L_b. Query i of row b attends to positions j < n_b with
 # j <= i + n_b - Tnew; a row with n_b = 0 gives zeros. Returns out (B, H, Tnew, D) contiguous in
 # q's dtype. No backward. cache_seqlens is not modified. window_left >= 0 also hides the positions
-# j < i + n_b - Tnew - window_left (FlashAttention's sliding window with S = n_b; -1: no limit).
+# j < i + n_b - Tnew - window_left (FlashAttention's sliding window with S = n_b; -1: no limit), and
+# key_lo, (B,) int32 when given, hides the positions j < key_lo[b] of row b (a left-padded row's padding).
 _KV_DECODE = (
     "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
-    "Tensor? v_new, float scale, int window_left=-1) -> Tensor"
+    "Tensor? v_new, float scale, int window_left=-1, Tensor? key_lo=None) -> Tensor"
 )
 
 # (stem, direction) -> schema; the op names are <stem>_<family>_<direction>.

@@ -74,9 +74,10 @@ def write_new(k_cache, v_cache, cache_seqlens, k_new, v_new):
 
 
 def attention_with_kvcache(
-    q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, scale=None, *, window_size=(-1, -1)
+    q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, scale=None, *, window_size=(-1, -1), key_lo=None
 ):
-    """The attention output (B, H, Tnew, D) in q's dtype (see the module docstring)."""
+    """The attention output (B, H, Tnew, D) in q's dtype (see the module docstring). key_lo, (B,)
+    int when given, hides positions j < key_lo[b] of row b (a left-padded row's padding)."""
     left, _ = check_window(window_size)
     b, h, tnew, d = q.shape
     hkv, smax = k_cache.shape[1], k_cache.shape[2]
@@ -92,6 +93,8 @@ def attention_with_kvcache(
     visible = (j < nb) & (j <= i + nb - tnew)  # (B, Tnew, Smax)
     if left >= 0:
         visible = visible & (j >= i + nb - tnew - left)
+    if key_lo is not None:
+        visible = visible & (j >= key_lo.long().view(b, 1, 1))
     # Grouped-query attention: the G query heads of KV head c (c * G .. c * G + G - 1)
     # fold into the rows of one matmul against that head, row r being query r % Tnew
     # of query head c * G + r // Tnew. The cache is read where it is.

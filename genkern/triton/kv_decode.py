@@ -127,11 +127,11 @@ def _split_plan(programs, smax, device):
     return triton.cdiv(smax, chunk), chunk
 
 
-def kv_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left=-1):
+def kv_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left=-1, key_lo=None):
     """out (B, H, Tnew, D) contiguous in q's dtype; writes k_new/v_new into the caches in place.
     The contract of kv_decode in genkern/ops/_library.py; see the module docstring."""
-    if window_left != -1:
-        raise ValueError("the Triton decode kernel takes no window yet")
+    if window_left != -1 or key_lo is not None:
+        raise ValueError("the Triton decode kernel takes no window or key_lo yet")
     B, H, T, D, Hkv, S = _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     if k_new is not None:
         k_new, v_new = separate_new(k_cache, v_cache, k_new, v_new)  # a view of a cache is read first
