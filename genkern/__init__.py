@@ -8,7 +8,14 @@ from genkern._dispatch import ImplUnavailableError
 from genkern._info import info
 from genkern.generation import generate
 from genkern.kvcache import KVCache
-from genkern.ops import attention_with_kvcache, discriminator_loss, flash_attention, generator_loss, reparameterize_kl
+from genkern.ops import (
+    attention_with_kvcache,
+    discriminator_loss,
+    flash_attention,
+    flash_attention_varlen,
+    generator_loss,
+    reparameterize_kl,
+)
 from genkern.patching import patch, patched, unpatch
 from genkern.profiling import profile_generation
 
@@ -21,6 +28,7 @@ __all__ = [
     "discriminator_loss",
     "eval",
     "flash_attention",
+    "flash_attention_varlen",
     "functional",
     "generate",
     "generator_loss",

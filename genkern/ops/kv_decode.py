@@ -6,11 +6,23 @@ import torch
 
 from genkern.ops._common import KernelOp, check_float_tensor, check_same_device
 from genkern.ops.attention import CPP_DTYPES, check_scale, head_dim_backend
+from genkern.ops.varlen_checks import check_window
 from genkern.reference import kv_decode as reference
 
 
 def attention_with_kvcache(
-    q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, scale=None, impl="auto", max_seqlen=None
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new=None,
+    v_new=None,
+    *,
+    scale=None,
+    window_size=(-1, -1),
+    key_lo=None,
+    impl="auto",
+    max_seqlen=None,
 ):
     """Appends new keys/values to a KV cache in place and attends to the filled part.
 
@@ -24,6 +36,12 @@ def attention_with_kvcache(
             place at positions L_b .. L_b + Tnew - 1 of each row first, and the row
             then holds n_b = L_b + Tnew positions; without them n_b = L_b.
         scale: multiplies the scores; default 1 / sqrt(D).
+        window_size: (left, right), FlashAttention's sliding window over the row's filled
+            positions: query i also ignores positions j < i + n_b - Tnew - left (-1: no
+            limit). The attention is causal, so right is 0 whatever is passed. The kernels
+            read only the window, so a long cache with a small window costs the window.
+        key_lo: (B,) int32 on q's device, or None: positions j < key_lo[b] of row b are
+            ignored too (the padding at the start of a left-padded row of a batch).
         impl: "auto" | "torch" | "cpp" | "triton" (default from GENKERN_IMPL).
         max_seqlen: an int the caller knows to be >= max(cache_seqlens) (genkern.KVCache
             passes its `max_len`), or None. Given, the bound check of CUDA lengths uses it
@@ -43,18 +61,32 @@ def attention_with_kvcache(
     """
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
         raise ValueError(f"max_seqlen must be an int >= 0 or None, got {max_seqlen!r}")
-    return _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, impl, max_seqlen)
+    left, _ = check_window(window_size)
+    if key_lo is not None:
+        if not isinstance(key_lo, torch.Tensor) or key_lo.dtype != torch.int32 or key_lo.shape != cache_seqlens.shape:
+            got = f"{key_lo.dtype} {tuple(key_lo.shape)}" if isinstance(key_lo, torch.Tensor) else type(key_lo).__name__
+            raise ValueError(f"key_lo must be an int32 tensor of shape (B,) like cache_seqlens, or None, got {got}")
+        check_same_device(key_lo, "key_lo", q, "q")
+    return _attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, impl, max_seqlen, window_left=left, key_lo=key_lo
+    )
 
 
-def _attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, impl, max_len):
+def _attention_with_kvcache(
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, impl, max_len, *, window_left=-1, key_lo=None
+):
     """attention_with_kvcache; `max_len`, when the caller knows it, bounds max(cache_seqlens)."""
     _check_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     check_room(cache_seqlens, 0 if k_new is None else k_new.shape[2], k_cache.shape[2], max_len)
     scale = check_scale(scale, q.shape[-1])
     backend = head_dim_backend(KV_DECODE, impl, q)
     if backend == "torch":
-        return reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
-    return KV_DECODE(backend, q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+        return reference.attention_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_size=(window_left, -1), key_lo=key_lo
+        )
+    if window_left == -1 and key_lo is None:  # the schema's defaults: the call of every plain decoding step
+        return KV_DECODE(backend, q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+    return KV_DECODE(backend, q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left, key_lo)
 
 
 def _check_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
@@ -132,7 +164,7 @@ def check_room(cache_seqlens, tnew, smax, max_len):
 # --- the op: fake kernel (inference only: no autograd) --------------------------------
 
 
-def _fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+def _fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left=-1, key_lo=None):
     return q.new_empty(q.shape)
 
 
