@@ -21,7 +21,7 @@ from genkern.triton.attention_tiles import (
     visible,
 )
 
-SPAN_CHUNK = 256  # query rows per round of the dK/dV kernel's pass over the rows' spans
+SPAN_CHUNK = tl.constexpr(256)  # query rows per round of the dK/dV kernel's pass over the rows' spans
 
 
 @triton.jit

@@ -115,10 +115,11 @@ def visible(rows, cols, S, diag, lo, hi, CAUSAL: tl.constexpr, SPANS: tl.constex
     """(len(rows), len(cols)) mask: key cols[j] that query rows[i] sees. SPANS: lo[i] <= j < hi[i]
     (row_spans, which clamps to [0, S)); else j < S, and j <= i + diag if CAUSAL."""
     if SPANS:
-        return (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-    ok = (cols < S)[None, :]
-    if CAUSAL:
-        ok = ok & (cols[None, :] <= rows[:, None] + diag)
+        ok = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+    else:
+        ok = (cols < S)[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + diag)
     return ok
 
 
