@@ -62,39 +62,98 @@ def _check(q, k, v, *others):
     return B, H, T, D, Hkv, S
 
 
-def _meta(q, T, S, D, causal):
+def _meta(q, T, S, D, causal, spans=False, varlen=False):
     """What every launch shares: the log2 buckets of T, S (autotune key), the meta-parameters,
-    and the tile edge of a config's BLOCK_M / BLOCK_N in q's dtype (for the grid)."""
+    and the tile edge of a config's BLOCK_M / BLOCK_N in q's dtype (for the grid). Under SPANS
+    causal is folded into the spans (window_right = 0): CAUSAL is off, one variant fewer."""
     block_d = triton.next_power_of_2(D)
     edge = lambda c, key, keys=False: tile_block(c[key], block_d, q.dtype == torch.float32, keys)  # noqa: E731
-    return (triton.next_power_of_2(T), triton.next_power_of_2(S)), dict(CAUSAL=bool(causal), BLOCK_D=block_d), edge
+    meta = dict(CAUSAL=bool(causal) and not spans, SPANS=bool(spans), VARLEN=bool(varlen), BLOCK_D=block_d)
+    return (triton.next_power_of_2(T), triton.next_power_of_2(S)), meta, edge
 
 
-def _check_plain(window_left, window_right, key_lo, key_hi):
-    if (window_left, window_right) != (-1, -1) or key_lo is not None or key_hi is not None:
-        raise ValueError("the Triton attention kernels take no window or key spans yet")
+_UNBOUNDED = {}  # device -> int32 (1,) tensors 0 and 2^30: the key span of every row, read with stride 0
+
+
+def visibility(q, T, S, causal, window_left, window_right, key_lo=None, key_hi=None, cu_seqlens=None):
+    """(SPANS, the kernels' span and packing arguments). A window side of T + S or more hides
+    nothing (-1: also keeps the launch's int32 arguments in range); causal sets the right one to 0.
+    Plain causal or full attention needs no spans; a pack without them reads cu_seqlens only."""
+    if (key_lo is None) != (key_hi is None):
+        raise ValueError("key_lo and key_hi must be given together (or both None)")
+    left = window_left if 0 <= window_left < T + S else -1
+    right = 0 if causal else (window_right if 0 <= window_right < T + S else -1)
+    spans = key_lo is not None or left >= 0 or (not causal and right >= 0)
+    if key_lo is None:
+        if q.device not in _UNBOUNDED:
+            _UNBOUNDED[q.device] = tuple(torch.full((1,), x, dtype=torch.int32, device=q.device) for x in (0, 2**30))
+        key_lo, key_hi, strides = *_UNBOUNDED[q.device], (0, 0)
+    else:
+        key_lo, key_hi, strides = key_lo.contiguous(), key_hi.contiguous(), (T, 1)
+    cu = cu_seqlens if cu_seqlens is not None else (key_lo, key_lo)
+    return spans, (key_lo, key_hi, *strides, left, right, *cu)
+
+
+def strides8(t):
+    """The dim 0-2 strides of a 4-d output in units of 8 elements (size-1 dims: 0)."""
+    return [t.stride(i) // 8 if t.shape[i] > 1 else 0 for i in range(3)]
+
+
+def _check_plain_spans(q, key_lo, key_hi):
+    B, _, T, _ = q.shape
+    for name, t in (("key_lo", key_lo), ("key_hi", key_hi)):
+        if t is not None and (t.shape != (B, T) or t.dtype != torch.int32 or t.device != q.device):
+            raise ValueError(
+                f"{name} must be ({B}, {T}) int32 on {q.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
+            )
 
 
 def attention_forward(q, k, v, causal, scale, window_left=-1, window_right=-1, key_lo=None, key_hi=None):
     """(out (B, H, T, D) contiguous in q's dtype, lse (B, H, T) float32); see _attention_fwd_kernel."""
-    _check_plain(window_left, window_right, key_lo, key_hi)
     B, H, T, D, Hkv, S = _check(q, k, v)
+    _check_plain_spans(q, key_lo, key_hi)
     if q.numel() == 0 or S == 0:  # no key anywhere: out 0, lse -inf
         return q.new_zeros((B, H, T, D)), torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
     out, lse = q.new_empty((B, H, T, D)), torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    (q, sq), (k, sk), (v, sv) = (rows8(t, _MAX_ROW_STRIDE) for t in (q, k, v))
-    tune, meta, edge = _meta(q, T, S, D, causal)
-    _attention_fwd_kernel[lambda c: (B * H, triton.cdiv(T, edge(c, "BLOCK_M")))](
-        out, lse, q, k, v, *sq, *sk, *sv, H, H // Hkv, T, S, D // 8, scale * LOG2E, *tune, **meta
-    )
+    vis = visibility(q, T, S, causal, window_left, window_right, key_lo, key_hi)
+    launch_forward(q, k, v, out, lse, (B, H, Hkv, T, S, D), causal, scale, vis, False)
     return out, lse
+
+
+def launch_forward(q, k, v, out, lse, sizes, causal, scale, vis, varlen):
+    """The forward kernel over 4-d q, k, v, out (B or 1, heads, rows, D) and 3-d lse (rows contiguous);
+    sizes (B, H, Hkv, T, S, D), T and S the max lengths of a pack (varlen)."""
+    B, H, Hkv, T, S, D = sizes
+    (q, sq), (k, sk), (v, sv) = (rows8(t, _MAX_ROW_STRIDE) for t in (q, k, v))
+    tune, meta, edge = _meta(q, T, S, D, causal, vis[0], varlen)
+    sl = [lse.stride(i) if lse.shape[i] > 1 else 0 for i in range(2)]
+    _attention_fwd_kernel[lambda c: (B * H, triton.cdiv(T, edge(c, "BLOCK_M")))](
+        out,
+        lse,
+        *strides8(out),
+        *sl,
+        q,
+        k,
+        v,
+        *sq,
+        *sk,
+        *sv,
+        H,
+        H // Hkv,
+        T,
+        S,
+        D // 8,
+        scale * LOG2E,
+        *tune,
+        *vis[1],
+        **meta,
+    )
 
 
 def attention_backward(
     grad_out, q, k, v, out, lse, grad_lse, causal, scale, window_left=-1, window_right=-1, key_lo=None, key_hi=None
 ):
     """(dq, dk, dv), shaped and typed like q, k, v (contiguous); see the backward kernels."""
-    _check_plain(window_left, window_right, key_lo, key_hi)
     B, H, T, D, Hkv, S = _check(
         q,
         k,
@@ -104,53 +163,78 @@ def attention_backward(
         ("lse", lse, q.shape[:3], torch.float32),
         ("grad_lse", grad_lse, q.shape[:3], torch.float32),
     )
+    _check_plain_spans(q, key_lo, key_hi)
     new = torch.empty if q.numel() and S else torch.zeros  # the kernels write every element
     dq, dk, dv = (new(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if q.numel() == 0 or S == 0:
         return dq, dk, dv
+    vis = visibility(q, T, S, causal, window_left, window_right, key_lo, key_hi)
+    launch_backward(
+        (grad_out, q, k, v, out, lse, grad_lse), (dq, dk, dv), (B, H, Hkv, T, S, D), causal, scale, vis, False
+    )
+    return dq, dk, dv
+
+
+def launch_backward(inputs, grads, sizes, causal, scale, vis, varlen):
+    """The backward kernels: inputs (grad_out, q, k, v, out, lse, grad_lse) and grads (dq, dk, dv) as
+    launch_forward's 4-d views (lse, grad_lse 3-d, rows contiguous); sizes as there."""
+    (grad_out, q, k, v, out, lse, grad_lse), (dq, dk, dv) = inputs, grads
+    B, H, Hkv, T, S, D = sizes
     (q, sq), (k, sk), (v, sv), (out, so), (do, sd) = (rows8(t, _MAX_ROW_STRIDE) for t in (q, k, v, out, grad_out))
-    delta, lse2 = (torch.empty((B, H, T), dtype=torch.float32, device=q.device) for _ in range(2))
-    tune, meta, edge = _meta(q, T, S, D, causal)
-    rows = PRE_ROWS[meta["BLOCK_D"]]
-    _attention_bwd_pre_kernel[(B * H, triton.cdiv(T, rows))](
+    delta, lse2 = (torch.empty(lse.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+    tune, meta, edge = _meta(q, T, S, D, causal, vis[0], varlen)
+    rows, (nb, nh, nt) = PRE_ROWS[meta["BLOCK_D"]], lse.shape  # every row of lse, packed or not
+    glse = lse if grad_lse is None else grad_lse.contiguous()
+    _attention_bwd_pre_kernel[(nb * nh, triton.cdiv(nt, rows))](
         delta,
         lse2,
         out,
         do,
         lse.contiguous(),
-        lse if grad_lse is None else grad_lse.contiguous(),
+        glse,
         *so,
         *sd,
-        H,
-        T,
+        nh,
+        nt,
         D // 8,
         HAS_GRAD_LSE=grad_lse is not None,
         BLOCK_M=rows,
         BLOCK_D=meta["BLOCK_D"],
         num_warps=4,
     )
-    args = (q, k, v, do, lse2, delta, *sq, *sk, *sv, *sd, H, H // Hkv, T, S, D // 8, scale * LOG2E, scale, *tune)
-    _attention_bwd_dkdv_kernel[lambda c: (B * Hkv, triton.cdiv(S, edge(c, "BLOCK_N", True)))](dk, dv, *args, **meta)
-    _attention_bwd_dq_kernel[lambda c: (B * H, triton.cdiv(T, edge(c, "BLOCK_M")))](dq, *args, **meta)
-    return dq, dk, dv
+    sl = [delta.stride(i) if delta.shape[i] > 1 else 0 for i in range(2)]
+    args = (q, k, v, do, lse2, delta, *sq, *sk, *sv, *sd, *sl, H, H // Hkv, T, S, D // 8, scale * LOG2E, scale)
+    args += (*tune, *vis[1])
+    _attention_bwd_dkdv_kernel[lambda c: (B * Hkv, triton.cdiv(S, edge(c, "BLOCK_N", True)))](
+        dk, dv, *strides8(dk), *args, **meta
+    )
+    _attention_bwd_dq_kernel[lambda c: (B * H, triton.cdiv(T, edge(c, "BLOCK_M")))](dq, *strides8(dq), *args, **meta)
 
 
 def aot_cases():
     """For genkern.triton._aot: every kernel x autotune config x BLOCK_D, causal (the masked
-    diagonal path included), and non-causal at BLOCK_D 128's first config; the delta kernel at
-    every BLOCK_D with and without grad_lse."""
+    diagonal path included), packed with spans (every new path at once) and non-causal, packed
+    causal and dense spans at BLOCK_D 128's first config; the delta kernel at every BLOCK_D with
+    and without grad_lse."""
     types = {n: "*fp32" for n in ("lse_ptr", "glse_ptr", "lse2_ptr", "delta_ptr")}
-    types.update(qk_scale="fp32", scale="fp32")
+    types.update({n: "*i32" for n in ("klo_ptr", "khi_ptr", "cuq_ptr", "cuk_ptr")}, qk_scale="fp32", scale="fp32")
+    variants = [(True, False, False), (False, True, True)]  # (CAUSAL, SPANS, VARLEN)
     for name, per_d in CONFIGS.items():
         for block_d, configs in per_d.items():
             for i, (bm, bn, w, s) in enumerate(configs):
-                for causal in (True, False) if (block_d, i) == (128, 0) else (True,):
+                more = (
+                    [(False, False, False), (True, False, True), (False, True, False)]
+                    if (block_d, i) == (128, 0)
+                    else []
+                )
+                for causal, spans, varlen in variants + more:
+                    flags = dict(CAUSAL=causal, SPANS=spans, VARLEN=varlen)
                     yield dict(
                         kernel=globals()[name].fn,
                         num_warps=w,
                         num_stages=s,
                         types=types,
-                        constexprs=dict(CAUSAL=causal, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, STAGES=s),
+                        constexprs=dict(flags, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, STAGES=s),
                     )
     for block_d, rows in PRE_ROWS.items():
         for has in (True, False):

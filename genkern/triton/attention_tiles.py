@@ -55,7 +55,8 @@ INTERPRETER_CONFIGS = {
 def attention_autotune(name):
     """triton.autotune over CONFIGS[name] (pruned to the launch's BLOCK_D), keyed on the head
     counts, the head dim, the log2 buckets of T and S (not their exact values: a new prompt
-    length must not rerun the benchmark) and causal; the dtypes join the key by themselves."""
+    length must not rerun the benchmark), causal and the span/packed variants; the dtypes join the
+    key by themselves."""
 
     def cfg(c):
         return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "STAGES": c[3]}, num_warps=c[2], num_stages=c[3])
@@ -70,7 +71,11 @@ def attention_autotune(name):
         return list(out.values())
 
     return autotune(
-        CONFIGS[name], cfg, INTERPRETER_CONFIGS[name], ["H", "group", "D8", "tune_t", "tune_s", "CAUSAL"], prune
+        CONFIGS[name],
+        cfg,
+        INTERPRETER_CONFIGS[name],
+        ["H", "group", "D8", "tune_t", "tune_s", "CAUSAL", "SPANS", "VARLEN"],
+        prune,
     )
 
 
@@ -106,11 +111,15 @@ def load_rows(base, start, n, st, offs, offs_d, d_ok, MASK: tl.constexpr):
 
 
 @triton.jit
-def visible(rows, cols, S, diag, CAUSAL: tl.constexpr):
-    """(len(rows), len(cols)) mask: key cols[j] < S that query rows[i] sees (j <= i + diag)."""
-    ok = (cols < S)[None, :]
-    if CAUSAL:
-        ok = ok & (cols[None, :] <= rows[:, None] + diag)
+def visible(rows, cols, S, diag, lo, hi, CAUSAL: tl.constexpr, SPANS: tl.constexpr):
+    """(len(rows), len(cols)) mask: key cols[j] that query rows[i] sees. SPANS: lo[i] <= j < hi[i]
+    (row_spans, which clamps to [0, S)); else j < S, and j <= i + diag if CAUSAL."""
+    if SPANS:
+        ok = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+    else:
+        ok = (cols < S)[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + diag)
     return ok
 
 
@@ -125,3 +134,77 @@ def key_range(m0, T, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl
         hi = S
         full = S // BLOCK_N * BLOCK_N
     return full, hi
+
+
+# --- spans: windows, per-row key spans, packed sequences ---------------------------------------
+
+
+@triton.jit
+def seq_bounds(cuq_ptr, cuk_ptr, b, T, S, VARLEN: tl.constexpr):
+    """(T_b, S_b, first query row, first key row) of batch row / packed sequence b. VARLEN reads
+    them from cu_seqlens (T, S: the max_seqlen bounds, which clamp them); else (T, S, 0, 0)."""
+    if VARLEN:
+        bos_q = tl.load(cuq_ptr + b)
+        bos_k = tl.load(cuk_ptr + b)
+        t = tl.minimum(tl.maximum(tl.load(cuq_ptr + b + 1) - bos_q, 0), T)
+        s = tl.minimum(tl.maximum(tl.load(cuk_ptr + b + 1) - bos_k, 0), S)
+        return t, s, bos_q, bos_k
+    return T, S, b * 0, b * 0
+
+
+@triton.jit
+def row_spans(rows, T, S, b, sp):
+    """[lo, hi) per query row: the keys row i sees, i + S - T - wl <= j <= i + S - T + wr (-1: no
+    limit; the launcher sets wr = 0 under causal), key_lo[b, i] <= j < key_hi[b, i] (strides 0: one
+    unbounded span for every row), 0 <= j < S. Rows >= T get an empty span. sp = (klo_ptr, khi_ptr,
+    skl_b, skl_t, wl, wr)."""
+    klo_ptr, khi_ptr, skl_b, skl_t, wl, wr = sp
+    diag = rows + S - T
+    lo = tl.where(wl >= 0, diag - wl, 0)
+    hi = tl.where(wr >= 0, diag + wr + 1, S)
+    ok = rows < T
+    offs = b.to(tl.int64) * skl_b + rows * skl_t
+    lo = tl.maximum(tl.maximum(lo, tl.load(klo_ptr + offs, mask=ok, other=0)), 0)
+    hi = tl.minimum(tl.minimum(hi, tl.load(khi_ptr + offs, mask=ok, other=0)), S)
+    return lo, hi
+
+
+@triton.jit
+def span_blocks(lo, hi, ok, S, BLOCK_N: tl.constexpr):
+    """(first, mid, mid2, last) for a query block whose rows (ok) see [lo, hi): key blocks start
+    in [first, last) where some row sees a key; [mid, mid2), whole key blocks, every row sees in
+    full (unmasked); first <= mid <= mid2 <= last, all multiples of BLOCK_N but last."""
+    seen = ok & (lo < hi)
+    first = tl.min(tl.where(seen, lo, S), 0) // BLOCK_N * BLOCK_N
+    last = tl.max(tl.where(seen, hi, 0), 0)
+    mid = tl.cdiv(tl.max(tl.where(ok, lo, 0), 0), BLOCK_N) * BLOCK_N
+    mid2 = tl.min(tl.where(ok, hi, S), 0) // BLOCK_N * BLOCK_N
+    whole = mid < mid2  # false when some row is empty (its lo >= hi bounds both)
+    return first, tl.where(whole, mid, first), tl.where(whole, mid2, first), last
+
+
+@triton.jit
+def query_range(n0, kend, T, S, b, sp, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """(first, mid, mid2, last) for the key block [n0, kend): query rows [first, last) hold every
+    row that sees one of its keys; rows [mid, mid2), whole query blocks, see all of them (none
+    when such rows are not contiguous). One pass over the rows the window allows, CHUNK at once."""
+    wl, wr = sp[4], sp[5]
+    r0 = tl.where(wr >= 0, tl.maximum(n0 - (S - T) - wr, 0), 0)
+    r1 = tl.where(wl >= 0, tl.minimum(kend - (S - T) + wl, T), T)
+    first, last, ffirst, flast, nfull = T, r0 * 0, T, r0 * 0, r0 * 0
+    while r0 < r1:
+        rows = r0 + tl.arange(0, CHUNK)
+        lo, hi = row_spans(rows, T, S, b, sp)
+        ok = rows < r1
+        hit = ok & (lo < kend) & (hi > n0) & (lo < hi)
+        full = ok & (lo <= n0) & (hi >= kend)
+        first = tl.minimum(first, tl.min(tl.where(hit, rows, T), 0))
+        last = tl.maximum(last, tl.max(tl.where(hit, rows + 1, 0), 0))
+        ffirst = tl.minimum(ffirst, tl.min(tl.where(full, rows, T), 0))
+        flast = tl.maximum(flast, tl.max(tl.where(full, rows + 1, 0), 0))
+        nfull += tl.sum(full.to(tl.int32), 0)
+        r0 += CHUNK
+    first = tl.minimum(first, last) // BLOCK_M * BLOCK_M
+    mid, mid2 = tl.cdiv(ffirst, BLOCK_M) * BLOCK_M, flast // BLOCK_M * BLOCK_M
+    whole = (mid < mid2) & (nfull == flast - ffirst)
+    return first, tl.where(whole, mid, first), tl.where(whole, mid2, first), last

@@ -62,7 +62,7 @@ from genkern.triton.kv_decode_kernels import (
 # --- launcher: check, allocate, launch ------------------------------------------------------
 
 
-def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
+def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new, key_lo=None):
     """Checks the op's contract (genkern/ops/kv_decode.py checks it first, with the bound on the
     lengths); returns (B, H, Tnew, D, Hkv, Smax)."""
     check_dtype("q", q, "kv_decode")
@@ -87,6 +87,7 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
         ("k_new", k_new, new),
         ("v_new", v_new, new),
         ("cache_seqlens", cache_seqlens, ((B,), torch.int32)),
+        ("key_lo", key_lo, ((B,), torch.int32)),
     ):
         if t is not None and (t.shape != shape or t.dtype != dtype or t.device != q.device):
             raise ValueError(
@@ -130,9 +131,7 @@ def _split_plan(programs, smax, device):
 def kv_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left=-1, key_lo=None):
     """out (B, H, Tnew, D) contiguous in q's dtype; writes k_new/v_new into the caches in place.
     The contract of kv_decode in genkern/ops/_library.py; see the module docstring."""
-    if window_left != -1 or key_lo is not None:
-        raise ValueError("the Triton decode kernel takes no window or key_lo yet")
-    B, H, T, D, Hkv, S = _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    B, H, T, D, Hkv, S = _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new, key_lo)
     if k_new is not None:
         k_new, v_new = separate_new(k_cache, v_cache, k_new, v_new)  # a view of a cache is read first
     (q, sq), (su, sc), block_d = rows8(q), _cache_strides(k_cache, v_cache), triton.next_power_of_2(D)
@@ -175,6 +174,9 @@ def kv_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_le
         k_cache,
         v_cache,
         cache_seqlens,
+        cache_seqlens if key_lo is None else key_lo.contiguous(),  # with stride 0 not read
+        0 if key_lo is None else 1,
+        window_left if 0 <= window_left < S else -1,  # Smax or more hides nothing
         *sq,
         *sc,
         Hkv,
@@ -214,7 +216,7 @@ def aot_cases():
     """For genkern.triton._aot: the split kernel at every BLOCK_D x autotune config, and with an
     oddly strided cache (SU = 1) at STRIDED_CONFIG; the append kernel (SU = 8, 1) and the combine
     kernel at every BLOCK_D."""
-    types = {"po_ptr": "*fp32", "plse_ptr": "*fp32", "seqlens_ptr": "*i32", "qk_scale": "fp32"}
+    types = {"po_ptr": "*fp32", "plse_ptr": "*fp32", "seqlens_ptr": "*i32", "klo_ptr": "*i32", "qk_scale": "fp32"}
     for bd, configs in CONFIGS.items():
         for su, (bn, w, s) in [(8, c) for c in configs] + [(1, STRIDED_CONFIG)]:
             yield dict(

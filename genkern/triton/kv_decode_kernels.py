@@ -117,10 +117,10 @@ def _kv_decode_append_kernel(
 
 @triton.jit
 def _softmax_step(
-    acc, m_i, l_i, q, k_ptr, v_ptr, st_k, st_v, start, n, lim, offs_n, offs_d, d_ok, qk_scale, SU: tl.constexpr
+    acc, m_i, l_i, q, k_ptr, v_ptr, st_k, st_v, start, n, lo, lim, offs_n, offs_d, d_ok, qk_scale, SU: tl.constexpr
 ):
     """One block of the online softmax in log2 units over positions j = start + offs_n < n, row r
-    seeing j <= lim_r: s2 = qk_scale q k^T, m' = max(m, rowmax s2), l' = l 2^(m - m') + rowsum
+    seeing lo_r <= j <= lim_r: s2 = qk_scale q k^T, m' = max(m, rowmax s2), l' = l 2^(m - m') + rowsum
     2^(s2 - m'), acc' = acc 2^(m - m') + 2^(s2 - m') v. Positions j >= n are not loaded (they
     may hold NaN). Every block is masked: a compare and select per score, small next to the loads
     of this memory-bound pass, where a separate unmasked loop would need its own pipeline buffers."""
@@ -132,7 +132,7 @@ def _softmax_step(
         other=0.0,
     )
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where((j[None, :] < n) & (j[None, :] <= lim[:, None]), s, float("-inf"))
+    s = tl.where((j[None, :] < n) & (j[None, :] <= lim[:, None]) & (j[None, :] >= lo[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -157,6 +157,10 @@ def _kv_decode_split_kernel(
     k_ptr,
     v_ptr,
     seqlens_ptr,
+    # key_lo (B,) int32, read at b * skl (skl = 0: not read, 0 for every row); wl the window's left side (-1: none)
+    klo_ptr,
+    skl,
+    wl,
     sq_b,
     sq_h,
     sq_t,
@@ -184,8 +188,9 @@ def _kv_decode_split_kernel(
 ):
     """For the query rows r = g Tnew + i (head h = hk G + g, query i) of this tile and the
     positions j of chunk [split chunk, (split + 1) chunk) that row r sees (j < n_b, j <= i + n_b -
-    Tnew): out_s = sum_j softmax_j(s_rj) v_j, lse_s = log sum_j exp(s_rj), s_rj = scale q_r . k_j.
-    A chunk past n_b runs no block; rows that see no position of the chunk get lse_s = -inf and
+    Tnew, j >= key_lo[b], j >= i + n_b - Tnew - wl): out_s = sum_j softmax_j(s_rj) v_j, lse_s =
+    log sum_j exp(s_rj), s_rj = scale q_r . k_j. A chunk past n_b, or before every row's first
+    position, runs no block; rows that see no position of the chunk get lse_s = -inf and
     no out_s. m starts finite (-1e30): a fully masked block gives p = 0, never -inf - -inf."""
     pid_bh, split = tl.program_id(0) // m_tiles, tl.program_id(1)
     b, hk = pid_bh // Hkv, pid_bh % Hkv
@@ -200,8 +205,10 @@ def _kv_decode_split_kernel(
     k_ptr += (b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h) * SU
     v_ptr += (b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h) * SU
     lim = i + n - Tnew
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, n)
+    lo_r = tl.maximum(tl.load(klo_ptr + b * skl, mask=skl != 0, other=0), tl.where(wl >= 0, lim - wl, 0))
+    # blocks before every row's first position are skipped (chunk is a multiple of BLOCK_N)
+    lo = tl.maximum(split * chunk, tl.min(tl.where(row_ok, lo_r, n), 0) // BLOCK_N * BLOCK_N)
+    hi = tl.minimum((split + 1) * chunk, n)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -209,13 +216,13 @@ def _kv_decode_split_kernel(
         start = lo
         while start < hi:
             acc, m_i, l_i = _softmax_step(
-                acc, m_i, l_i, q, k_ptr, v_ptr, sk_t, sv_t, start, n, lim, offs_n, offs_d, d_ok, qk_scale, SU
+                acc, m_i, l_i, q, k_ptr, v_ptr, sk_t, sv_t, start, n, lo_r, lim, offs_n, offs_d, d_ok, qk_scale, SU
             )
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _softmax_step(
-                acc, m_i, l_i, q, k_ptr, v_ptr, sk_t, sv_t, start, n, lim, offs_n, offs_d, d_ok, qk_scale, SU
+                acc, m_i, l_i, q, k_ptr, v_ptr, sk_t, sv_t, start, n, lo_r, lim, offs_n, offs_d, d_ok, qk_scale, SU
             )
     empty = l_i == 0.0
     l_i = tl.where(empty, 1.0, l_i)
