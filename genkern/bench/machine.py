@@ -83,6 +83,11 @@ def run_header(header: dict) -> dict:
     return {k: header[k] for k in RUN_FIELDS if k in header}
 
 
+def _mv(matrix):
+    vector = torch.ones(matrix.shape[1], device=matrix.device)
+    return lambda: torch.mv(matrix, vector)
+
+
 def _read_fields(device, quick) -> dict:
     probes = read_probes(device, quick)
     best = max(probes, key=probes.get)
@@ -126,13 +131,10 @@ def read_probes(device, quick=False) -> dict:
     src = torch.ones(_probe_numel(device, quick), device=device)
     repeats, nbytes = 3 if quick else 10, src.numel() * src.element_size()
     calls = {"sum": src.sum}
-    for name, cols in (("mv-16k", 2**14), ("mv-64k", 2**16)):
-        if src.numel() % cols == 0:
-            rows = src.view(-1, cols)  # (numel / cols, cols)
-            calls[name] = lambda rows=rows, v=torch.ones(cols, device=device): torch.mv(rows, v)
-    if src.numel() % 2**14 == 0:
-        cols = src.view(-1, 2**14).t()  # (16384, numel / 16384), column-major
-        calls["mv-t"] = lambda v=torch.ones(cols.shape[1], device=device): torch.mv(cols, v)
+    if src.numel() % 2**16 == 0:
+        calls["mv-16k"] = _mv(src.view(-1, 2**14))  # (numel / 16384, 16384)
+        calls["mv-64k"] = _mv(src.view(-1, 2**16))  # (numel / 65536, 65536)
+        calls["mv-t"] = _mv(src.view(-1, 2**14).t())  # (16384, numel / 16384), column-major
     return {name: nbytes / _best(call, device, repeats) / 1e9 for name, call in calls.items()}
 
 
