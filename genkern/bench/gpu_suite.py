@@ -21,7 +21,7 @@ from genkern.bench import attention as attention_cases
 from genkern.bench import gan_loss, kv_decode, listed_cases, reparam_kl
 
 TIMING = ["--budget", "0.05", "--repeats", "30"]
-TINY_TIMING = ["--budget", "0", "--repeats", "2", "--no-compile", "--impl", "triton"]
+TINY_TIMING = ["--quick", "--budget", "0", "--repeats", "2", "--no-compile", "--impl", "triton"]
 GAN_VARIANTS = ("d-nonsaturating", "d-hinge", "g-nonsaturating")
 
 
