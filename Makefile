@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 # GPU machine without network) instead of installing the pinned versions.
 SYSTEM_DEPS ?= 0
 
-.PHONY: all setup build test bench info clean lint
+.PHONY: all setup build test bench info clean lint gpu-check
 
 all: test
 
@@ -52,6 +52,15 @@ bench: setup
 
 info: setup
 	$(VENV)/bin/genkern info
+
+# On a CUDA machine (`make gpu-check SYSTEM_DEPS=1` where torch and triton are installed and there is
+# no network): builds, tests, benchmarks, profiles and trains into $(GPU_CHECK_OUT), each stage with
+# its own timeout, in <= 8 minutes on one H100; read $(GPU_CHECK_OUT)/summary.md. The build is its
+# first stage after `genkern info` (on all cores), so it runs from the source tree.
+GPU_CHECK_OUT ?= gpu-check-results
+GPU_CHECK_ARGS ?=
+gpu-check: $(VENV)/.deps
+	MAX_JOBS=$${MAX_JOBS:-$$(nproc)} $(PY) -m genkern gpu-check --build --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build genkern/_C*.so genkern/_build_error.txt $(VENV)/.build $(VENV)/.installed

@@ -8,8 +8,10 @@ Run: .venv/bin/python -m pytest bench/test_gan_loss.py --benchmark-only
 
 import pytest
 
-from genkern.bench import COMPILE, FAST, case_directions, param_id
-from genkern.bench.gan_loss import CASES
+from genkern.bench import COMPILE, FAST, case_directions, listed_cases, param_id
+from genkern.bench import gan_loss as cases_module
+
+CASES = listed_cases(cases_module)  # CASES and the CUDA-only GPU_CASES
 
 
 @pytest.mark.parametrize("impl", ["torch", FAST, COMPILE])

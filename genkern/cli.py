@@ -49,6 +49,14 @@ def _cmd_bench(args) -> int:
     return runner.run(args)
 
 
+def _cmd_gpu_check(args) -> int:
+    from genkern.bench.gpu_check import run_check
+
+    if not (math.isfinite(args.deadline) and args.deadline > 0):
+        raise ValueError(f"--deadline must be a positive number of seconds, got {args.deadline}")
+    return run_check(args.out, tiny=args.dry_run, build=args.build, deadline_s=args.deadline)
+
+
 def _ints(text: str) -> tuple:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -263,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     runner.add_arguments(p)
     p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("gpu-check", help="build, test, benchmark, profile and train on a GPU into one folder")
+    p.add_argument("--out", default="gpu-check-results", help="the folder for logs, results, pictures, summary.md")
+    p.add_argument("--build", action="store_true", help="build genkern first (`make setup`)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="every stage at tiny sizes on the CPU (TRITON_INTERPRET=1): seconds"
+    )
+    p.add_argument("--deadline", type=float, default=480, help="start no stage after this many seconds (default 480)")
+    p.set_defaults(func=_cmd_gpu_check)
     p = sub.add_parser("profile", help="time autoregressive generation: prefill, per-token latency, tokens/s")
     p.add_argument(
         "--model",

@@ -186,7 +186,16 @@ def test_attention_cases_build_with_their_targets():
     assert all(c.dtype == torch.float32 for c in select_cases("attention", device_type="cpu"))
     gpu = [c for c in select_cases("attention", device_type="cuda") if not c.quick]
     assert {c.sizes["T"] for c in gpu} == {1024, 2048, 4096, 8192, 16384}
-    assert all(c.dtype == torch.bfloat16 and c.sizes["D"] == 128 and not c.runs_on("cpu") for c in gpu)
+    # The GPU suite: bf16 and fp16, D 64 and 128 (H * D = 2048), causal and full, 16k tokens per batch.
+    assert {(c.dtype, c.sizes["D"], c.causal, c.sizes["T"]) for c in gpu} == {
+        (dt, d, causal, t)
+        for dt in (torch.bfloat16, torch.float16)
+        for d in (64, 128)
+        for causal in (True, False)
+        for t in (1024, 2048, 4096, 8192, 16384)
+    }
+    assert len(gpu) == 40 and not any(c.runs_on("cpu") for c in gpu)
+    assert all(c.sizes["B"] * c.sizes["T"] == 16384 and c.sizes["H"] * c.sizes["D"] == 2048 for c in gpu)
     cpu_2k = select_cases("attention", ["1x8x2048x64-causal"], device_type="cpu")[0]
     assert {(t.device, t.direction, t.vs, t.minimum) for t in cpu_2k.targets} == {
         ("cpu", "fwd+bwd", "torch", 4.0),
@@ -613,6 +622,6 @@ def test_a_bench_run_stores_its_header_in_every_entry(tmp_path):
     assert _run(*TINY, "--direction", "fwd", "--device", "cpu", "--out", str(tmp_path)) == 0
     data = _results(tmp_path)
     entry = data["results"]["reparameterize_kl"]["8x16/float32/fwd"]
-    fields = ("date", "versions", "threads", "load_avg", "copy_gbps", "read_gbps", "matmul_tflops", "settings")
-    assert set(entry["run"]) == set(fields)
+    fields = ("date", "versions", "threads", "load_avg", "copy_gbps", "read_gbps", "read_probe", "matmul_tflops")
+    assert set(entry["run"]) == set(fields + ("settings",))
     assert all(entry["run"][k] == data[k] for k in fields)

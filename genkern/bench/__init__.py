@@ -2,8 +2,15 @@
 
 A case module (e.g. `genkern.bench.reparam_kl`) defines `CASES`, a list of
 `Case` objects, and optionally `make_case(label)` to build a case of any size
-("8x16") for `--sizes`. Registering a new op = writing its module and adding
-its name to `CASE_MODULES`. Importing this package imports no case module.
+("8x16") for `--sizes`, `GPU_CASES` (CUDA-only sizes kept apart from the
+sweep every device lists) and `DEFAULT` ({device type: case names}: what a
+default run times, one case per direction; without it, the first listed case
+with a target on that device). Registering a new op = writing its module and
+adding its name to `CASE_MODULES`. Importing this package imports no case module.
+
+Which cases a run times: by default the representative ones (`DEFAULT`: the
+targets' sizes, minutes on a CPU), `--full` every listed case, `--quick` the
+smallest ones, `--sizes` the named ones.
 
 Every case is timed for "torch" (the plain-PyTorch baseline of genkern.bench.baselines:
 what a competent PyTorch user writes for speed; not the spec in genkern.reference), the
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+# The registry: one module per op (add a new op's module here).
 CASE_MODULES = (
     "genkern.bench.reparam_kl",
     "genkern.bench.gan_loss",
@@ -109,6 +117,7 @@ class Case:
     baselines: tuple = ()  # impls timed besides torch, the fast impl and COMPILE (e.g. SDPA)
     directions: tuple = ("fwd", "bwd", "fwd+bwd")  # what it has: ("fwd",) for an op without a backward
     compiles: bool = True  # whether torch.compile of the baseline is timed too
+    bound: str | None = "copy"  # the machine limit it is read against: "copy" | "read" bandwidth, "matmul" rate
 
     def __init__(self, sizes: dict, dtype=torch.float32, targets=(), quick=False, devices=("cpu", "cuda")):
         self.sizes = dict(sizes)
@@ -169,16 +178,36 @@ def case_modules(op: str | None = None):
     return [m for m in mods if op is None or m.OP == op]
 
 
-def select_cases(op: str | None = None, sizes=None, quick=False, device_type: str | None = None) -> list:
+def listed_cases(mod) -> list:
+    """Every case a module lists: its CASES, then its GPU_CASES (if any)."""
+    return list(mod.CASES) + list(getattr(mod, "GPU_CASES", ()))
+
+
+def representative_cases(mod, device_type: str) -> list:
+    """The cases of a default run on `device_type`: the module's DEFAULT names, else the first listed
+    case with a target there, else the first listed case (none when it lists none for that device)."""
+    listed = [c for c in listed_cases(mod) if c.runs_on(device_type)]
+    names = getattr(mod, "DEFAULT", {}).get(device_type)
+    if names:
+        return [c for c in listed if c.name in names]
+    targeted = [c for c in listed if any(t.device == device_type for t in c.targets)]
+    return (targeted or listed)[:1]
+
+
+def select_cases(op: str | None = None, sizes=None, quick=False, device_type: str | None = None, full=True) -> list:
     """Cases of `op` (all ops if None) listed for `device_type` (any if None).
     `sizes`: labels like "256x64"; a label that is no listed case is built by
     the module's make_case (with no --op, a module whose make_case rejects the
-    label is left out)."""
+    label is left out). full=False (and no sizes, not quick): only the
+    representative cases (`representative_cases`; needs device_type)."""
     cases = []
     for mod in case_modules(op):
-        listed = [c for c in mod.CASES if device_type is None or c.runs_on(device_type)]
+        listed = [c for c in listed_cases(mod) if device_type is None or c.runs_on(device_type)]
         if not sizes:
-            cases += [c for c in listed if c.quick or not quick]
+            if not (full or quick) and device_type is not None:
+                cases += representative_cases(mod, device_type)
+            else:
+                cases += [c for c in listed if c.quick or not quick]
             continue
         known = {c.name: c for c in listed}
         for label in sizes:

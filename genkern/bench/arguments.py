@@ -19,6 +19,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--op", help="only this op (e.g. reparameterize_kl)")
     parser.add_argument("--sizes", help="comma-separated size labels, e.g. 256x64,4096x1024 (any size an op takes)")
     parser.add_argument("--quick", action="store_true", help="the smallest cases, few repeats: finishes in seconds")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every listed case (the whole sweep); default: one representative case per op at its targets' sizes",
+    )
     parser.add_argument("--direction", choices=DIRECTIONS, action="append", help="only these directions (repeatable)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -52,6 +57,13 @@ def add_arguments(parser) -> None:
         help="results directory (default bench/results, under the current directory)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 if an impl failed or a target was missed")
+    parser.add_argument("--no-plots", action="store_true", help="write no pictures beside the results file")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RESULTS.json",
+        help="compare results files (two or more) side by side: a table, and a chart written into --out; times nothing",
+    )
 
 
 def resolve_device(name) -> torch.device:

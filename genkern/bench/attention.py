@@ -49,6 +49,7 @@ class AttentionCase(Case):
     """q (B, H, T, D), k and v (B, Hkv, T, D); output (B, H, T, D)."""
 
     op = OP
+    bound = "matmul"
     grad_inputs = ("q", "k", "v")
     baselines = (SDPA,)
 
@@ -150,9 +151,10 @@ CPU_TARGETS = (
 )
 GPU_TARGETS = (Target("cuda", "fwd", "speedup", 1.0, vs=SDPA), Target("cuda", "bwd", "speedup", 1.0, vs=SDPA))
 # GPU sizes as in the FlashAttention benchmarks: B * T = 16k tokens and H * D = 2048, so every
-# case does about the same work per token; bfloat16, D = 128, B * H enough to fill an H100.
+# case does about the same work per token; bfloat16 and float16, D = 64 (H = 32) and 128 (H = 16).
 GPU_SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
-GPU_TOKENS, GPU_HEADS, GPU_HEAD_DIM = 16384, 16, 128
+GPU_TOKENS, GPU_WIDTH, GPU_HEAD_DIMS = 16384, 2048, (64, 128)
+GPU_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _cases():
@@ -165,21 +167,15 @@ def _cases():
         # Long context: the fused op runs in O(T * D); the plain version needs 2 GiB per score matrix.
         AttentionCase(1, 8, 8192, 64, causal=True, devices=cpu),
     ]
-    for t in GPU_SEQ_LENS:
-        for causal in (True, False):
-            cases.append(
-                AttentionCase(
-                    GPU_TOKENS // t,
-                    GPU_HEADS,
-                    t,
-                    GPU_HEAD_DIM,
-                    causal=causal,
-                    dtype=torch.bfloat16,
-                    targets=GPU_TARGETS if causal else (),
-                    devices=("cuda",),
-                )
-            )
+    for dtype in GPU_DTYPES:
+        for d in GPU_HEAD_DIMS:
+            for t in GPU_SEQ_LENS:
+                for causal in (True, False):
+                    targets = GPU_TARGETS if causal else ()
+                    sizes = (GPU_TOKENS // t, GPU_WIDTH // d, t, d)
+                    cases.append(AttentionCase(*sizes, causal, dtype=dtype, targets=targets, devices=("cuda",)))
     return cases
 
 
 CASES = _cases()
+DEFAULT = {"cpu": ("1x8x2048x64-causal",), "cuda": ("4x16x4096x128-causal-bf16",)}

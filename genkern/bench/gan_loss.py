@@ -29,13 +29,15 @@ class GANLossCase(Case):
 
     op = OP
 
-    def __init__(self, loss: str, kind: str, shape, dtype=torch.float32, targets=(), quick=False):
+    def __init__(
+        self, loss: str, kind: str, shape, dtype=torch.float32, targets=(), quick=False, devices=("cpu", "cuda")
+    ):
         if loss not in LOSSES or kind not in _KINDS:
             raise ValueError(f"gan_loss cases are d|g and one of {', '.join(_KINDS)}, got {loss!r}, {kind!r}")
         shape = tuple(int(s) for s in shape)
         if not 1 <= len(shape) <= 4 or any(s < 1 for s in shape):
             raise ValueError(f"gan_loss logits are (B,), (B, C), (B, C, H) or (B, C, H, W), got {shape}")
-        super().__init__(dict(zip("BCHW", shape)), dtype, targets, quick)
+        super().__init__(dict(zip("BCHW", shape)), dtype, targets, quick, devices)
         self.loss, self.kind, self.shape = loss, kind, shape
         self.uses_real = loss == "d" or kind == "relativistic"
         # The generator's non-relativistic losses do not read the real logits (no gradient either).
@@ -133,3 +135,11 @@ def _cases():
 
 
 CASES = _cases()
+# The GPU suite adds 16M and 64M logits per side (1M is in CASES) for three common losses, CUDA only.
+GPU_SHAPES = [(1 << 24, 1), (1 << 26, 1)]
+GPU_CASES = [
+    GANLossCase(loss, kind, shape, targets=_targets(shape), devices=("cuda",))
+    for loss, kind in (("d", "nonsaturating"), ("d", "hinge"), ("g", "nonsaturating"))
+    for shape in GPU_SHAPES
+]
+DEFAULT = {"cpu": ("d-nonsaturating-1048576x1",), "cuda": ("d-nonsaturating-16777216x1",)}

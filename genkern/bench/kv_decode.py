@@ -36,6 +36,7 @@ class KVDecodeCase(Case):
     """q (B, H, 1, D) against caches (B, Hkv, S, D) holding S - 1 positions, plus one new."""
 
     op = OP
+    bound = "read"
     directions = ("fwd",)
     baselines = (SDPA,)
 
@@ -127,6 +128,7 @@ def make_case(label: str) -> KVDecodeCase:
 _CPU_READ = (Target("cpu", "fwd", "read_bw", 0.8),)
 _CPU_GQA = (Target("cpu", "fwd", "speedup", 1.5),)
 _GPU = (Target("cuda", "fwd", "read_bw", 0.8), Target("cuda", "fwd", "speedup", 1.0, vs=SDPA))
+GPU_BATCHES, GPU_CACHE_LENS = (1, 8, 64), (1024, 8192, 65536)
 
 
 def _cases():
@@ -139,24 +141,15 @@ def _cases():
         KVDecodeCase(1, 8, 8192, 64, kv_heads=1, devices=cpu),
     ]
     cases += [KVDecodeCase(1, 8, s, 64, devices=cpu) for s in (512, 2048, 8192, 32768)]
-    # GPU: float16, long contexts, multi-head and grouped-query, B from 1 to 32.
-    for b in (1, 8, 32):
-        for h, hkv in ((8, 8), (32, 8)):
-            for s in (4096, 32768):
-                if b * hkv * s <= 32 * 8 * 32768:
-                    cases.append(
-                        KVDecodeCase(
-                            b,
-                            h,
-                            s,
-                            128,
-                            kv_heads=hkv,
-                            dtype=torch.float16,
-                            targets=_GPU if s == 32768 else (),
-                            devices=("cuda",),
-                        )
-                    )
+    # GPU: bfloat16, grouped-query (32 query heads on 8 key/value heads, D = 128), batch 1 to 64,
+    # caches of 1k to 64k positions (the largest, 64 x 64k, holds 17 GB of K and V).
+    for b in GPU_BATCHES:
+        for s in GPU_CACHE_LENS:
+            targets = _GPU if s >= 8192 else ()
+            gqa = {"kv_heads": 8, "dtype": torch.bfloat16, "targets": targets, "devices": ("cuda",)}
+            cases.append(KVDecodeCase(b, 32, s, 128, **gqa))
     return cases
 
 
 CASES = _cases()
+DEFAULT = {"cpu": ("8x8x4096x64",), "cuda": ("8x32x65536x128-kv8-bf16",)}

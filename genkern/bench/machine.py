@@ -59,18 +59,39 @@ def machine_header(device, quick=False) -> dict:
         "threads": torch.get_num_threads(),
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "copy_gbps": copy_bandwidth(device, quick),
-        "read_gbps": read_bandwidth(device, quick),
+        **_read_fields(device, quick),
         "matmul_tflops": {dt: matmul_rate(device, getattr(torch, dt), quick) for dt in dtypes},
     }
 
 
 # What one run measured and ran with: each results entry keeps its own copy (a file merges many runs).
-RUN_FIELDS = ("date", "versions", "threads", "load_avg", "copy_gbps", "read_gbps", "matmul_tflops", "settings")
+RUN_FIELDS = (
+    "date",
+    "versions",
+    "threads",
+    "load_avg",
+    "copy_gbps",
+    "read_gbps",
+    "read_probe",
+    "matmul_tflops",
+    "settings",
+)
 
 
 def run_header(header: dict) -> dict:
     """The fields of `header` (machine_header, plus the run's settings) that belong to one run, not the device."""
     return {k: header[k] for k in RUN_FIELDS if k in header}
+
+
+def _mv(matrix):
+    vector = torch.ones(matrix.shape[1], device=matrix.device)
+    return lambda: torch.mv(matrix, vector)
+
+
+def _read_fields(device, quick) -> dict:
+    probes = read_probes(device, quick)
+    best = max(probes, key=probes.get)
+    return {"read_gbps": probes[best], "read_probe": f"{best}: {READ_PROBES[best]}"}
 
 
 def _device_info(device) -> dict:
@@ -89,11 +110,32 @@ def copy_bandwidth(device, quick=False) -> float:
     return 2 * src.numel() * src.element_size() / t / 1e9
 
 
+# Read-only kernels that can each reach the memory's read bandwidth: a plain `sum` does not on every
+# CPU (one reduction tree per thread is latency-bound: 21 GB/s where a decode kernel reads 33), while
+# a matrix-vector product over wide rows streams the matrix with many independent accumulators.
+READ_PROBES = {
+    "sum": "torch.sum over the tensor",
+    "mv-16k": "torch.mv of the tensor viewed as rows of 16384 elements",
+    "mv-64k": "torch.mv of the tensor viewed as rows of 65536 elements",
+    "mv-t": "torch.mv of the transposed view (columns of 16384 elements)",
+}
+
+
 def read_bandwidth(device, quick=False) -> float:
-    """GB/s of reading a large tensor (a sum over it): the limit of read-bound kernels."""
+    """GB/s of reading a large tensor: the fastest of the READ_PROBES, the limit of read-bound kernels."""
+    return max(read_probes(device, quick).values())
+
+
+def read_probes(device, quick=False) -> dict:
+    """{probe name: GB/s} of each of READ_PROBES over one large tensor (bytes read / best time)."""
     src = torch.ones(_probe_numel(device, quick), device=device)
-    t = _best(lambda: src.sum(), device, 3 if quick else 10)
-    return src.numel() * src.element_size() / t / 1e9
+    repeats, nbytes = 3 if quick else 10, src.numel() * src.element_size()
+    calls = {"sum": src.sum}
+    if src.numel() % 2**16 == 0:
+        calls["mv-16k"] = _mv(src.view(-1, 2**14))  # (numel / 16384, 16384)
+        calls["mv-64k"] = _mv(src.view(-1, 2**16))  # (numel / 65536, 65536)
+        calls["mv-t"] = _mv(src.view(-1, 2**14).t())  # (16384, numel / 16384), column-major
+    return {name: nbytes / _best(call, device, repeats) / 1e9 for name, call in calls.items()}
 
 
 def matmul_rate(device, dtype, quick=False) -> float:

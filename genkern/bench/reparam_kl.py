@@ -20,8 +20,8 @@ class ReparamKLCase(Case):
     op = OP
     grad_inputs = ("mu", "logvar")
 
-    def __init__(self, B: int, D: int, dtype=torch.float32, targets=(), quick=False):
-        super().__init__({"B": B, "D": D}, dtype, targets, quick)
+    def __init__(self, B: int, D: int, dtype=torch.float32, targets=(), quick=False, devices=("cpu", "cuda")):
+        super().__init__({"B": B, "D": D}, dtype, targets, quick, devices)
 
     def make_inputs(self, device) -> dict:
         shape = (self.sizes["B"], self.sizes["D"])
@@ -65,8 +65,14 @@ def _cpu_targets(speedup: float | None):
     return ([Target("cpu", _FB, "speedup", speedup)] if speedup else []) + vs_compile
 
 
+_GPU = [Target("cuda", _FB, "copy_bw", 0.8), Target("cuda", _FB, "speedup", 1.0, vs=COMPILE)]
+
 CASES = [
     ReparamKLCase(256, 64, targets=_cpu_targets(1.5), quick=True),
     ReparamKLCase(4096, 1024, targets=_cpu_targets(4.0)),
     ReparamKLCase(65536, 512, targets=_cpu_targets(None) + [Target("cuda", _FB, "copy_bw", 0.8)]),
 ]
+# The GPU suite: 1M, 16M and 64M elements (with 65536x512, 32M, above), against copy bandwidth and torch.compile.
+GPU_SIZES = ((1024, 1024), (8192, 2048), (65536, 1024))
+GPU_CASES = [ReparamKLCase(b, d, targets=_GPU, devices=("cuda",)) for b, d in GPU_SIZES]
+DEFAULT = {"cpu": ("4096x1024",), "cuda": ("8192x2048",)}

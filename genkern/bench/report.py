@@ -95,7 +95,7 @@ def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
     )
     print(
         f"measured copy bandwidth {header['copy_gbps']:.1f} GB/s (read+write), read bandwidth "
-        f"{header.get('read_gbps') or 0:.1f} GB/s; matmul TFLOP/s: {rates}; "
+        f"{header.get('read_gbps') or 0:.1f} GB/s ({header.get('read_probe', 'sum')}); matmul TFLOP/s: {rates}; "
         f"load average {header['load_avg']}"
     )
     _warn_load(header)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import sys
 
@@ -39,6 +40,7 @@ from genkern.bench.arguments import (
     resolve_device,
     size_labels,
 )
+from genkern.bench.compare_results import run_compare
 from genkern.bench.machine import copy_bandwidth, device_name, device_slug, machine_header, matmul_rate, read_bandwidth
 from genkern.bench.memory import guard, memory_limit, peak_memory
 from genkern.bench.report import (
@@ -50,6 +52,7 @@ from genkern.bench.report import (
     speedup,
     summarize,
 )
+from genkern.bench.summary import print_op_summary
 from genkern.bench.timing import BWD_METHOD, MIN_ROUNDS, ImplError, measure, prepare, time_once
 
 __all__ = [
@@ -81,12 +84,18 @@ __all__ = [
 
 
 def run(args) -> int:
-    """Runs the benchmarks selected by `args`; returns the exit code."""
+    """Runs the benchmarks selected by `args` (or compares results files: --compare); returns the exit code."""
+    if getattr(args, "compare", None):
+        try:
+            return run_compare(args.compare, args.out)
+        except ValueError as exc:
+            print(f"genkern bench: {exc}", file=sys.stderr)
+            return 2
     try:  # every option is checked before anything is timed
         check_numbers(args)
         labels = size_labels(args.sizes)
         device = resolve_device(args.device)
-        cases = select_cases(args.op, labels, args.quick, device.type)
+        cases = select_cases(args.op, labels, args.quick, device.type, full=getattr(args, "full", True))
         check_cases(cases)
     except (ValueError, RuntimeError) as exc:
         print(f"genkern bench: {exc}", file=sys.stderr)
@@ -110,10 +119,24 @@ def run(args) -> int:
         "quick": args.quick,
         "mem_limit_gib": None if limit is None else round(limit / 2**30, 2),
     }
+    print_op_summary(entries)
     print_summary(entries)
     path = write_results(args.out, header, entries)
-    print(f"wrote {path}")
+    pictures = [] if getattr(args, "no_plots", False) else _pictures(path)
+    print(f"wrote {path}" + "".join(f", {p}" for p in pictures))
     return 1 if args.strict and not all_good(entries) else 0
+
+
+def _pictures(path: str) -> list:
+    # Drawn from the whole merged file; a machine without matplotlib still gets its results.
+    try:
+        from genkern.bench.plots import write_pictures
+
+        with open(path) as f:
+            return write_pictures(path, json.load(f))
+    except ImportError as exc:
+        print(f"note: no pictures ({exc})")
+        return []
 
 
 def write_results(out_dir: str, header: dict, entries) -> str:
@@ -139,10 +162,10 @@ def _run_cases(cases, device, impls, args, budget, repeats, limit):
         if repeats < MIN_ROUNDS:
             print(f"note: --repeats {repeats} < {MIN_ROUNDS} rounds: no target can PASS, at best '{NOISE}'")
         entries = []
-        for case in cases:
-            for direction in args.direction or DIRECTIONS:
-                if direction not in case.directions:  # e.g. inference-only ops have no backward
-                    continue
+        plan = [(c, d) for c in cases for d in args.direction or DIRECTIONS if d in c.directions]
+        with _progress(len(plan)) as bar:
+            for case, direction in plan:  # a direction a case lacks (inference-only ops: no backward) is left out
+                bar.set_postfix_str(f"{case.op} {case.name} {direction}", refresh=False)
                 entry = bench_case(
                     case,
                     direction,
@@ -155,9 +178,18 @@ def _run_cases(cases, device, impls, args, budget, repeats, limit):
                     mem_limit=limit,
                     read_gbps=header["read_gbps"],
                 )
-                print_entry(entry)
+                with bar.external_write_mode():
+                    print_entry(entry)
                 entries.append(entry)
+                bar.update()
     return entries, header
+
+
+def _progress(total):
+    """A progress bar over the (case, direction) entries with the time left, on stderr when it is a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="case", desc="genkern bench", dynamic_ncols=True, disable=None, leave=False)
 
 
 def bench_case(
@@ -203,6 +235,7 @@ def bench_case(
         "direction": direction,
         "bytes": nbytes,
         "fast_impl": fast,
+        "bound": case.bound,
         "impls": {i: results[i] for i in impls},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -31,6 +31,7 @@ class TrainStepCase(Case):
     """A family's model on a dataset's shape, one global batch of size B."""
 
     op = OP
+    bound = None
     directions = ("step",)
     compiles = False
 
@@ -90,3 +91,5 @@ CASES = [
     TrainStepCase("transformer", "digits", 64, targets=_NEVER_SLOWER, quick=True),
     TrainStepCase("transformer", "text", 32, targets=_NEVER_SLOWER),
 ]
+# A default run times the Transformer's step (flash attention forward and backward inside).
+DEFAULT = {"cpu": ("transformer-digitsx64",), "cuda": ("transformer-textx32",)}
