@@ -37,6 +37,7 @@ CASE_MODULES = (
     "genkern.bench.attention",
     "genkern.bench.kv_decode",
     "genkern.bench.training",
+    "genkern.bench.masks",
 )
 # "step": one whole optimizer step of a model built on the ops (end to end, not one op).
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd", "step")

@@ -43,6 +43,7 @@ class WindowCase(Case):
 
     op = OP
     grad_inputs = ("q", "k", "v")
+    directions = ("fwd", "fwd+bwd")
     baselines = (FULL,)
     compiles = False
 
@@ -97,6 +98,7 @@ class VarlenCase(Case):
 
     op = OP
     grad_inputs = ("q", "k", "v")
+    directions = ("fwd", "fwd+bwd")
     baselines = (PADDED,)
     compiles = False
 
@@ -250,7 +252,8 @@ class HFModelCase(Case):
 
 def _cases():
     cpu = ("cpu",)
-    window = WindowCase(8, 8192, 64, 1024, targets=(Target("cpu", "fwd+bwd", "speedup", 3.0, vs=FULL),))
+    window_targets = tuple(Target("cpu", d, "speedup", 3.0, vs=FULL) for d in ("fwd", "fwd+bwd"))
+    window = WindowCase(8, 8192, 64, 1024, targets=window_targets)
     window.devices = cpu
     varlen = VarlenCase((1024, 768, 512, 768), 8, 2, 64)
     need = 1 / (1 - varlen.padding)  # packed time <= (1 - padding) * padded time
@@ -270,3 +273,5 @@ def _cases():
 
 
 CASES = _cases()
+# A default run times every target of this module: the window, the packed batch and the model.
+DEFAULT = {"cpu": tuple(c.name for c in CASES if c.targets), "cuda": ("window-1x2x256x32-w64",)}
