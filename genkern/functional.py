@@ -109,8 +109,8 @@ def _query_spans(attn_mask, q, k):
 def mask_spans(mask, batch, q_len, kv_len):
     """(key_lo, key_hi), int32 (batch, q_len) each, when `mask` is a padding pattern; else None.
 
-    A padding pattern: a boolean (True = attend) or additive (0.0 = attend, -inf = not) mask broadcastable to
-    (batch, 1, q_len, kv_len), i.e. the same for every head, whose every query row allows one contiguous span
+    A padding pattern: a boolean (True = attend) or additive (0.0 = attend, -inf = not) mask of 2 to 4 dims
+    broadcastable to (batch, 1, q_len, kv_len), i.e. the same for every head, whose every query row allows one contiguous span
     of keys key_lo <= j < key_hi (possibly empty: then key_lo >= key_hi). Right and left padding, causal masks
     and sliding windows, and any combination of them, are padding patterns; a bias (any finite value other than
     0), per-head masks and rows with holes are not. Not under torch.compile (the answer is data-dependent), nor
@@ -140,7 +140,7 @@ def mask_spans(mask, batch, q_len, kv_len):
 def _allowed(mask, batch, q_len, kv_len):
     """The mask as booleans (True = attend) of shape (Bm, Lm, kv_len), or None when it is not one of the same
     for every head, or holds values other than 0 and -inf (additive)."""
-    if mask.dim() > 4 or not (mask.dtype == torch.bool or mask.is_floating_point()):
+    if not 2 <= mask.dim() <= 4 or not (mask.dtype == torch.bool or mask.is_floating_point()):  # as torch's function
         return None
     mb, mh, ml, ms = (1,) * (4 - mask.dim()) + tuple(mask.shape)  # as broadcast against (B, H, L, S)
     if mb not in (1, batch) or mh != 1 or ml not in (1, q_len) or ms not in (1, kv_len) or mask.numel() == 0:
