@@ -110,11 +110,11 @@ def mask_spans(mask, batch, q_len, kv_len):
     """(key_lo, key_hi), int32 (batch, q_len) each, when `mask` is a padding pattern; else None.
 
     A padding pattern: a boolean (True = attend) or additive (0.0 = attend, -inf = not) mask of 2 to 4 dims
-    broadcastable to (batch, 1, q_len, kv_len), i.e. the same for every head, whose every query row allows one contiguous span
-    of keys key_lo <= j < key_hi (possibly empty: then key_lo >= key_hi). Right and left padding, causal masks
-    and sliding windows, and any combination of them, are padding patterns; a bias (any finite value other than
-    0), per-head masks and rows with holes are not. Not under torch.compile (the answer is data-dependent), nor
-    for a mask that requires grad (torch's function differentiates it).
+    broadcastable to (batch, 1, q_len, kv_len), i.e. the same for every head, whose every query row allows one
+    contiguous span of keys key_lo <= j < key_hi (possibly empty: then key_lo >= key_hi). Right and left
+    padding, causal masks and sliding windows, and any combination of them, are padding patterns; a bias (any
+    finite value other than 0), per-head masks and rows with holes are not. Not under torch.compile (the answer
+    is data-dependent), nor for a mask that requires grad (torch's function differentiates it).
 
     Cost: a few vectorised passes over the mask (two argmax, a max, a global count), no loop over rows, and one
     synchronisation to read the verdict.
