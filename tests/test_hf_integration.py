@@ -261,3 +261,26 @@ def test_register_is_idempotent_and_unregister_removes_it():
     assert "genkern" not in ALL_MASK_ATTENTION_FUNCTIONS
     with pytest.raises(ValueError, match="genkern"):
         transformers.AutoModelForCausalLM.from_config(config, attn_implementation="genkern")
+
+
+def test_packed_sequences_equal_sdpa(impl, monkeypatch):
+    """Sequences packed into one row (position_ids restarting, no attention_mask): transformers' mask is
+    block-diagonal causal, which is a padding pattern too: the second sequence's queries see keys from 10 on."""
+    key_lo = []
+    spans = attention_op.span_attention
+    monkeypatch.setattr(attention_op, "span_attention", lambda *a, **kw: key_lo.append(a[3]) or spans(*a, **kw))
+    model = _model("llama")
+    ids, _ = _batch(24, "right")
+    position_ids = torch.cat([torch.arange(10), torch.arange(14)]).expand(3, 24)  # two sequences per row
+    kw = {"input_ids": ids, "position_ids": position_ids, "use_cache": False}
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = model(**kw).logits
+        model.set_attn_implementation("genkern")
+        got = model(**kw).logits
+    assert impl["sdpa"] == 0, "the genkern path fell back to transformers' SDPA function"
+    torch.testing.assert_close(got, want)
+    assert len(key_lo) == model.config.num_hidden_layers
+    assert key_lo[0].tolist() == [[0] * 10 + [10] * 14] * 3
+    if "attention" in impl:
+        assert impl["attention"].calls == model.config.num_hidden_layers

@@ -88,7 +88,7 @@ def _genkern_attention(module, q, k, v, mask, dropout, scaling, is_causal, kwarg
         spans = _cached_spans(mask, q, k.shape[2])
         if spans is None:
             return None
-    if q.shape[2] == 1 and k.stride(-1) == 1 and not _needs_grad(q, k, v):
+    if q.shape[2] == 1 and k.stride(-1) == v.stride(-1) == 1 and not _needs_grad(q, k, v):
         return _decode(q, k, v, spans, scaling, left)
     if spans is not None:
         return _attention.span_attention(q, k, v, *spans, scale=scaling)
@@ -111,7 +111,8 @@ def _takes(q, k, v, dropout, scaling, kwargs) -> bool:
     if bk != b or dk != d or d not in _attention.HEAD_DIMS or min(b, t, s, hkv) == 0 or h % hkv:
         return False
     # Where only the plain-PyTorch reference could run, SDPA is faster; GENKERN_IMPL=torch asks for it anyway.
-    return _attention.ATTENTION.resolve("auto", q, "attention_forward") != "torch" or _dispatch.explicit("auto")
+    public = "integrations.transformers.attention_forward"
+    return _attention.ATTENTION.resolve("auto", q, public) != "torch" or _dispatch.explicit("auto")
 
 
 def _needs_grad(*tensors) -> bool:
@@ -125,7 +126,10 @@ def _decode(q, k, v, spans, scaling, left):
         lo, seqlens = None, torch.full((b,), s, dtype=torch.int32, device=q.device)
     else:
         lo, seqlens = (x[:, 0].contiguous() for x in spans)  # (B, 1) -> (B,)
-    return _kv_decode.attention_with_kvcache(q, k, v, seqlens, scale=scaling, window_size=(left, -1), key_lo=lo)
+    # max_seqlen: no row holds more than the S keys, known without reading the lengths back from the device.
+    return _kv_decode.attention_with_kvcache(
+        q, k, v, seqlens, scale=scaling, window_size=(left, -1), key_lo=lo, max_seqlen=s
+    )
 
 
 def _unmasked(module, q, k, v, scaling, is_causal, left):
