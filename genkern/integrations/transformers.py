@@ -82,7 +82,9 @@ def _genkern_attention(module, q, k, v, mask, dropout, scaling, is_causal, kwarg
     if not _takes(q, k, v, dropout, scaling, kwargs):
         return None
     window = kwargs.get("sliding_window")
-    left = window - 1 if window else -1  # transformers: query i sees key j when i - window < j <= i
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        return None
+    left = -1 if window is None else window - 1  # transformers: query i sees key j when i - window < j <= i
     spans = None
     if mask is not None:
         spans = _cached_spans(mask, q, k.shape[2])
