@@ -1,10 +1,11 @@
 """genkern.functional.scaled_dot_product_attention as a drop-in for torch's, and genkern.patch/unpatch/patched.
 
-Every call the kernel cannot take (masks, dropout, is_causal with T != S, inputs that are not 4-d, head dims the
-kernels lack, an sdpa_kernel context without FLASH_ATTENTION) must give exactly torch's own results, also after
-torch's name has been replaced by the drop-in (the fallback must not find itself); the kernel counter
-(utils.KernelCalls) proves the kernel ran where it should and nowhere else. Calls that run on the kernel are held
-to the rule of DESIGN.md (utils.assert_close_rule against torch's float64 result).
+Every call the kernel cannot take (masks that are not a padding pattern, dropout, is_causal with T != S, inputs
+that are not 4-d, head dims the kernels lack, an sdpa_kernel context without FLASH_ATTENTION) must give exactly
+torch's own results, also after torch's name has been replaced by the drop-in (the fallback must not find itself);
+the kernel counter (utils.KernelCalls) proves the kernel ran where it should and nowhere else. Calls that run on
+the kernel, with no mask or with a padding-pattern mask (span_attention), are held to the rule of DESIGN.md
+(utils.assert_close_rule against torch's float64 result).
 """
 
 from __future__ import annotations
@@ -64,14 +65,23 @@ def _run(fn, inputs, kw, g_seed, g_dtype=None):
 
 
 def _mask(kind, lq, lk, dtype, seed):
-    if kind == "bool":
+    """Masks torch's function takes that are not a padding pattern (or, for 3-/5-d inputs, that are one)."""
+    if kind == "bool":  # rows with holes
         m = torch.rand(lq, lk, generator=torch.Generator().manual_seed(seed)) > 0.5
         m[:, 0] = True  # every query sees a key
         return m
-    if kind == "padding":  # right padding of the second batch row, as a (B, 1, 1, S) boolean mask
-        m = torch.ones(2, 1, 1, lk, dtype=torch.bool)
-        m[1, ..., lk // 2 :] = False
+    if kind == "per-head":  # right padding that differs between heads
+        m = torch.ones(2, 4, 1, lk, dtype=torch.bool)
+        m[1, 1:, :, lk // 2 :] = False
         return m
+    if kind == "bias":  # a padding pattern plus one finite value that is not 0
+        m = _additive(_pattern("right", 2, lq, lk), dtype)
+        m[0, 0, 0, 1] = 0.5
+        return m
+    if kind == "finfo-min":  # padding written with the dtype's lowest finite value, not -inf: a bias to torch
+        return _pattern("right", 2, lq, lk).logical_not() * torch.finfo(dtype).min
+    if kind == "window":
+        return _pattern("window", 2, lq, lk)
     return utils.randn((2, 1, lq, lk), dtype, seed=seed + 3)  # additive
 
 
@@ -86,8 +96,13 @@ def _fallback_case(cid, lead=((2, 4), (2, 4)), lq=17, lk=33, d=32, mask=None, no
 
 FALLBACK_CASES = [
     _fallback_case("bool-mask", mask="bool"),
-    _fallback_case("padding-mask", mask="padding"),
     _fallback_case("additive-mask", mask="float"),
+    _fallback_case("per-head-mask", mask="per-head"),
+    _fallback_case("bias-mask", mask="bias"),
+    _fallback_case("finfo-min-mask", mask="finfo-min"),
+    _fallback_case("window-mask-3d", lead=((8,), (8,)), mask="window"),
+    _fallback_case("window-mask-5d", lead=((2, 3, 4), (2, 3, 4)), mask="window"),
+    _fallback_case("window-mask-head-dim-12", d=12, mask="window"),
     _fallback_case("additive-mask-scale", mask="float", scale=0.3),
     _fallback_case("mask-gqa", lead=((2, 4), (2, 2)), mask="bool", enable_gqa=True),
     _fallback_case("mask-noncontiguous", mask="float", noncontig=True),
@@ -157,14 +172,179 @@ def test_patched_kernel_calls(heads, lq, lk, d, dtype, noncontig, kw, spy):
         assert_close_rule(g, w64, ws, name=name)
 
 
+# --- masks that are a padding pattern: span_attention -------------------------------------------
+
+
+def _spans_mask(lo, hi, lk):
+    """(..., L) spans -> the boolean (..., L, S) mask allowing keys lo <= j < hi."""
+    j = torch.arange(lk)
+    return (j >= lo.unsqueeze(-1)) & (j < hi.unsqueeze(-1))
+
+
+def _pattern(kind, b, lq, lk, seed=0):
+    """A boolean padding pattern for a batch of b = 2 rows, in the shape users hand to torch's function."""
+    i, j = torch.arange(lq).view(lq, 1), torch.arange(lk)
+    diag = i + lk - lq  # bottom-right causal alignment, written into the mask by hand
+    lens, pads = torch.tensor([lk, lk // 2 + 1]), torch.tensor([0, lk // 3 + 1])
+    right = j < lens.view(b, 1, 1, 1)  # (B, 1, 1, S)
+    left = j >= pads.view(b, 1, 1, 1)  # (B, 1, 1, S)
+    if kind in ("right", "left"):
+        return right if kind == "right" else left
+    if kind == "causal-right":
+        return (j <= diag) & right  # (B, 1, L, S)
+    if kind == "causal-left":  # the padding queries of the left-padded row see nothing
+        return (j <= diag) & left  # (B, 1, L, S)
+    if kind == "window":
+        return (j <= diag) & (j >= diag - 5)  # (L, S)
+    if kind == "keys-2d":
+        return (j < lk - 3).view(1, lk)  # (1, S): every row alike
+    g = torch.Generator().manual_seed(seed)  # "spans": any span per row, some empty, as a 3-d (1, L, S) mask
+    lo, hi = (torch.randint(-2, lk + 2, (1, lq), generator=g) for _ in range(2))
+    return _spans_mask(lo, hi, lk)
+
+
+def _additive(mask, dtype):
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+
+
+def _pattern_case(cid, kind, heads=(4, 4), lq=33, lk=33, d=32, dtype=torch.float32, additive=False, **kw):
+    return pytest.param(kind, heads, lq, lk, d, dtype, additive, kw, id=cid)
+
+
+PATTERN_CASES = [
+    _pattern_case("right", "right"),
+    _pattern_case("left", "left", lq=17),
+    _pattern_case("right-additive", "right", additive=True),
+    _pattern_case("causal-right", "causal-right", lq=17),
+    _pattern_case("causal-left-additive", "causal-left", additive=True),
+    _pattern_case("causal-left-L33-S17", "causal-left", lq=33, lk=17),
+    _pattern_case("window-2d", "window", lq=17),
+    _pattern_case("keys-2d-additive", "keys-2d", additive=True),
+    _pattern_case("spans-3d", "spans", lq=17),
+    _pattern_case("gqa-causal-left", "causal-left", heads=(4, 2), enable_gqa=True),
+    _pattern_case("mqa-spans", "spans", heads=(4, 1), enable_gqa=True),
+    _pattern_case("scale-right", "right", scale=0.3),
+    _pattern_case("noncontiguous-spans", "spans", noncontig=True),
+    _pattern_case("float64-spans", "spans", dtype=torch.float64),
+    _pattern_case("bfloat16-causal-right-additive", "causal-right", dtype=torch.bfloat16, additive=True),
+]
+
+
+def _pattern_inputs(kind, heads, lq, lk, d, dtype, additive, kw):
+    seed = _seed("pattern", kind, heads, lq, lk, d, dtype, additive)
+    inputs = _qkv((2, heads[0]), (2, heads[1]), lq, lk, d, dtype, seed=seed)
+    kw = dict(kw)
+    if kw.pop("noncontig", False):
+        inputs = _noncontiguous(*inputs)
+    mask = _pattern(kind, 2, lq, lk, seed)
+    kw["attn_mask"] = _additive(mask, dtype) if additive else mask
+    return inputs, kw, seed
+
+
+@pytest.mark.parametrize("kind,heads,lq,lk,d,dtype,additive,kw", PATTERN_CASES)
+def test_mask_spans_read_the_pattern(kind, heads, lq, lk, d, dtype, additive, kw):
+    """The spans allow exactly the keys the mask allows, row by row (broadcast to (B, 1, L, S))."""
+    (q, k, _), kw, _ = _pattern_inputs(kind, heads, lq, lk, d, dtype, additive, kw)
+    lo, hi = gf.mask_spans(kw["attn_mask"], 2, lq, lk)
+    assert lo.dtype == hi.dtype == torch.int32 and lo.shape == hi.shape == (2, lq)
+    want = _pattern(kind, 2, lq, lk, _seed("pattern", kind, heads, lq, lk, d, dtype, additive))
+    assert torch.equal(_spans_mask(lo, hi, lk), want.expand(2, 1, lq, lk)[:, 0])
+
+
+@pytest.mark.parametrize("kind,heads,lq,lk,d,dtype,additive,kw", PATTERN_CASES)
+def test_spans_give_torchs_result(kind, heads, lq, lk, d, dtype, additive, kw):
+    """span_attention over the spans (the plain-PyTorch impl) is torch's function with the mask, rows that see
+    nothing included (torch gives zeros there on the CPU, and zero gradients)."""
+    inputs, kw, seed = _pattern_inputs(kind, heads, lq, lk, d, dtype, additive, kw)
+    spans = gf.mask_spans(kw["attn_mask"], 2, lq, lk)
+
+    def spans_fn(q, k, v, scale=None, **_):
+        return attention_op.span_attention(q, k, v, *spans, scale=scale, impl="torch")
+
+    _assert_like_torch(spans_fn, inputs, kw, seed, dtype)
+
+
+@pytest.mark.parametrize("kind,heads,lq,lk,d,dtype,additive,kw", PATTERN_CASES)
+def test_patched_padding_mask_runs_the_kernel(kind, heads, lq, lk, d, dtype, additive, kw, spy):
+    inputs, kw, seed = _pattern_inputs(kind, heads, lq, lk, d, dtype, additive, kw)
+    with genkern.patched():
+        _assert_like_torch(F.scaled_dot_product_attention, inputs, kw, seed, dtype)
+    assert spy.calls == 1, f"expected the kernel to run once, it ran {spy.calls} time(s)"
+
+
+def _assert_like_torch(fn, inputs, kw, seed, dtype):
+    out, grads = _run(fn, inputs, kw, seed + 5)
+    same, same_grads = _run(TORCH_SDPA, inputs, kw, seed + 5)
+    kw64 = dict(kw, attn_mask=kw["attn_mask"] if kw["attn_mask"].dtype == torch.bool else kw["attn_mask"].double())
+    want64, want64_grads = _run(TORCH_SDPA, [x.double() for x in inputs], kw64, seed + 5, g_dtype=dtype)
+    assert_close_rule(out, want64, same, name="out")
+    for name, g, w64, ws in zip(("dq", "dk", "dv"), grads, want64_grads, same_grads):
+        assert_close_rule(g, w64, ws, name=name)
+
+
+def _not_patterns(lq, lk):
+    right = _pattern("right", 2, lq, lk)
+    holes = _pattern("causal-right", 2, lq, lk).clone()
+    holes[1, 0, lq - 1, 2] = False
+    nan = _additive(right, torch.float32)
+    nan[0, 0, 0, 3] = float("nan")
+    pos_inf = _additive(right, torch.float32).masked_fill(~right, float("inf"))
+    return {
+        "holes": holes,
+        "per-head": right.expand(2, 4, lq, lk),
+        "bias": _additive(right, torch.float32) + 0.25,
+        "nan": nan,
+        "+inf": pos_inf,
+        "requires-grad": _additive(right, torch.float32).requires_grad_(),
+        "batch-3": right[:1].expand(3, 1, lq, lk),
+        "5d": right.unsqueeze(0),
+        "1d": right[0, 0, 0],
+        "int": right.int(),
+    }
+
+
+@pytest.mark.parametrize("which", list(_not_patterns(5, 7)))
+def test_mask_spans_refuse_what_is_not_a_padding_pattern(which):
+    assert gf.mask_spans(_not_patterns(9, 13)[which], 2, 9, 13) is None
+
+
+@pytest.mark.parametrize("how", ("call", "patched"))
+def test_mask_with_is_causal_is_torchs(how, spy):
+    """torch's function decides what a mask with is_causal=True means (on the CPU it applies both)."""
+    inputs = _qkv((2, 4), (2, 4), 17, 17, 32, seed=31)
+    kw = {"attn_mask": _pattern("right", 2, 17, 17), "is_causal": True}
+    fn = F.scaled_dot_product_attention if how == "patched" else gf.scaled_dot_product_attention
+    with genkern.patched() if how == "patched" else contextlib.nullcontext():
+        out, grads = _run(fn, inputs, kw, 33)
+    want, want_grads = _run(TORCH_SDPA, inputs, kw, 33)
+    assert spy.calls == 0
+    assert torch.equal(out, want)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+
+
+def test_mask_that_requires_grad_runs_torch(spy):
+    q, k, v = _qkv((2, 4), (2, 4), 17, 17, 32, seed=32)
+    mask = _additive(_pattern("causal-right", 2, 17, 17), torch.float32)
+    got_mask, want_mask = mask.clone().requires_grad_(), mask.clone().requires_grad_()
+    with genkern.patched():
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=got_mask)
+    want = TORCH_SDPA(q, k, v, attn_mask=want_mask)
+    got.pow(2).sum().backward()
+    want.pow(2).sum().backward()
+    assert spy.calls == 0
+    assert torch.equal(got, want) and torch.equal(got_mask.grad, want_mask.grad)
+
+
+@pytest.mark.parametrize("mask", (None, "causal-right"))
 @pytest.mark.parametrize("p", (0.3, 1.0))
-def test_patched_dropout_is_torchs_under_the_same_seed(p, spy):
+def test_patched_dropout_is_torchs_under_the_same_seed(p, mask, spy):
     q, k, v = _qkv((2, 4), (2, 4), 17, 33, 32, seed=7)
+    kw = {"dropout_p": p, "attn_mask": None if mask is None else _pattern(mask, 2, 17, 33)}
     with genkern.patched():
         torch.manual_seed(123)
-        out, grads = _run(F.scaled_dot_product_attention, (q, k, v), {"dropout_p": p}, 11)
+        out, grads = _run(F.scaled_dot_product_attention, (q, k, v), kw, 11)
     torch.manual_seed(123)
-    want, want_grads = _run(TORCH_SDPA, (q, k, v), {"dropout_p": p}, 11)
+    want, want_grads = _run(TORCH_SDPA, (q, k, v), kw, 11)
     assert spy.calls == 0
     assert torch.equal(out, want)
     assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))
