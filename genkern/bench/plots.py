@@ -75,7 +75,8 @@ def speedup_chart(data: dict, path: str) -> str | None:
         ax.set_xticklabels(labels, fontsize=6, rotation=20, ha="right")
         ax.set_ylabel("speed-up (x)")
         ax.set_title(f"{op}: {entries[0].get('fast_impl')} over the baselines (>1: faster)", fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no bars when no baseline ran
+            ax.legend(fontsize=7)
     return save(fig, path)
 
 
