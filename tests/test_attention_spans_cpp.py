@@ -326,3 +326,27 @@ def test_kv_decode_bad_key_lo():
         ops.kv_decode_cpp(q, kc, vc, lens, None, None, 1.0, -1, torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="window_left"):
         ops.kv_decode_cpp(q, kc, vc, lens, None, None, 1.0, -3, None)
+
+
+def test_varlen_strided_inputs():
+    """q, k, v as slices of one fused (total, H + 2 Hkv, D) projection: strided rows, no copy."""
+    lens = [9, 0, 40, 33]
+    q0, k0, v0, cu_q, cu_k = packed(lens, lens, 4, 2, 16, F64, seed=8)
+    qkv = torch.cat([q0, k0, v0], dim=1)  # (total, H + 2 Hkv, D)
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    assert not q.is_contiguous()
+    check_varlen(q, k, v, cu_q, cu_k, True, (6, -1), F64)
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_varlen_backward_low_precision(dt):
+    """float16/bfloat16 are computed in float32: the same as the float32 kernel on the rounded inputs."""
+    q, k, v, cu_q, cu_k = packed([7, 0, 30], [9, 2, 30], 4, 2, 16, F32, seed=6)
+    args = (cu_q, cu_k, 30, 30, True, 0.25, 4, -1)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    out, lse = ops.attention_varlen_cpp_fwd(q, k, v, *args)
+    gout = rand(q.shape, dt, 3)
+    got = ops.attention_varlen_cpp_bwd(gout, q, k, v, out, lse, None, *args)
+    want = ops.attention_varlen_cpp_bwd(gout.float(), q.float(), k.float(), v.float(), out.float(), lse, None, *args)
+    for g, w in zip(got, want):
+        assert g.dtype == dt and torch.equal(g, w.to(dt))
