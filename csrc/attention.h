@@ -6,7 +6,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "common.h"
 
@@ -101,17 +104,72 @@ Mat<T> mat(const at::Tensor& t) {
   return m;
 }
 
+// Which keys each query row sees: one span [lo, hi) per row (hi <= lo: none), from causal
+// and the window in closed form, intersected with the caller's key spans (attention.cpp).
 template <typename F>
 struct Problem {
-  int64_t B, H, Hkv, G, T, S, D;
-  bool causal;
+  int64_t B, H, Hkv, G, T, S, D;  // packed sequences: B = 1, T = total_q, S = total_k
   F scale;
   Mat<const F> q, k, v;
-  // Keys [0, key_end(i)) are visible to query i.
-  int64_t key_end(int64_t i) const { return causal ? std::clamp<int64_t>(i + 1 + S - T, 0, S) : S; }
-  // First query that sees key j.
-  int64_t first_query(int64_t j) const { return causal ? std::clamp<int64_t>(j - (S - T), 0, T) : 0; }
+  const int64_t *lo, *hi;  // row i of batch b: entry b * span_sb + i
+  int64_t span_sb;         // 0 when the spans do not depend on the batch
+  // Packed sequences: sequence s holds the query rows [cu_q[s], cu_q[s + 1]) and keys [cu_k[s],
+  // cu_k[s + 1]) of batch 0. Dense (cu_q == nullptr): batch b is one sequence of T rows, S keys.
+  const int64_t *cu_q = nullptr, *cu_k = nullptr;
+  int64_t nseq = 0;
+  int64_t row_lo(int64_t b, int64_t i) const { return lo[b * span_sb + i]; }
+  int64_t row_hi(int64_t b, int64_t i) const { return hi[b * span_sb + i]; }
+  int64_t sequences() const { return cu_q != nullptr ? nseq : B; }
 };
+
+// Rows [i0, i0 + n) of batch b, all of one sequence (seq), and the hull [lo, hi) of the
+// spans of those of its rows that see a key (lo >= hi: none does); a block of keys alike.
+struct Block {
+  int64_t b, seq, i0, n, lo, hi;
+};
+
+// Blocks of at most `rows` query rows (keys: `rows` keys) that never cross a sequence's
+// end, in order; first[s] .. first[s + 1] - 1 index sequence s's blocks.
+struct Tiling {
+  std::vector<Block> blk;
+  std::vector<int64_t> first;
+};
+
+template <typename F>
+Tiling tile_queries(const Problem<F>& P, int64_t rows) {
+  Tiling t;
+  const int64_t ns = P.sequences();
+  for (int64_t s = 0; s < ns; ++s) {
+    t.first.push_back(int64_t(t.blk.size()));
+    const int64_t b = P.cu_q ? 0 : s, r0 = P.cu_q ? P.cu_q[s] : 0, r1 = P.cu_q ? P.cu_q[s + 1] : P.T;
+    for (int64_t i0 = r0; i0 < r1; i0 += rows) {
+      Block k{b, s, i0, std::min(rows, r1 - i0), INT64_MAX, INT64_MIN};
+      for (int64_t i = i0; i < i0 + k.n; ++i) {
+        const int64_t lo = P.row_lo(b, i), hi = P.row_hi(b, i);
+        if (lo < hi) k.lo = std::min(k.lo, lo), k.hi = std::max(k.hi, hi);
+      }
+      t.blk.push_back(k);
+    }
+  }
+  t.first.push_back(int64_t(t.blk.size()));
+  return t;
+}
+
+template <typename F>
+Tiling tile_keys(const Problem<F>& P, int64_t cols) {
+  Tiling t;
+  const int64_t ns = P.sequences();
+  for (int64_t s = 0; s < ns; ++s) {
+    t.first.push_back(int64_t(t.blk.size()));
+    const int64_t b = P.cu_k ? 0 : s, j1 = P.cu_k ? P.cu_k[s + 1] : P.S;
+    for (int64_t j0 = P.cu_k ? P.cu_k[s] : 0; j0 < j1; j0 += cols) {
+      const int64_t n = std::min(cols, j1 - j0);
+      t.blk.push_back(Block{b, s, j0, n, j0, j0 + n});
+    }
+  }
+  t.first.push_back(int64_t(t.blk.size()));
+  return t;
+}
 
 // True when rows [j0, j0 + n) of head h of m are finite: x * 0 is 0 for finite x and NaN
 // for inf or NaN (not folded away: no -ffast-math), one vectorised multiply-add per value.
@@ -126,30 +184,43 @@ bool rows_finite(const Mat<const T>& m, int64_t b, int64_t h, int64_t j0, int64_
   return acc == T(0);
 }
 
-// C (bq x D, ld D) = alpha A X + beta C, X the key rows [j0, j0 + bk) of head kvh of m, A
-// (bq x bk, ld bk) zero past each row's visible keys (queries i0 .. i0 + bq - 1). A key a
-// row does not see may hold anything (padding, garbage), and 0 * inf or NaN is NaN: BLAS
-// multiplies every column, so where the partly visible columns of a diagonal tile hold a
-// non-finite value, each row takes only its visible ones. The scan costs ~1/bq of the product.
+// C (bq x D, ld ldc) = alpha A X + beta C, X the key rows [j0, j0 + bk) of head kvh of m, A
+// (bq x bk, ld bk) zero outside each row's span (queries i0 .. i0 + bq - 1). A key a row
+// does not see may hold anything (padding, garbage), and 0 * inf or NaN is NaN: BLAS
+// multiplies every column, so where the columns some row does not see hold a non-finite
+// value, the product takes only the columns every row sees and each row adds its other
+// visible ones. The scan costs ~1/bq of the product.
 template <typename T>
 void masked_ab(const Problem<T>& P, const Mat<const T>& m, int64_t b, int64_t kvh, int64_t i0, int64_t bq, int64_t j0,
-               int64_t bk, T alpha, const T* a, T beta, T* c) {
-  const int64_t D = P.D, common = std::clamp<int64_t>(P.key_end(i0) - j0, 0, bk);  // seen by every row
-  if (common == bk || rows_finite(m, b, kvh, j0 + common, bk - common, D)) {
-    gemm_ab<T>(bq, D, bk, alpha, a, bk, m.row(b, kvh, j0), m.sl, beta, c, D);
+               int64_t bk, T alpha, const T* a, T beta, T* c, int64_t ldc) {
+  const int64_t D = P.D;
+  int64_t c0 = 0, c1 = bk;  // columns seen by every row (c0 >= c1: none)
+  for (int64_t r = 0; r < bq; ++r) {
+    c0 = std::max(c0, P.row_lo(b, i0 + r) - j0);
+    c1 = std::min(c1, P.row_hi(b, i0 + r) - j0);
+  }
+  c0 = std::min(c0, bk), c1 = std::max(c1, c0);
+  const bool finite = rows_finite(m, b, kvh, j0, c0, D) && rows_finite(m, b, kvh, j0 + c1, bk - c1, D);
+  if ((c0 == 0 && c1 == bk) || finite) {
+    gemm_ab<T>(bq, D, bk, alpha, a, bk, m.row(b, kvh, j0), m.sl, beta, c, ldc);
     return;
   }
-  if (common > 0) gemm_ab<T>(bq, D, common, alpha, a, bk, m.row(b, kvh, j0), m.sl, beta, c, D);
-  else if (beta == T(0)) std::fill(c, c + bq * D, T(0));
-  for (int64_t r = 0; r < bq; ++r) {
-    T* cr = c + r * D;
-    const int64_t lim = std::clamp<int64_t>(P.key_end(i0 + r) - j0, 0, bk);
-    for (int64_t j = common; j < lim; ++j) {
-      const T w = alpha * a[r * bk + j];
+  if (c1 > c0) gemm_ab<T>(bq, D, c1 - c0, alpha, a + c0, bk, m.row(b, kvh, j0 + c0), m.sl, beta, c, ldc);
+  else if (beta == T(0))
+    for (int64_t r = 0; r < bq; ++r) std::fill(c + r * ldc, c + r * ldc + D, T(0));
+  auto add = [&](T* cr, const T* ar, int64_t from, int64_t to) {
+    for (int64_t j = from; j < to; ++j) {
+      const T w = alpha * ar[j];
       const T* x = m.row(b, kvh, j0 + j);
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) cr[d] += w * x[d];
     }
+  };
+  for (int64_t r = 0; r < bq; ++r) {
+    const int64_t lo = std::clamp<int64_t>(P.row_lo(b, i0 + r) - j0, 0, bk);
+    const int64_t hi = std::clamp<int64_t>(P.row_hi(b, i0 + r) - j0, 0, bk);
+    add(c + r * ldc, a + r * bk, lo, std::min(hi, c0));  // the columns left and right of the product's
+    add(c + r * ldc, a + r * bk, std::max(lo, c1), hi);
   }
 }
 
@@ -163,12 +234,12 @@ struct Grads {
   Mat<const T> dout;
   const T* lse;     // (B, H, T)
   const T* delta;   // (B, H, T)
-  T *dq, *dk, *dv;  // contiguous accumulators, zero-initialised
+  Mat<T> dq, dk, dv;  // accumulators, zero-initialised, laid out like q, k, v
 };
 
-// Forward into out (contiguous (B, H, T, D); nullptr: lse only) and lse (B, H, T).
+// Forward into out (laid out like q; out.p == nullptr: lse only) and lse (B, H, T).
 template <typename T, typename L>
-void fwd_kernel(const Problem<T>& P, T* out, L* lse);
+void fwd_kernel(const Problem<T>& P, const Mat<T>& out, L* lse);
 
 // dQ, dK, dV of g from lse and delta (see delta_kernel).
 template <typename T>
@@ -178,5 +249,33 @@ void bwd_kernel(const Problem<T>& P, const Grads<T>& g);
 template <typename T>
 void delta_kernel(const Problem<T>& P, const Mat<const T>& dout, const Mat<const T>& out, const float* grad_lse,
                   T* delta);
+
+// The keys [lo, hi) query i of a problem of T queries and S keys sees under causal and the
+// window (-1: no limit on that side; causal means right = 0), clamped to [0, S]; hi <= lo: none.
+inline std::pair<int64_t, int64_t> window_span(int64_t i, int64_t T, int64_t S, bool causal, int64_t left,
+                                               int64_t right) {
+  const int64_t diag = i + S - T;  // the key aligned with query i (bottom-right)
+  if (causal) right = 0;
+  const int64_t lo = left >= 0 ? std::clamp<int64_t>(diag - left, 0, S) : 0;
+  const int64_t hi = right >= 0 ? std::clamp<int64_t>(diag + right + 1, 0, S) : S;
+  return {lo, std::max(hi, lo)};
+}
+
+// The spans of every row (Problem::lo/hi) and, for packed sequences, the sequences'
+// bounds, owned for as long as the kernels run.
+struct Visibility {
+  std::vector<int64_t> lo, hi, cu_q, cu_k;  // cu_q, cu_k empty: dense
+  int64_t span_sb = 0;
+};
+
+// out (laid out like q, 4-d views (B, H, T, D)) and lse (B, H, T) float32 of a float32 or
+// float64 problem.
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, const Visibility& vis,
+             const at::Tensor& out, const at::Tensor& lse);
+
+// dq, dk, dv (zero-initialised, laid out like q, k, v) of a float32 or float64 problem.
+void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, double scale,
+              const Visibility& vis, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
 
 }  // namespace genkern::attn

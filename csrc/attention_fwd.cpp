@@ -22,32 +22,34 @@ T row_exp_sum(T* s, int64_t n, T m) {
   return sum;
 }
 
-// Queries [i0, i0 + bq) of head h: out rows into o (ld D) and lse. With o == nullptr only
-// lse (the backward's float64 lse, see run_bwd).
+// The query block k of head h: out rows into o (ld ldo) and lse. With o == nullptr only
+// lse (the backward's float64 lse, see run_bwd). Key blocks run over the hull of the
+// rows' spans only; each row takes the part of its span in a block.
 template <typename T, typename L>
-void fwd_block(const Problem<T>& P, int64_t b, int64_t h, int64_t i0, int64_t bq, T* o, L* lse, T* s, T* m, T* l) {
-  const int64_t D = P.D, kvh = h / P.G;
+void fwd_block(const Problem<T>& P, const Block& k, int64_t h, T* o, int64_t ldo, L* lse, T* s, T* m, T* l) {
+  const int64_t D = P.D, kvh = h / P.G, b = k.b, i0 = k.i0, bq = k.n;
   const T* q = P.q.row(b, h, i0);
   const T ninf = -std::numeric_limits<T>::infinity();
-  const int64_t kend = P.key_end(i0 + bq - 1);
   for (int64_t r = 0; r < bq; ++r) m[r] = ninf, l[r] = 0;
-  for (int64_t j0 = 0; j0 < kend; j0 += kFwdBk) {
-    const int64_t bk = std::min(kFwdBk, kend - j0);
+  for (int64_t j0 = k.lo; j0 < k.hi; j0 += kFwdBk) {
+    const int64_t bk = std::min(kFwdBk, k.hi - j0);
     gemm_abt<T>(bq, bk, D, P.scale, q, P.q.sl, P.k.row(b, kvh, j0), P.k.sl, T(0), s, bk);
     for (int64_t r = 0; r < bq; ++r) {
       T* sr = s + r * bk;
-      const int64_t lim = std::clamp<int64_t>(P.key_end(i0 + r) - j0, 0, bk);
-      const T mx = row_max(sr, lim);
+      const int64_t lo = std::clamp<int64_t>(P.row_lo(b, i0 + r) - j0, 0, bk);
+      const int64_t hi = std::clamp<int64_t>(P.row_hi(b, i0 + r) - j0, lo, bk);
+      const T mx = row_max(sr + lo, hi - lo);
       const T mnew = mx > m[r] ? mx : m[r];
-      const T sum = lim > 0 ? row_exp_sum(sr, lim, mnew) : T(0);
-      for (int64_t c = lim; c < bk; ++c) sr[c] = 0;
+      const T sum = hi > lo ? row_exp_sum(sr + lo, hi - lo, mnew) : T(0);
+      std::fill(sr, sr + lo, T(0));
+      std::fill(sr + hi, sr + bk, T(0));
       // A row that saw no key yet keeps m = -inf (and an all-zero accumulator): no
       // rescale, which would compute exp(-inf + inf).
       if (mnew != m[r]) {
         const T alpha = exp_(m[r] - mnew);
         l[r] *= alpha;
-        if (o != nullptr && j0 > 0) {  // the accumulator holds sums against the old max
-          T* orow = o + r * D;
+        if (o != nullptr && j0 > k.lo) {  // the accumulator holds sums against the old max
+          T* orow = o + r * ldo;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
         }
@@ -55,13 +57,13 @@ void fwd_block(const Problem<T>& P, int64_t b, int64_t h, int64_t i0, int64_t bq
       l[r] += sum;
       m[r] = mnew;
     }
-    if (o != nullptr) masked_ab<T>(P, P.v, b, kvh, i0, bq, j0, bk, T(1), s, T(j0 > 0 ? 1 : 0), o);
+    if (o != nullptr) masked_ab<T>(P, P.v, b, kvh, i0, bq, j0, bk, T(1), s, T(j0 > k.lo ? 1 : 0), o, ldo);
   }
   for (int64_t r = 0; r < bq; ++r) {
     const bool empty = l[r] == T(0);  // the row sees no key (a NaN in l propagates instead)
     lse[r] = empty ? -std::numeric_limits<L>::infinity() : static_cast<L>(m[r] + std::log(l[r]));
     if (o == nullptr) continue;
-    T* orow = o + r * D;
+    T* orow = o + r * ldo;
     const T inv = T(1) / l[r];
     if (empty) std::fill(orow, orow + D, T(0));  // unwritten when no key block was visible
     else {
@@ -73,30 +75,39 @@ void fwd_block(const Problem<T>& P, int64_t b, int64_t h, int64_t i0, int64_t bq
 
 // Query rows per forward task: the largest of 256, 128, .. 32 that still gives every
 // thread several tasks, so that the causal blocks' unequal costs even out.
-int64_t fwd_rows(int64_t BH, int64_t T) {
+template <typename T>
+int64_t fwd_rows(const Problem<T>& P) {
+  auto blocks = [&](int64_t bq) {
+    if (P.cu_q == nullptr) return P.B * ceil_div(P.T, bq);
+    int64_t n = 0;
+    for (int64_t s = 0; s < P.nseq; ++s) n += ceil_div(P.cu_q[s + 1] - P.cu_q[s], bq);
+    return n;
+  };
   int64_t bq = kFwdBq;
-  while (bq > 32 && BH * ceil_div(T, bq) < 4 * at::get_num_threads()) bq /= 2;
+  while (bq > 32 && P.H * blocks(bq) < 4 * at::get_num_threads()) bq /= 2;
   return bq;
 }
 
 }  // namespace
 
 template <typename T, typename L>
-void fwd_kernel(const Problem<T>& P, T* out, L* lse) {
-  const int64_t rows = fwd_rows(P.B * P.H, P.T), nqb = ceil_div(P.T, rows);
-  at::parallel_for(0, P.B * P.H * nqb, 1, [&](int64_t u0, int64_t u1) {
+void fwd_kernel(const Problem<T>& P, const Mat<T>& out, L* lse) {
+  const int64_t rows = fwd_rows(P);
+  const Tiling tq = tile_queries(P, rows);
+  const int64_t nqb = int64_t(tq.blk.size());
+  at::parallel_for(0, P.H * nqb, 1, [&](int64_t u0, int64_t u1) {
     std::vector<T> s(rows * kFwdBk), m(rows), l(rows);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t bh = u / nqb, i0 = zigzag(u % nqb, nqb) * rows;
-      const int64_t b = bh / P.H, h = bh % P.H, bq = std::min(rows, P.T - i0);
-      T* o = out != nullptr ? out + (bh * P.T + i0) * P.D : nullptr;
-      fwd_block(P, b, h, i0, bq, o, lse + bh * P.T + i0, s.data(), m.data(), l.data());
+      const int64_t h = u / nqb;
+      const Block& k = tq.blk[zigzag(u % nqb, nqb)];
+      T* o = out.p != nullptr ? out.row(k.b, h, k.i0) : nullptr;
+      fwd_block(P, k, h, o, out.sl, lse + (k.b * P.H + h) * P.T + k.i0, s.data(), m.data(), l.data());
     }
   });
 }
 
-template void fwd_kernel<float, float>(const Problem<float>&, float*, float*);
-template void fwd_kernel<double, float>(const Problem<double>&, double*, float*);
-template void fwd_kernel<double, double>(const Problem<double>&, double*, double*);  // the backward's lse
+template void fwd_kernel<float, float>(const Problem<float>&, const Mat<float>&, float*);
+template void fwd_kernel<double, float>(const Problem<double>&, const Mat<double>&, float*);
+template void fwd_kernel<double, double>(const Problem<double>&, const Mat<double>&, double*);  // the backward's lse
 
 }  // namespace genkern::attn

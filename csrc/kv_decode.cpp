@@ -2,8 +2,12 @@
 // against a preallocated KV cache (split-K/V "flash decoding").
 //
 // Row b holds n_b visible positions; query i sees the positions j < n_b with
-// j <= i + n_b - Tnew. Positions >= n_b are stale (they may hold NaN or inf) and are
-// never loaded, so no mask has to neutralise them.
+// j <= i + n_b - Tnew, and, with a window, j >= i + n_b - Tnew - window_left, and with
+// key_lo, j >= key_lo[b]. Positions >= n_b are stale (they may hold NaN or inf) and are
+// never loaded, so no mask has to neutralise them. The positions before the first one any
+// query of a row sees are skipped: the row's work starts there (a long cache read through a
+// small window costs the window); within a block, the positions a row does not see are
+// masked out of its weights and never enter its P V.
 //
 // Work items are (batch row, KV head, chunk of positions, tile of query rows). The
 // query rows of a KV head are its G = H / Hkv query heads times the Tnew queries
@@ -53,12 +57,21 @@ struct Problem {
   const int32_t* lens;          // L_b
   int64_t Hkv, G, T, D, Dp;     // Dp: D rounded up to a cache line of acc_t
   int64_t added;                // Tnew with k_new (n_b = L_b + Tnew), else 0
+  int64_t left;                 // window_left (-1: none)
+  const int32_t* key_lo;        // (B,) or nullptr
   int64_t rows, tiles, chunk, nchunks;
   acc_t scale;
   scalar_t* out;        // (B, H, Tnew, D) contiguous = (B * Hkv * rows, D)
   acc_t *po, *pm, *pl;  // partials (nchunks > 1): (B * Hkv * nchunks * rows) x (D | 1)
 
   int64_t slot_size() const { return 2 * kMaxRows * Dp + kMaxRows * kBlk + kBlk * Dp; }
+  // The first position query i of a row with n positions (and key_lo kl) may see; the
+  // row's first query (i = 0) gives the row's first visible position.
+  int64_t first_pos(int64_t b, int64_t i, int64_t n) const {
+    int64_t f = key_lo != nullptr ? std::clamp<int64_t>(key_lo[b], 0, n) : 0;
+    if (left >= 0) f = std::max(f, i + n - T - left);
+    return std::min(f, n);
+  }
 };
 
 // One work item; `ws` is the calling thread's scratch of slot_size() elements.
@@ -68,15 +81,19 @@ void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
   const int64_t b = bk / p.Hkv, kvh = bk % p.Hkv, D = p.D, Dp = p.Dp, T = p.T;
   const int64_t n = int64_t(p.lens[b]) + p.added;
   const int64_t r0 = tile * kMaxRows, nr = std::min(kMaxRows, p.rows - r0);
-  const int64_t c0 = c * p.chunk, c1 = std::min(c0 + p.chunk, n);
+  const int64_t c0 = p.first_pos(b, 0, n) + c * p.chunk, c1 = std::max(c0, std::min(c0 + p.chunk, n));
   acc_t *Q = ws, *acc = Q + kMaxRows * Dp, *S = acc + kMaxRows * Dp, *rowbuf = S + kMaxRows * kBlk;
   acc_t m[kMaxRows], l[kMaxRows];
-  int64_t lim[kMaxRows];  // query row rr sees positions < lim[rr]
-  int64_t hi = c0;        // no query row of the tile sees positions >= hi in this chunk
+  int64_t first[kMaxRows], lim[kMaxRows];  // query row rr sees positions [first[rr], lim[rr])
+  int64_t lo = c1, hi = c0;  // no query row of the tile sees positions outside [lo, hi) in this chunk
   for (int64_t rr = 0; rr < nr; ++rr) {
     const int64_t g = (r0 + rr) / T, i = (r0 + rr) % T;
     lim[rr] = std::clamp(i + n - T + 1, int64_t(0), n);
-    hi = std::max(hi, std::min(c1, lim[rr]));
+    first[rr] = p.first_pos(b, i, n);
+    if (first[rr] < lim[rr]) {
+      hi = std::max(hi, std::min(c1, lim[rr]));
+      lo = std::min(lo, std::max(c0, first[rr]));
+    }
     m[rr] = -std::numeric_limits<acc_t>::infinity(), l[rr] = 0;
     const scalar_t* qr = p.q + b * p.qs[0] + (kvh * p.G + g) * p.qs[1] + i * p.qs[2];
     for (int64_t d = 0; d < D; ++d) {
@@ -89,7 +106,7 @@ void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
   const acc_t* rp[kBlk];  // the block's K (then V) rows as acc_t
   Ahead ahead;
   ahead.bytes = D * int64_t(sizeof(scalar_t));
-  for (int64_t j0 = c0; j0 < hi; j0 += kBlk) {
+  for (int64_t j0 = lo; j0 < hi; j0 += kBlk) {
     const int64_t nb = std::min(kBlk, hi - j0);
     ahead.n = nb;  // this block's V rows
     for (int64_t j = 0; j < nb; ++j) {
@@ -97,15 +114,16 @@ void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
       ahead.row[j] = reinterpret_cast<const char*>(vb + (j0 + j) * p.vs[2]);
     }
     block_scores(Q, nr, rp, nb, D, Dp, S, ahead);
-    int64_t vis[kMaxRows];  // positions of the block row rr sees
+    int64_t from[kMaxRows], to[kMaxRows];  // positions of the block row rr sees
     for (int64_t rr = 0; rr < nr; ++rr) {
-      vis[rr] = std::clamp(lim[rr] - j0, int64_t(0), nb);
-      softmax_block(S + rr * kBlk, nb, vis[rr], m[rr], l[rr], acc + rr * Dp, D);
+      from[rr] = std::clamp(first[rr] - j0, int64_t(0), nb);
+      to[rr] = std::clamp(lim[rr] - j0, from[rr], nb);
+      softmax_block(S + rr * kBlk, nb, from[rr], to[rr], m[rr], l[rr], acc + rr * Dp, D);
     }
     ahead.n = std::clamp(hi - j0 - kBlk, int64_t(0), kBlk);  // the next block's K rows
     for (int64_t j = 0; j < ahead.n; ++j) ahead.row[j] = reinterpret_cast<const char*>(kb + (j0 + kBlk + j) * p.ks[2]);
     for (int64_t j = 0; j < nb; ++j) rp[j] = load_as<acc_t>(vb + (j0 + j) * p.vs[2], D, rowbuf + j * Dp);
-    block_pv(S, nr, rp, nb, vis, D, Dp, acc, ahead);
+    block_pv(S, nr, rp, nb, from, to, D, Dp, acc, ahead);
   }
   for (int64_t rr = 0; rr < nr; ++rr) {
     const acc_t* a = acc + rr * Dp;
@@ -163,7 +181,7 @@ void write_new(const at::Tensor& cache, const at::Tensor& src, const int32_t* le
 
 template <typename scalar_t>
 void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const int32_t* lens, bool has_new,
-         double scale, at::Tensor& out) {
+         double scale, int64_t left, const int32_t* key_lo, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = kc.size(1);
   constexpr int64_t line = 64 / sizeof(acc_t);
@@ -172,11 +190,13 @@ void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const 
   p.Hkv = Hkv, p.G = H / Hkv, p.T = T, p.D = D, p.Dp = (D + line - 1) / line * line;
   p.lens = lens, p.added = has_new ? T : 0, p.rows = p.G * T, p.tiles = (p.rows + kMaxRows - 1) / kMaxRows;
   p.scale = static_cast<acc_t>(scale), p.out = out.data_ptr<scalar_t>();
+  p.left = left, p.key_lo = key_lo;
 
-  int64_t max_n = 0, total_n = 0;
+  int64_t max_n = 0, total_n = 0;  // positions from each row's first visible one
   for (int64_t b = 0; b < B; ++b) {
-    max_n = std::max(max_n, int64_t(lens[b]) + p.added);
-    total_n += int64_t(lens[b]) + p.added;
+    const int64_t n = int64_t(lens[b]) + p.added, span = n - p.first_pos(b, 0, n);
+    max_n = std::max(max_n, span);
+    total_n += span;
   }
   const int64_t work = 4 * total_n * Hkv * p.rows * D;  // flops: QK^T and PV
   const int64_t threads = work < kSerialWork ? 1 : at::get_num_threads();
@@ -247,7 +267,7 @@ at::Tensor kv_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at
                      const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k_new,
                      const c10::optional<at::Tensor>& v_new, double scale, int64_t window_left,
                      const c10::optional<at::Tensor>& key_lo) {
-  GENKERN_CHECK_VALUE(window_left == -1 && !key_lo.has_value(), "window_left and key_lo are not supported yet");
+  GENKERN_CHECK_VALUE(window_left >= -1, "window_left must be >= -1 (-1: no limit), got ", window_left);
   check_cpu(q_in, "q");
   check_float(q_in, "q");
   GENKERN_CHECK_VALUE(q_in.dim() == 4, "q must be 4-d (B, H, Tnew, D), got shape ", q_in.sizes());
@@ -278,6 +298,15 @@ at::Tensor kv_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at
                             at::has_internal_overlap(v_cache) != at::MemOverlap::Yes,
                         "k_cache and v_cache must not have overlapping elements (they are written in place)");
   }
+  if (key_lo.has_value()) {
+    check_cpu(*key_lo, "key_lo");
+    GENKERN_CHECK_TYPE(key_lo->scalar_type() == at::kInt, "key_lo must be an int32 tensor, got ",
+                       key_lo->scalar_type());
+    GENKERN_CHECK_VALUE(key_lo->dim() == 1 && key_lo->size(0) == B, "key_lo must have shape (B,) = (", B,
+                        ",), got ", key_lo->sizes());
+  }
+  const at::Tensor lo_t = key_lo.has_value() ? key_lo->contiguous() : at::Tensor();
+  const int32_t* lo = lo_t.defined() ? lo_t.data_ptr<int32_t>() : nullptr;
   const at::Tensor lens_t = cache_seqlens.contiguous();
   const int32_t* lens = lens_t.data_ptr<int32_t>();
   const int64_t added = has_new ? T : 0;
@@ -295,7 +324,7 @@ at::Tensor kv_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at
       write_new<scalar_t>(k_cache, kn, lens);
       write_new<scalar_t>(v_cache, vn, lens);
     }
-    if (out.numel() > 0) run<scalar_t>(q, k_cache, v_cache, lens, has_new, scale, out);
+    if (out.numel() > 0) run<scalar_t>(q, k_cache, v_cache, lens, has_new, scale, window_left, lo, out);
   });
   return out;
 }

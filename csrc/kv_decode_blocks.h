@@ -52,15 +52,15 @@ GENKERN_INLINE void axpy(T p, const T* __restrict__ x, T* __restrict__ y, int64_
   for (int64_t d = 0; d < n; ++d) y[d] += p * x[d];
 }
 
-// acc_rr += sum_{j < vis[rr]} P[rr * kBlk + j] V_j: only the positions row rr sees, since a
-// causally masked one may hold anything and 0 * inf or NaN is NaN.
+// acc_rr += sum_{from[rr] <= j < to[rr]} P[rr * kBlk + j] V_j: only the positions row rr sees,
+// since a masked one may hold anything and 0 * inf or NaN is NaN.
 template <typename T>
-void block_pv(const T* P, int64_t nr, const T* const* vr, int64_t nb, const int64_t* vis, int64_t D, int64_t Dp, T* acc,
-              const Ahead& ahead) {
+void block_pv(const T* P, int64_t nr, const T* const* vr, int64_t nb, const int64_t* from, const int64_t* to,
+              int64_t D, int64_t Dp, T* acc, const Ahead& ahead) {
   for (int64_t j = 0; j < nb; ++j) {
     ahead.whole(j);
     for (int64_t rr = 0; rr < nr; ++rr)
-      if (j < vis[rr]) axpy(P[rr * kBlk + j], vr[j], acc + rr * Dp, D);
+      if (j >= from[rr] && j < to[rr]) axpy(P[rr * kBlk + j], vr[j], acc + rr * Dp, D);
   }
 }
 
@@ -122,8 +122,8 @@ inline void block_scores(const float* Q, int64_t nr, const float* const* kr, int
 }
 
 template <>
-inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t nb, const int64_t* vis, int64_t D,
-                     int64_t Dp, float* acc, const Ahead& ahead) {
+inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t nb, const int64_t* from,
+                     const int64_t* to, int64_t D, int64_t Dp, float* acc, const Ahead& ahead) {
   for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 64 columns (4 registers) of every row per pass
     __mmask16 m[4];
     __m512 a[4];
@@ -132,14 +132,16 @@ inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t
       float* y = acc + rr * Dp + d0;
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) a[u] = _mm512_maskz_loadu_ps(m[u], y + 16 * u);
-      for (int64_t j = 0; j < vis[rr]; ++j) {
+      for (int64_t j = from[rr]; j < to[rr]; ++j) {
         if (rr == 0 && d0 == 0) ahead.whole(j);
         const __m512 w = _mm512_set1_ps(P[rr * kBlk + j]);
 #pragma GCC unroll 4
         for (int u = 0; u < 4; ++u) a[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[u], vr[j] + d0 + 16 * u), a[u]);
       }
-      if (rr == 0 && d0 == 0)
-        for (int64_t j = vis[0]; j < nb; ++j) ahead.whole(j);
+      if (rr == 0 && d0 == 0) {
+        for (int64_t j = 0; j < std::min(from[0], to[0]); ++j) ahead.whole(j);
+        for (int64_t j = std::max(from[0], to[0]); j < nb; ++j) ahead.whole(j);
+      }
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(y + 16 * u, m[u], a[u]);
     }
@@ -147,15 +149,18 @@ inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t
 }
 #endif
 
-// Online softmax of one query row over a block of nb scores, of which the first
-// `vis` are visible (the causal limit only ever cuts a suffix). Turns the scores into
-// weights exp(s - m_new) (0 where masked), updates the running max m and sum l and
-// rescales the row's accumulator acc (D values) by exp(m_old - m_new).
+// Online softmax of one query row over a block of nb scores, of which [from, to) are
+// visible (the causal limit cuts a suffix, the window and key_lo a prefix). Turns the
+// scores into weights exp(s - m_new) (0 where masked), updates the running max m and sum l
+// and rescales the row's accumulator acc (D values) by exp(m_old - m_new).
 template <typename T>
-GENKERN_INLINE void softmax_block(T* __restrict__ s, int64_t nb, int64_t vis, T& m, T& l, T* __restrict__ acc,
-                                  int64_t D) {
-  for (int64_t j = vis; j < nb; ++j) s[j] = 0;
-  if (vis == 0) return;
+GENKERN_INLINE void softmax_block(T* __restrict__ s, int64_t nb, int64_t from, int64_t to, T& m, T& l,
+                                  T* __restrict__ acc, int64_t D) {
+  for (int64_t j = 0; j < from; ++j) s[j] = 0;
+  for (int64_t j = std::max(from, to); j < nb; ++j) s[j] = 0;
+  if (to <= from) return;
+  s += from;
+  const int64_t vis = to - from;
   const T bm = row_max(s, vis);
   const T mnew = bm > m ? bm : m;
   T sum = 0;
