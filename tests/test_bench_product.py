@@ -29,8 +29,10 @@ def test_default_run_is_one_representative_case_per_op_full_is_the_sweep():
         default = select_cases(device_type=device, full=False)
         ops = Counter(c.op for c in default)
         assert set(ops) == {m.OP for m in case_modules()}  # every op
-        # one case per op; the masks module's targets are three problems (window, packed batch, model)
-        assert all(n == 1 for op, n in ops.items() if op != masks_bench.OP), ops
+        # one case per op; the masks module's targets are three problems (window, packed batch, model), and
+        # attention is timed in float32 and bfloat16 on the CPU
+        several = {masks_bench.OP, "attention"} if device == "cpu" else {masks_bench.OP}
+        assert all(n == 1 for op, n in ops.items() if op not in several), ops
         full = select_cases(device_type=device)
         assert {c.name for c in default} <= {c.name for c in full} and len(full) > 3 * len(default)
         for case in default:  # at the targets' sizes

@@ -149,6 +149,8 @@ CPU_TARGETS = (
     Target("cpu", _FB, "speedup", 1.0, vs=SDPA),
     Target("cpu", "fwd", "speedup", 1.0, vs=SDPA),
 )
+# CPU, bfloat16: ahead of SDPA's bfloat16 (which runs the bf16 matrix instructions on AMX machines).
+CPU_LOWP_TARGETS = (Target("cpu", "fwd", "speedup", 1.5, vs=SDPA), Target("cpu", _FB, "speedup", 1.5, vs=SDPA))
 GPU_TARGETS = (Target("cuda", "fwd", "speedup", 1.0, vs=SDPA), Target("cuda", "bwd", "speedup", 1.0, vs=SDPA))
 # GPU sizes as in the FlashAttention benchmarks: B * T = 16k tokens and H * D = 2048, so every
 # case does about the same work per token; bfloat16 and float16, D = 64 (H = 32) and 128 (H = 16).
@@ -163,6 +165,8 @@ def _cases():
         AttentionCase(1, 2, 128, 32, causal=True, quick=True),
         AttentionCase(1, 4, 128, 32, causal=False, kv_heads=2, quick=True),
         AttentionCase(1, 8, 2048, 64, causal=True, targets=CPU_TARGETS, devices=cpu),
+        # bfloat16 on the CPU's matrix instructions where it has them (AMX, AVX512-BF16)
+        AttentionCase(1, 8, 2048, 64, causal=True, dtype=torch.bfloat16, targets=CPU_LOWP_TARGETS, devices=cpu),
         AttentionCase(1, 8, 2048, 64, causal=False, devices=cpu),
         # Long context: the fused op runs in O(T * D); the plain version needs 2 GiB per score matrix.
         AttentionCase(1, 8, 8192, 64, causal=True, devices=cpu),
@@ -178,4 +182,4 @@ def _cases():
 
 
 CASES = _cases()
-DEFAULT = {"cpu": ("1x8x2048x64-causal",), "cuda": ("4x16x4096x128-causal-bf16",)}
+DEFAULT = {"cpu": ("1x8x2048x64-causal", "1x8x2048x64-causal-bf16"), "cuda": ("4x16x4096x128-causal-bf16",)}

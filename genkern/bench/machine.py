@@ -45,7 +45,7 @@ def machine_header(device, quick=False) -> dict:
     import genkern
 
     device = torch.device(device)
-    dtypes = ("float32", "bfloat16") if device.type == "cuda" else ("float32",)
+    dtypes = ("float32", "bfloat16")
     return {
         "device": _device_info(device),
         "versions": {
@@ -99,7 +99,28 @@ def _device_info(device) -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(capability=f"sm_{p.major}{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
+    else:
+        info["isa"] = cpu_features()
     return info
+
+
+# The CPU features that decide the kernels' speed: vector width, and the bf16/fp16 matrix instructions.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def cpu_features() -> list:
+    """ISA_FLAGS this CPU has (from /proc/cpuinfo; elsewhere torch's dispatch level alone), and torch's
+    CPU dispatch level (e.g. "torch:AVX512")."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return [f for f in ISA_FLAGS if f in flags] + [f"torch:{torch.backends.cpu.get_cpu_capability()}"]
 
 
 def copy_bandwidth(device, quick=False) -> float:

@@ -13,7 +13,7 @@ from genkern.bench import FAIL, MIN_ROUNDS, NOISE, NOT_APPLICABLE, PASS
 from genkern.bench.machine import run_header
 from genkern.bench.timing import BWD_METHOD
 
-_COLS = "{:<18} {:<26} {:<8} {:<7} {:<14} {:>10} {:>9} {:>7} {:>11} {:>8} {:>6} {:>8} {:>9}  {}"
+_COLS = "{:<18} {:<26} {:<8} {:<7} {:<14} {:>10} {:>9} {:>7} {:>11} {:>8} {:>6} {:>8} {:>5} {:>9}  {}"
 
 
 # --- summaries ------------------------------------------------------------------------
@@ -89,8 +89,9 @@ def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
     """The machine, its measured limits, what the columns mean, and the column titles."""
     d, v = header["device"], header["versions"]
     rates = ", ".join(f"{k} {r:.3g}" for k, r in header["matmul_tflops"].items() if r)
+    isa = f", ISA: {' '.join(d['isa'])}" if d.get("isa") else ""
     print(
-        f"genkern bench on {d['slug']} ({d['name']}, threads: {header['threads']}); "
+        f"genkern bench on {d['slug']} ({d['name']}{isa}, threads: {header['threads']}); "
         f"torch {v['torch']}, triton {v['triton']}, genkern {v['genkern']}"
     )
     print(
@@ -112,7 +113,8 @@ def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
         f"'{NOISE}' when only the medians meet it"
     )
     print(
-        f"TFLOP/s: the op's flops (see its case module) / median time; peak MiB: allocated during one call "
+        f"TFLOP/s: the op's flops (see its case module) / median time; %mm: of the measured matmul rate in the "
+        f"case's dtype; peak MiB: allocated during one call "
         f"beyond the inputs (and a retained graph); memory limit {limit} (--mem-limit)"
     )
     print(
@@ -129,6 +131,7 @@ def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
             "GB/s",
             "%copy",
             "TFLOP/s",
+            "%mm",
             "peak MiB",
             "target / note",
         )
@@ -171,6 +174,7 @@ def print_entry(entry: dict) -> None:
                 _fmt(r.get("gbps"), ".1f"),
                 _fmt(r.get("frac_copy_bw"), ".0%"),
                 _fmt(r.get("tflops"), ".3g"),
+                _fmt(r.get("frac_matmul"), ".0%"),
                 _fmt(peak, ".1f", 2**-20),
                 "; ".join(notes),
             )
