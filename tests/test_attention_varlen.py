@@ -269,3 +269,38 @@ def test_empty_rows_are_zero():
     out, lse = genkern.flash_attention_varlen(q, k, v, cu_q, cu_k, 6, 2, return_lse=True, impl="torch")
     assert bool((out[:4] == 0).all()) and bool((lse[:, :4] == -math.inf).all())
     assert bool(torch.isfinite(out[4:]).all())
+
+
+def test_window_and_spans_opcheck_cpp():
+    utils.require_impl("cpp")
+    from genkern.ops import attention as attention_op
+
+    q = utils.randn((2, 4, 9, 16), F32, seed=80).requires_grad_()
+    k, v = (utils.randn((2, 2, 11, 16), F32, seed=81 + i).requires_grad_() for i in range(2))
+    lo = torch.tensor([[0] * 9, [3] * 9], dtype=I32)
+    hi = torch.tensor([[6] * 9, [11] * 9], dtype=I32)
+    op = attention_op.ATTENTION.op("cpp")
+    torch.library.opcheck(op, (q, k, v, True, 0.25, 3, -1, lo, hi))
+    torch.library.opcheck(op, (q, k, v, False, 0.25, 2, 1, None, None))
+
+
+def test_window_and_spans_compile_fullgraph_cpp():
+    utils.require_impl("cpp")
+    from genkern.ops.attention import span_attention
+
+    q = utils.randn((2, 4, 9, 16), F32, seed=90)
+    k, v = (utils.randn((2, 2, 9, 16), F32, seed=91 + i) for i in range(2))
+    lo = torch.tensor([[0] * 9, [4] * 9], dtype=I32)
+    hi = torch.tensor([[5] * 9, [9] * 9], dtype=I32)
+
+    def f(q, k, v):
+        a = genkern.flash_attention(q, k, v, window_size=(3, 0), impl="cpp")
+        b = span_attention(q, k, v, lo, hi, impl="cpp")
+        return (a * b).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    want = torch.autograd.grad(f(*leaves), leaves)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w)
