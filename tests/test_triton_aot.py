@@ -89,6 +89,9 @@ def _attention_coverage(module, rows):
         want = {(d, *c) for d, configs in per_d.items() for c in configs}
         assert seen(name, "BLOCK_D", "BLOCK_M", "BLOCK_N", "num_warps", "STAGES", CAUSAL=True) == want, name
         assert seen(name, "CAUSAL") == {(True,), (False,)}, name
+        # the span/packed variant at every config it can pick
+        spans = {(d, *c) for d in per_d for c in module.configs_for(name, d, True)}
+        assert seen(name, "BLOCK_D", "BLOCK_M", "BLOCK_N", "num_warps", "STAGES", SPANS=True) == spans, name
     assert seen("_attention_bwd_pre_kernel", "BLOCK_D", "BLOCK_M", "HAS_GRAD_LSE") == {
         (d, rows_, g) for d, rows_ in module.PRE_ROWS.items() for g in (False, True)
     }
