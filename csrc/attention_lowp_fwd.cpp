@@ -3,6 +3,7 @@
 // acc += P V as brgemm products over 64-key panels, P rounded to the input dtype.
 #include <ATen/native/CPUBlas.h>
 
+#include <cstring>
 #include <vector>
 
 #include "attention_lowp.h"
@@ -21,6 +22,22 @@ struct FwdTile {
   float *s, *acc, *m, *l;  // s: (bq, kFwdBk) scores; acc: (bq, Dp)
   T* p;                    // (bq, kFwdBk): P in the input dtype
 };
+
+// d <- s rounded to nearest even. bfloat16 by its bits, so that the loop vectorises (c10's
+// conversion tests for NaN per value); the values are exp() results, in [0, 1] or NaN.
+inline void round_row(const float* s, at::BFloat16* d, int64_t n) {
+  auto* out = reinterpret_cast<uint16_t*>(d);
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    uint32_t u;
+    std::memcpy(&u, s + c, 4);
+    out[c] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+inline void round_row(const float* s, at::Half* d, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) d[c] = static_cast<at::Half>(s[c]);
+}
 
 // Row r of a tile over keys [j0, j0 + bkp): scores scaled, P = exp(s - m_new) into pr (zero
 // outside the row's span), the running max/sum updated and acc rescaled when m grows.
@@ -41,8 +58,9 @@ void softmax_row(const FwdTile<T>& w, int64_t r, int64_t lo, int64_t hi, int64_t
   for (int64_t c = lo; c < hi; ++c) {
     const float e = exp_(sr[c] - mnew);
     sum += e;
-    pr[c] = static_cast<T>(e);
+    sr[c] = e;
   }
+  round_row(sr + lo, pr + lo, hi - lo);
   std::fill(pr, pr + lo, T(0));
   std::fill(pr + hi, pr + bkp, T(0));
   if (mnew != w.m[r]) {  // a row that saw no key yet keeps m = -inf: no exp(-inf + inf)
