@@ -26,6 +26,8 @@
 
 #include <tuple>
 
+#include "attention_lowp.h"
+
 namespace genkern::attn {
 namespace {
 
@@ -117,6 +119,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, doub
              const at::Tensor& out, const at::Tensor& lse) {
   if (q.scalar_type() == at::kDouble)
     fwd_kernel(make_problem<double>(q, k, v, scale, vis), mat<double>(out), lse.data_ptr<float>());
+  else if (is_low_precision(q.scalar_type())) lowp::forward(q, k, v, scale, vis, out, lse);
   else fwd_kernel(make_problem<float>(q, k, v, scale, vis), mat<float>(out), lse.data_ptr<float>());
 }
 
@@ -163,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   check_qkv(q_, k_, v_);
   check_spans(q_, window_left, window_right, key_lo, key_hi);
   const auto dt = q_.scalar_type();
-  if (is_low_precision(dt)) {
+  if (is_low_precision(dt) && !lowp::usable(dt, q_.size(3))) {  // no matrix instructions: widen to float32
     auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
     auto [o, lse] = attention_fwd(f(q_), f(k_), f(v_), causal, scale, window_left, window_right, key_lo, key_hi);
     return {o.to(dt), lse};

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "attention_lowp.h"
 
 namespace genkern::attn {
 namespace {
@@ -89,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   check_packed(q, k, v, left, right);
   const Visibility vis = packed_visibility(q, k, cu_q, cu_k, max_q, max_k, causal, left, right);
   const auto dt = q.scalar_type();
-  if (is_low_precision(dt)) {
+  if (is_low_precision(dt) && !lowp::usable(dt, q.size(2))) {  // no matrix instructions: widen to float32
     auto [o, lse] = varlen_fwd(f32(q), f32(k), f32(v), cu_q, cu_k, max_q, max_k, causal, scale, left, right);
     return {o.to(dt), lse};
   }

@@ -259,7 +259,8 @@ def test_varlen_window_nan_outside():
     check_varlen(q, k, v, cu_q, cu_k, True, (10, -1), F64, plant=plant)
 
 
-def test_varlen_low_precision_matches_float32():
+def test_varlen_low_precision_matches_float32(monkeypatch):
+    monkeypatch.setenv("GENKERN_ATTN_LOWP", "0")  # the widening path; the matrix path: tests/test_attention_lowp.py
     q, k, v, cu_q, cu_k = packed([7, 30], [7, 30], 2, 1, 16, F32, seed=4)
     args = (cu_q, cu_k, 30, 30, True, 0.25, -1, -1)
     for dt in (torch.float16, torch.bfloat16):
