@@ -99,10 +99,8 @@ void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
     }
     m[rr] = -std::numeric_limits<acc_t>::infinity(), l[rr] = 0;
     const scalar_t* qr = p.q + b * p.qs[0] + (kvh * p.G + g) * p.qs[1] + i * p.qs[2];
-    for (int64_t d = 0; d < D; ++d) {
-      Q[rr * Dp + d] = p.scale * static_cast<acc_t>(qr[d]);
-      acc[rr * Dp + d] = 0;
-    }
+    stage_query(qr, D, p.scale, Q + rr * Dp);
+    std::fill(acc + rr * Dp, acc + rr * Dp + D, acc_t(0));
   }
   const scalar_t* kb = p.k + b * p.ks[0] + kvh * p.ks[1];
   const scalar_t* vb = p.v + b * p.vs[0] + kvh * p.vs[1];
@@ -117,6 +115,7 @@ void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
       ahead.row[j] = reinterpret_cast<const char*>(vb + (j0 + j) * p.vs[2]);
     }
     block_scores(Q, nr, rp, nb, D, Dp, S, ahead);
+    scale_scores<scalar_t>(S, nr, nb, p.scale);
     int64_t from[kMaxRows], to[kMaxRows];  // positions of the block row rr sees
     for (int64_t rr = 0; rr < nr; ++rr) {
       from[rr] = std::clamp(first[rr] - j0, int64_t(0), nb);

@@ -65,20 +65,71 @@ GENKERN_INLINE void scores16(const float* Q, const H* const* r, int64_t cnt, int
   }
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 scores on the bf16 dot-product instruction: 32 products per instruction, summed in
+// pairs into float32 lanes, and no widening. The query rows are bfloat16 too, unscaled (the
+// input itself: exact), row u at Q + u * Dp (in bfloat16 elements); the scale is applied to the scores
+// (scale_scores). The products are exact in float32 (8-bit significands).
+constexpr bool kRawQ = true;
+
+GENKERN_INLINE __m512bh bf16x32(const at::BFloat16* x, int64_t left) {
+  const __mmask32 m = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1u;
+  return (__m512bh)_mm512_maskz_loadu_epi16(m, x);
+}
+
+template <int R>
+GENKERN_INLINE void scores16(const at::BFloat16* Q, const at::BFloat16* const* r, int64_t cnt, int64_t D, int64_t Dp,
+                             float* S, const Ahead* ahead, int64_t j0) {
+  alignas(64) float part[R][16][16];
+  for (int64_t t = 0; t < 16; ++t) {
+    if (ahead != nullptr) ahead->whole(j0 + t);
+    const at::BFloat16* k = r[t < cnt ? t : 0];
+    __m512 a[R];
+#pragma GCC unroll 4
+    for (int u = 0; u < R; ++u) a[u] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh kv = bf16x32(k + d, D - d);
+#pragma GCC unroll 4
+      for (int u = 0; u < R; ++u) a[u] = _mm512_dpbf16_ps(a[u], bf16x32(Q + u * Dp + d, D - d), kv);
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < R; ++u) _mm512_store_ps(part[u][t], a[u]);
+  }
+  for (int u = 0; u < R; ++u) {
+    __m512 v[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) v[t] = _mm512_load_ps(part[u][t]);
+    _mm512_mask_storeu_ps(S + u * kBlk, lanes(cnt), reduce16(v));
+  }
+}
+#else
+constexpr bool kRawQ = false;
+#endif
+
+// Q holds bfloat16 rows (see kRawQ) for bfloat16 caches, else float32 rows; either way row rr
+// starts at byte rr * Dp * 4.
+template <typename H>
+GENKERN_INLINE const auto* query_rows(const float* Q) {
+  if constexpr (kRawQ && std::is_same_v<H, at::BFloat16>) return reinterpret_cast<const at::BFloat16*>(Q);
+  else return Q;
+}
+
 template <typename H, std::enable_if_t<kLowp<H>, int> = 0>
-void block_scores(const float* Q, int64_t nr, const H* const* kr, int64_t nb, int64_t D, int64_t Dp, float* S,
+void block_scores(const float* Qf, int64_t nr, const H* const* kr, int64_t nb, int64_t D, int64_t Dp, float* S,
                   const Ahead& ahead) {
+  const auto* Q = query_rows<H>(Qf);
+  const int64_t Dq = Dp * int64_t(sizeof(float) / sizeof(*Q));  // the rows' stride in their own type
   for (int64_t r0 = 0; r0 < nr; r0 += kGroup) {
-    const float* q = Q + r0 * Dp;
+    const auto* q = Q + r0 * Dq;
     float* s = S + r0 * kBlk;
     const Ahead* a = r0 == 0 ? &ahead : nullptr;  // the stream to come, prefetched on the first pass
     for (int64_t j0 = 0; j0 < nb; j0 += 16) {
       const int64_t cnt = std::min<int64_t>(16, nb - j0);
       switch (std::min<int64_t>(kGroup, nr - r0)) {
-        case 1: scores16<1>(q, kr + j0, cnt, D, Dp, s + j0, a, j0); break;
-        case 2: scores16<2>(q, kr + j0, cnt, D, Dp, s + j0, a, j0); break;
-        case 3: scores16<3>(q, kr + j0, cnt, D, Dp, s + j0, a, j0); break;
-        default: scores16<4>(q, kr + j0, cnt, D, Dp, s + j0, a, j0); break;
+        case 1: scores16<1>(q, kr + j0, cnt, D, Dq, s + j0, a, j0); break;
+        case 2: scores16<2>(q, kr + j0, cnt, D, Dq, s + j0, a, j0); break;
+        case 3: scores16<3>(q, kr + j0, cnt, D, Dq, s + j0, a, j0); break;
+        default: scores16<4>(q, kr + j0, cnt, D, Dq, s + j0, a, j0); break;
       }
     }
   }
@@ -136,7 +187,30 @@ void block_pv(const float* P, int64_t nr, const H* const* vr, int64_t nb, const 
 }
 #else
 constexpr bool kLowpRows = false;
+constexpr bool kRawQ = false;
 #endif
+
+// Whether the query rows of a scalar_t cache are kept unscaled in scalar_t (see kRawQ).
+template <typename scalar_t>
+constexpr bool kRawQuery = kRawQ && std::is_same_v<scalar_t, at::BFloat16>;
+
+// The query row q (D values) where the block primitives read it: scaled acc_t, or unscaled
+// in its own type (kRawQuery), row rr of a tile at Q + rr * Dp either way.
+template <typename scalar_t, typename acc_t>
+GENKERN_INLINE void stage_query(const scalar_t* q, int64_t D, acc_t scale, acc_t* Q) {
+  if constexpr (kRawQuery<scalar_t>) std::copy(q, q + D, reinterpret_cast<scalar_t*>(Q));
+  else
+    for (int64_t d = 0; d < D; ++d) Q[d] = scale * static_cast<acc_t>(q[d]);
+}
+
+// The scores of nr rows times the scale, where block_scores left it out (kRawQuery).
+template <typename scalar_t, typename acc_t>
+GENKERN_INLINE void scale_scores(acc_t* S, int64_t nr, int64_t nb, acc_t scale) {
+  if constexpr (kRawQuery<scalar_t>)
+    for (int64_t rr = 0; rr < nr; ++rr)
+#pragma omp simd
+      for (int64_t j = 0; j < nb; ++j) S[rr * kBlk + j] *= scale;
+}
 
 // The type a block's K/V rows are handed to the block primitives in: the cache's own where
 // they read it natively, else acc_t (widened into the scratch by load_as).
