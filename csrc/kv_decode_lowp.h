@@ -1,8 +1,11 @@
 // Block primitives of the kv_decode CPU kernel for float16/bfloat16 caches, read in their own
 // type: each K/V row is loaded as 16-bit values (half the bytes of float32, and the decode
-// kernel is bound by the bytes it reads) and widened to float32 in registers, exactly
-// (bfloat16 is the top half of a float32; float16 through vcvtph2ps). Scores, the softmax
-// and the accumulators stay float32, as in the float32 forms of kv_decode_blocks.h.
+// kernel is bound by the bytes it reads). Scores, the softmax and the accumulators stay
+// float32, as in the float32 forms of kv_decode_blocks.h:
+// - bfloat16 scores run on the bf16 dot-product instruction (AVX512-BF16) against the
+//   unscaled bfloat16 query rows: exact products, float32 sums, no widening;
+// - float16 scores, and P V in both types, widen the rows to float32 in registers, exactly
+//   (bfloat16 is the top half of a float32; float16 through vcvtph2ps).
 //
 // A row is widened once per group of up to kGroup query rows, not once per query row:
 // widening costs as many vector ops as the FMAs it feeds, and the FMA ports are the ones
@@ -33,7 +36,9 @@ GENKERN_INLINE __m512 wide16(const at::BFloat16* x, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, x);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-GENKERN_INLINE __m512 wide16(const at::Half* x, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x)); }
+GENKERN_INLINE __m512 wide16(const at::Half* x, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x));
+}
 
 // S[r * kBlk + j0 + t] = Q_r . K_{j0+t} for the R query rows at Q (stride Dp) and the cnt <= 16
 // rows r[t]: one widened K vector feeds R FMAs; the 16 dot products of a row r, kept as vectors
@@ -150,6 +155,8 @@ GENKERN_INLINE void pv64(const float* P, const H* const* vr, const int64_t* from
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) a[r][u] = _mm512_maskz_loadu_ps(m[u], acc + r * Dp + d0 + 16 * u);
   }
+  bool same = true;  // every row sees [lo, hi) (Tnew = 1): no per-row test in the loop
+  for (int r = 0; r < R; ++r) same = same && from[r] == lo && to[r] == hi;
   for (int64_t j = 0; j < nb; ++j) {
     if (ahead != nullptr) ahead->whole(j);  // rows of the next block, whether seen or not
     if (j < lo || j >= hi) continue;
@@ -158,7 +165,7 @@ GENKERN_INLINE void pv64(const float* P, const H* const* vr, const int64_t* from
     for (int u = 0; u < 4; ++u) v[u] = wide16(vr[j] + d0 + 16 * u, m[u]);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      if (j < from[r] || j >= to[r]) continue;
+      if (!same && (j < from[r] || j >= to[r])) continue;
       const __m512 w = _mm512_set1_ps(P[r * kBlk + j]);
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) a[r][u] = _mm512_fmadd_ps(w, v[u], a[r][u]);
