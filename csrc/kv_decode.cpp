@@ -24,8 +24,10 @@
 // K/V traffic; unsplit items normalise and write out themselves. Items are handed
 // out dynamically, so ragged lengths do not leave a thread idle.
 //
-// float32 and float64 caches are read in place; float16/bfloat16 rows are widened to
-// float32 a block at a time into the thread's scratch (the cache is never copied).
+// Every cache is read in place and in its own type: float16/bfloat16 rows are widened to
+// float32 in registers (kv_decode_lowp.h), half the bytes of a float32 cache, with scores,
+// softmax and accumulators in float32. Without AVX-512 they are widened a block at a time
+// into the thread's scratch instead (the cache is never copied).
 
 // GCC 12 reports its own AVX-512 intrinsics (their _mm512_undefined_* sources) as
 // maybe-uninitialized once inlined, a false positive; the pragma must precede the headers.
@@ -44,6 +46,7 @@
 
 #include "common.h"
 #include "kv_decode_blocks.h"
+#include "kv_decode_lowp.h"
 
 namespace genkern::kvd {
 namespace {
@@ -96,24 +99,23 @@ void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
     }
     m[rr] = -std::numeric_limits<acc_t>::infinity(), l[rr] = 0;
     const scalar_t* qr = p.q + b * p.qs[0] + (kvh * p.G + g) * p.qs[1] + i * p.qs[2];
-    for (int64_t d = 0; d < D; ++d) {
-      Q[rr * Dp + d] = p.scale * static_cast<acc_t>(qr[d]);
-      acc[rr * Dp + d] = 0;
-    }
+    stage_query(qr, D, p.scale, Q + rr * Dp);
+    std::fill(acc + rr * Dp, acc + rr * Dp + D, acc_t(0));
   }
   const scalar_t* kb = p.k + b * p.ks[0] + kvh * p.ks[1];
   const scalar_t* vb = p.v + b * p.vs[0] + kvh * p.vs[1];
-  const acc_t* rp[kBlk];  // the block's K (then V) rows as acc_t
+  const row_t<scalar_t, acc_t>* rp[kBlk];  // the block's K (then V) rows (kv_decode_lowp.h)
   Ahead ahead;
   ahead.bytes = D * int64_t(sizeof(scalar_t));
   for (int64_t j0 = lo; j0 < hi; j0 += kBlk) {
     const int64_t nb = std::min(kBlk, hi - j0);
     ahead.n = nb;  // this block's V rows
     for (int64_t j = 0; j < nb; ++j) {
-      rp[j] = load_as<acc_t>(kb + (j0 + j) * p.ks[2], D, rowbuf + j * Dp);
+      rp[j] = load_row(kb + (j0 + j) * p.ks[2], D, rowbuf + j * Dp);
       ahead.row[j] = reinterpret_cast<const char*>(vb + (j0 + j) * p.vs[2]);
     }
     block_scores(Q, nr, rp, nb, D, Dp, S, ahead);
+    scale_scores<scalar_t>(S, nr, nb, p.scale);
     int64_t from[kMaxRows], to[kMaxRows];  // positions of the block row rr sees
     for (int64_t rr = 0; rr < nr; ++rr) {
       from[rr] = std::clamp(first[rr] - j0, int64_t(0), nb);
@@ -122,7 +124,7 @@ void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
     }
     ahead.n = std::clamp(hi - j0 - kBlk, int64_t(0), kBlk);  // the next block's K rows
     for (int64_t j = 0; j < ahead.n; ++j) ahead.row[j] = reinterpret_cast<const char*>(kb + (j0 + kBlk + j) * p.ks[2]);
-    for (int64_t j = 0; j < nb; ++j) rp[j] = load_as<acc_t>(vb + (j0 + j) * p.vs[2], D, rowbuf + j * Dp);
+    for (int64_t j = 0; j < nb; ++j) rp[j] = load_row(vb + (j0 + j) * p.vs[2], D, rowbuf + j * Dp);
     block_pv(S, nr, rp, nb, from, to, D, Dp, acc, ahead);
   }
   for (int64_t rr = 0; rr < nr; ++rr) {
