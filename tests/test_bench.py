@@ -183,7 +183,11 @@ def test_attention_cases_build_with_their_targets():
         assert attn_bench.make_case(case.name).name == case.name and case.baselines == (SDPA,)
     quick = select_cases("attention", quick=True, device_type="cpu")
     assert quick and all(c.quick and c.sizes["T"] <= 256 for c in quick)
-    assert all(c.dtype == torch.float32 for c in select_cases("attention", device_type="cpu"))
+    # CPU: float32, and one bfloat16 case (the matrix instructions) held to SDPA's bfloat16
+    cpu = select_cases("attention", device_type="cpu")
+    assert [c.name for c in cpu if c.dtype != torch.float32] == ["1x8x2048x64-causal-bf16"]
+    cpu_bf16 = next(c for c in cpu if c.dtype == torch.bfloat16)
+    assert {(t.direction, t.vs, t.minimum) for t in cpu_bf16.targets} == {("fwd", SDPA, 1.5), ("fwd+bwd", SDPA, 1.5)}
     gpu = [c for c in select_cases("attention", device_type="cuda") if not c.quick]
     assert {c.sizes["T"] for c in gpu} == {1024, 2048, 4096, 8192, 16384}
     # The GPU suite: bf16 and fp16, D 64 and 128 (H * D = 2048), causal and full, 16k tokens per batch.
