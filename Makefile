@@ -87,6 +87,8 @@ check-headers: $(VENV)/.deps
 # UBSan report fails the run (--capture=sys: the report reaches the terminal before the abort).
 # SANITIZE_TESTS / SANITIZE_K choose the tests (.ci/run: a subset).
 SAN_DIR ?= build/sanitize
+# Windows, key spans, packed sequences and the bfloat16/float16 paths, whole (about a minute under the sanitizers).
+SANITIZE_SPANS = tests/test_attention_spans_cpp.py tests/test_attention_lowp.py tests/test_kv_decode_lowp.py
 SANITIZE_TESTS ?= tests/test_reparam_kl.py tests/test_gan_loss.py tests/test_attention.py tests/test_kv_decode.py tests/test_properties.py
 # The sanitizers' checks change how GCC vectorises some float32 sums (the linear GAN terms of
 # 1025-element sums, attention's dq with a single key): summed in another order, 7 float32
@@ -107,6 +109,7 @@ SAN_ENV = LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-nam
 .PHONY: sanitize sanitize-build sanitize-ci
 sanitize-ci:
 	$(MAKE) sanitize SANITIZE_TESTS="$(filter-out tests/test_properties.py,$(SANITIZE_TESTS))" SANITIZE_K="$(SANITIZE_CI_K)"
+	$(MAKE) sanitize SANITIZE_TESTS="$(SANITIZE_SPANS)" SANITIZE_K="not gpu and not triton"
 
 sanitize-build: $(VENV)/.deps
 	GENKERN_SANITIZE=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --build-lib $(SAN_DIR)/lib --build-temp $(SAN_DIR)/tmp
