@@ -23,22 +23,6 @@ struct FwdTile {
   T* p;                    // (bq, kFwdBk): P in the input dtype
 };
 
-// d <- s rounded to nearest even. bfloat16 by its bits, so that the loop vectorises (c10's
-// conversion tests for NaN per value); the values are exp() results, in [0, 1] or NaN.
-inline void round_row(const float* s, at::BFloat16* d, int64_t n) {
-  auto* out = reinterpret_cast<uint16_t*>(d);
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) {
-    uint32_t u;
-    std::memcpy(&u, s + c, 4);
-    out[c] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-
-inline void round_row(const float* s, at::Half* d, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) d[c] = static_cast<at::Half>(s[c]);
-}
-
 // Row r of a tile over keys [j0, j0 + bkp): scores scaled, P = exp(s - m_new) into pr (zero
 // outside the row's span), the running max/sum updated and acc rescaled when m grows.
 template <typename T>
