@@ -20,22 +20,16 @@ namespace genkern::attn::lowp {
 
 constexpr int64_t kPanel = 64;
 
-// d <- s rounded to nearest even. bfloat16 by its bits, so that the loop vectorises (c10's
+// x rounded to nearest even. bfloat16 by its bits, so that loops over it vectorise (c10's
 // conversion tests for NaN per value). Finite values and inf round correctly; NaN stays NaN
 // where its payload has a bit in the upper mantissa, as exp() and arithmetic give.
-inline void round_row(const float* s, at::BFloat16* d, int64_t n) {
-  auto* out = reinterpret_cast<uint16_t*>(d);
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) {
-    uint32_t u;
-    std::memcpy(&u, s + c, 4);
-    out[c] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
+inline void put(at::BFloat16* d, int64_t c, float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  reinterpret_cast<uint16_t*>(d)[c] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-inline void round_row(const float* s, at::Half* d, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) d[c] = static_cast<at::Half>(s[c]);
-}
+inline void put(at::Half* d, int64_t c, float x) { d[c] = static_cast<at::Half>(x); }
 
 // True when the matrix-instruction path runs this dtype and head dim here: the CPU packs
 // it (AMX), the head dim is even (VNNI pairs) and GENKERN_ATTN_LOWP is not "0".

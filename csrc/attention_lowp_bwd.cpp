@@ -75,20 +75,19 @@ void p_ds(const BwdCtx<T>& c, Scratch<T>& w, const Block& qb, int64_t h, int64_t
   const float* delta = c.delta + (b * P.H + h) * P.T + i0;
   const float scale = P.scale;
   for (int64_t r = 0; r < qb.n; ++r) {
-    float* sr = w.s.data() + r * bkp;
-    float* dr = w.dp.data() + r * bkp;
+    const float* sr = w.s.data() + r * bkp;
+    const float* dr = w.dp.data() + r * bkp;
+    T* pr = w.p.data() + r * bkp;
+    T* dsr = w.ds.data() + r * bkp;
     const int64_t lo = std::clamp<int64_t>(P.row_lo(b, i0 + r) - j0, 0, bk);
     const int64_t hi = std::clamp<int64_t>(P.row_hi(b, i0 + r) - j0, lo, bk);
     const float l = lse[r], dl = delta[r];
 #pragma omp simd
     for (int64_t x = lo; x < hi; ++x) {
       const float e = exp_(sr[x] * scale - l);
-      sr[x] = e;
-      dr[x] = e * (dr[x] - dl);
+      put(pr, x, e);
+      put(dsr, x, e * (dr[x] - dl));
     }
-    T* pr = w.p.data() + r * bkp;
-    T* dsr = w.ds.data() + r * bkp;
-    round_row(sr + lo, pr + lo, hi - lo), round_row(dr + lo, dsr + lo, hi - lo);
     std::fill(pr, pr + lo, T(0)), std::fill(dsr, dsr + lo, T(0));
     std::fill(pr + hi, pr + bkp, T(0)), std::fill(dsr + hi, dsr + bkp, T(0));
   }
