@@ -153,7 +153,8 @@ void run_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, c
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, double scale,
               const Visibility& vis, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
-  if (q.scalar_type() == at::kDouble) run_bwd<double>(dout, q, k, v, out, lse, grad_lse, scale, vis, dq, dk, dv);
+  if (is_low_precision(q.scalar_type())) lowp::backward(dout, q, k, v, out, lse, grad_lse, scale, vis, dq, dk, dv);
+  else if (q.scalar_type() == at::kDouble) run_bwd<double>(dout, q, k, v, out, lse, grad_lse, scale, vis, dq, dk, dv);
   else run_bwd<float>(dout, q, k, v, out, lse, grad_lse, scale, vis, dq, dk, dv);
 }
 
@@ -194,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_rows_f32(lse_, q_, "lse");
   if (grad_lse.has_value()) check_rows_f32(*grad_lse, q_, "grad_lse");
   const auto dt = q_.scalar_type();
-  if (is_low_precision(dt)) {
+  if (is_low_precision(dt) && !lowp::usable(dt, q_.size(3))) {  // no matrix instructions: widen to float32
     auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
     auto [dq, dk, dv] = attention_bwd(f(grad_out), f(q_), f(k_), f(v_), f(out_), lse_, grad_lse, causal, scale,
                                       window_left, window_right, key_lo, key_hi);

@@ -95,12 +95,32 @@ void forward_as(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, d
                 lse.data_ptr<float>());
 }
 
+template <typename T>
+void backward_as(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_lse, double scale,
+                 const Visibility& vis, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  BwdArgs<T> a;
+  a.q = mat<const T>(q), a.k = mat<const T>(k), a.v = mat<const T>(v), a.dout = mat<const T>(dout);
+  a.out = mat<const T>(out), a.lse = lse.data_ptr<float>();
+  a.grad_lse = grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr;
+  a.dq = mat<T>(dq), a.dk = mat<T>(dk), a.dv = mat<T>(dv);
+  bwd_kernel<T>(spans_problem(q, k, scale, vis), a);
+}
+
 }  // namespace
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, const Visibility& vis,
              const at::Tensor& out, const at::Tensor& lse) {
   if (q.scalar_type() == at::kBFloat16) forward_as<at::BFloat16>(q, k, v, scale, vis, out, lse);
   else forward_as<at::Half>(q, k, v, scale, vis, out, lse);
+}
+
+void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, double scale,
+              const Visibility& vis, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  const at::Tensor gl = grad_lse.has_value() ? grad_lse->contiguous() : at::Tensor();
+  if (q.scalar_type() == at::kBFloat16) backward_as<at::BFloat16>(dout, q, k, v, out, lse, gl, scale, vis, dq, dk, dv);
+  else backward_as<at::Half>(dout, q, k, v, out, lse, gl, scale, vis, dq, dk, dv);
 }
 
 }  // namespace genkern::attn::lowp

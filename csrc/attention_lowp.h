@@ -12,11 +12,24 @@
 // Padding rows and columns hold zeros, so a product may always run over whole 64-row panels.
 #pragma once
 
+#include <cstring>
+
 #include "attention.h"
 
 namespace genkern::attn::lowp {
 
 constexpr int64_t kPanel = 64;
+
+// x rounded to nearest even. bfloat16 by its bits, so that loops over it vectorise (c10's
+// conversion tests for NaN per value). Finite values and inf round correctly; NaN stays NaN
+// where its payload has a bit in the upper mantissa, as exp() and arithmetic give.
+inline void put(at::BFloat16* d, int64_t c, float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  reinterpret_cast<uint16_t*>(d)[c] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline void put(at::Half* d, int64_t c, float x) { d[c] = static_cast<at::Half>(x); }
 
 // True when the matrix-instruction path runs this dtype and head dim here: the CPU packs
 // it (AMX), the head dim is even (VNNI pairs) and GENKERN_ATTN_LOWP is not "0".
@@ -50,8 +63,23 @@ template <typename T>
 void fwd_kernel(const Problem<float>& P, const Mat<const T>& q, const Mat<const T>& k, const Mat<const T>& v,
                 const Mat<T>& out, float* lse);
 
+// Gradients of a bfloat16/float16 problem into dq, dk, dv (laid out like q, k, v, input
+// dtype) from the forward's lse (B, H, T) and grad_lse (nullptr: none), both float32.
+template <typename T>
+struct BwdArgs {
+  Mat<const T> q, k, v, dout, out;
+  const float *lse, *grad_lse;
+  Mat<T> dq, dk, dv;
+};
+
+template <typename T>
+void bwd_kernel(const Problem<float>& P, const BwdArgs<T>& a);
+
 // Entry points over tensors (4-d row views, as attn::forward / attn::backward).
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, const Visibility& vis,
              const at::Tensor& out, const at::Tensor& lse);
+void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, double scale,
+              const Visibility& vis, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
 
 }  // namespace genkern::attn::lowp

@@ -23,44 +23,29 @@ struct FwdTile {
   T* p;                    // (bq, kFwdBk): P in the input dtype
 };
 
-// d <- s rounded to nearest even. bfloat16 by its bits, so that the loop vectorises (c10's
-// conversion tests for NaN per value); the values are exp() results, in [0, 1] or NaN.
-inline void round_row(const float* s, at::BFloat16* d, int64_t n) {
-  auto* out = reinterpret_cast<uint16_t*>(d);
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) {
-    uint32_t u;
-    std::memcpy(&u, s + c, 4);
-    out[c] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-
-inline void round_row(const float* s, at::Half* d, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) d[c] = static_cast<at::Half>(s[c]);
-}
-
-// Row r of a tile over keys [j0, j0 + bkp): scores scaled, P = exp(s - m_new) into pr (zero
-// outside the row's span), the running max/sum updated and acc rescaled when m grows.
+// Row r of a tile over keys [j0, j0 + bkp): P = exp(scale s - m_new) rounded into pr (zero
+// outside the row's span), the running max/sum updated and acc rescaled when m grows. One
+// pass for the max of the raw scores (scale s is monotone in s), one for exp and rounding.
 template <typename T>
 void softmax_row(const FwdTile<T>& w, int64_t r, int64_t lo, int64_t hi, int64_t bkp, bool first) {
-  float* sr = w.s + r * bkp;
+  const float* sr = w.s + r * bkp;
   T* pr = w.p + r * bkp;
   const float scale = w.P.scale;
-  float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
+  float mx = -std::numeric_limits<float>::infinity(), mn = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx) reduction(min : mn)
   for (int64_t c = lo; c < hi; ++c) {
-    sr[c] *= scale;
     mx = sr[c] > mx ? sr[c] : mx;
+    mn = sr[c] < mn ? sr[c] : mn;
   }
-  const float mnew = mx > w.m[r] ? mx : w.m[r];
+  const float top = hi <= lo ? mx : (scale >= 0 ? mx : mn) * scale;
+  const float mnew = top > w.m[r] ? top : w.m[r];
   float sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t c = lo; c < hi; ++c) {
-    const float e = exp_(sr[c] - mnew);
+    const float e = exp_(sr[c] * scale - mnew);
     sum += e;
-    sr[c] = e;
+    put(pr, c, e);
   }
-  round_row(sr + lo, pr + lo, hi - lo);
   std::fill(pr, pr + lo, T(0));
   std::fill(pr + hi, pr + bkp, T(0));
   if (mnew != w.m[r]) {  // a row that saw no key yet keeps m = -inf: no exp(-inf + inf)

@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
   if (grad_lse.has_value()) check_lse(*grad_lse, q, "grad_lse");
   const Visibility vis = packed_visibility(q, k, cu_q, cu_k, max_q, max_k, causal, left, right);
   const auto dt = q.scalar_type();
-  if (is_low_precision(dt)) {
+  if (is_low_precision(dt) && !lowp::usable(dt, q.size(2))) {  // no matrix instructions: widen to float32
     auto [dq, dk, dv] = varlen_bwd(f32(grad_out), f32(q), f32(k), f32(v), f32(out), lse, grad_lse, cu_q, cu_k, max_q,
                                    max_k, causal, scale, left, right);
     return {dq.to(dt), dk.to(dt), dv.to(dt)};

@@ -3,7 +3,7 @@ the 2x rule (utils.assert_close_rule), through torch.ops.genkern directly; causa
 packed sequences, grouped-query heads, odd lengths; NaN/inf in keys and values no row sees.
 
 Where the CPU has the bfloat16/float16 matrix instructions (AMX) the block products run on them
-(csrc/attention_lowp*.cpp); GENKERN_ATTN_LOWP=0 forces the path that widens the inputs to float32. Every case
+(csrc/attention_lowp*.cpp), forward and backward; GENKERN_ATTN_LOWP=0 forces the path that widens the inputs to float32. Every case
 runs on both paths, and on an AMX CPU the two must differ (the matrix path is the one running) while both pass
 the rule.
 """
@@ -181,3 +181,6 @@ def test_matrix_path_runs(monkeypatch, dtype, d):
         got[mode] = run_dense(q, k, v, True, (-1, -1), None)
     same = all(torch.equal(a, b) for a, b in zip(got["1"], got["0"]))
     assert same != MATRIX[dtype], f"matrix path expected to run: {MATRIX[dtype]}, results equal: {same}"
+    # the backward too: each gradient of the matrix path differs from the widening path's (rounded P and dS)
+    grads_differ = [not torch.equal(a, b) for a, b in zip(got["1"][2:], got["0"][2:])]
+    assert grads_differ == [MATRIX[dtype]] * 3, f"matrix backward expected: {MATRIX[dtype]}, differ: {grads_differ}"

@@ -340,8 +340,9 @@ def test_varlen_strided_inputs():
 
 
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_varlen_backward_low_precision(dt):
+def test_varlen_backward_low_precision(dt, monkeypatch):
     """float16/bfloat16 are computed in float32: the same as the float32 kernel on the rounded inputs."""
+    monkeypatch.setenv("GENKERN_ATTN_LOWP", "0")  # the widening path; the matrix path: tests/test_attention_lowp.py
     q, k, v, cu_q, cu_k = packed([7, 0, 30], [9, 2, 30], 4, 2, 16, F32, seed=6)
     args = (cu_q, cu_k, 30, 30, True, 0.25, 4, -1)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
