@@ -12,7 +12,7 @@ from genkern.ops.varlen_checks import check_window
 from genkern.reference import attention as reference
 
 HEAD_DIMS = range(16, 257, 8)  # head dims the C++ and Triton kernels take
-CPP_DTYPES = FLOAT_DTYPES  # float16/bfloat16 are computed in float32 on the CPU
+CPP_DTYPES = FLOAT_DTYPES  # bfloat16/float16: block products on AMX where the CPU has it, else in float32
 
 
 def flash_attention(q, k, v, *, causal=True, window_size=(-1, -1), scale=None, return_lse=False, impl="auto"):
