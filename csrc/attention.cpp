@@ -181,11 +181,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out_, const at::Tensor& lse_, const c10::optional<at::Tensor>& grad_lse, bool causal,
-    double scale, int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& key_lo,
-    const c10::optional<at::Tensor>& key_hi) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& grad_out, const at::Tensor& q_,
+                                                             const at::Tensor& k_, const at::Tensor& v_,
+                                                             const at::Tensor& out_, const at::Tensor& lse_,
+                                                             const c10::optional<at::Tensor>& grad_lse, bool causal,
+                                                             double scale, int64_t window_left, int64_t window_right,
+                                                             const c10::optional<at::Tensor>& key_lo,
+                                                             const c10::optional<at::Tensor>& key_hi) {
   check_qkv(q_, k_, v_);
   check_spans(q_, window_left, window_right, key_lo, key_hi);
   check_cpu(grad_out, "grad_out");
@@ -205,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor dq = at::zeros(q_.sizes(), opts), dk = at::zeros(k_.sizes(), opts), dv = at::zeros(v_.sizes(), opts);
   if (dq.numel() == 0) return {dq, dk, dv};
   const Visibility vis = dense_visibility(q_, k_, causal, window_left, window_right, key_lo, key_hi);
-  backward(as_rows(grad_out), as_rows(q_), as_rows(k_), as_rows(v_), as_rows(out_), lse_.contiguous(), grad_lse,
-           scale, vis, dq, dk, dv);
+  backward(as_rows(grad_out), as_rows(q_), as_rows(k_), as_rows(v_), as_rows(out_), lse_.contiguous(), grad_lse, scale,
+           vis, dq, dk, dv);
   return {dq, dk, dv};
 }
 

@@ -232,8 +232,8 @@ inline int64_t zigzag(int64_t u, int64_t n) { return (u & 1) ? n - 1 - (u >> 1) 
 template <typename T>
 struct Grads {
   Mat<const T> dout;
-  const T* lse;     // (B, H, T)
-  const T* delta;   // (B, H, T)
+  const T* lse;       // (B, H, T)
+  const T* delta;     // (B, H, T)
   Mat<T> dq, dk, dv;  // accumulators, zero-initialised, laid out like q, k, v
 };
 

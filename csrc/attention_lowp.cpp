@@ -47,7 +47,8 @@ void pack_panel(const Mat<const T>& m, Packed<T>& pk, int64_t L, int64_t b, int6
   for (int64_t dc = 0; dc < pk.Dp / kPanel; ++dc) {
     const int64_t d0 = dc * kPanel, w = std::min(kPanel, D - d0);
     std::fill(stage, stage + kPanel * kPanel, T(0));
-    for (int64_t j = 0; j < n; ++j) std::copy(m.row(b, h, r0 + j) + d0, m.row(b, h, r0 + j) + d0 + w, stage + j * kPanel);
+    for (int64_t j = 0; j < n; ++j)
+      std::copy(m.row(b, h, r0 + j) + d0, m.row(b, h, r0 + j) + d0 + w, stage + j * kPanel);
     at::native::cpublas::pack(kPanel, kPanel, kPanel, kPanel, dt, dt, stage, const_cast<T*>(pk.npanel(b, h, dc, r0)));
   }
 }

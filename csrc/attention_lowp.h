@@ -38,7 +38,7 @@ bool usable(at::ScalarType dt, int64_t D);
 // The packed copies of one (B, Hx, L, D) input, each (b, h) at its own offset.
 template <typename T>
 struct Packed {
-  at::Tensor buf;       // T-pack then N-pack of every (b, h), either may be absent
+  at::Tensor buf;  // T-pack then N-pack of every (b, h), either may be absent
   int64_t Hx = 0, Lp = 0, D = 0, Dp = 0;
   bool has_t = false, has_n = false;
   std::vector<uint8_t> finite;  // per (b, h, 64-row panel): every value finite

@@ -231,8 +231,9 @@ void bwd_kernel(const Problem<float>& P, const BwdArgs<T>& a) {
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor dq = at::zeros({P.B * P.H * Tp * Dp}, f32), dk = at::zeros({P.B * P.Hkv * Sp * Dp}, f32);
   at::Tensor dv = at::zeros({P.B * P.Hkv * Sp * Dp}, f32);
-  const BwdCtx<T> c{P,  a,  kp, vp, qp, op, delta.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                    dv.data_ptr<float>(), Tp, Sp, Dp};
+  const BwdCtx<T> c{
+      P,  a,  kp, vp, qp, op, delta.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+      Tp, Sp, Dp};
   Problem<float> aligned = P;  // packed sequences tiled as one: blocks stay 64-aligned, spans keep rows apart
   aligned.cu_q = aligned.cu_k = nullptr, aligned.nseq = 0;
   run_tiles(c, tile_queries(aligned, kBq), tile_keys(aligned, kBk));

@@ -64,8 +64,10 @@ Visibility packed_visibility(const at::Tensor& q, const at::Tensor& k, const at:
   Visibility vis;
   vis.cu_q = bounds(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q");
   vis.cu_k = bounds(cu_k, "cu_seqlens_k", k.size(0), max_k, "max_seqlen_k");
-  GENKERN_CHECK_VALUE(vis.cu_q.size() == vis.cu_k.size(), "cu_seqlens_q and cu_seqlens_k must have one length B + 1, "
-                      "got ", vis.cu_q.size(), " and ", vis.cu_k.size());
+  GENKERN_CHECK_VALUE(vis.cu_q.size() == vis.cu_k.size(),
+                      "cu_seqlens_q and cu_seqlens_k must have one length B + 1, "
+                      "got ",
+                      vis.cu_q.size(), " and ", vis.cu_k.size());
   vis.lo.resize(q.size(0)), vis.hi.resize(q.size(0));
   for (size_t s = 0; s + 1 < vis.cu_q.size(); ++s) {
     const int64_t r0 = vis.cu_q[s], T = vis.cu_q[s + 1] - r0, k0 = vis.cu_k[s], S = vis.cu_k[s + 1] - k0;
@@ -95,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
     return {o.to(dt), lse};
   }
   auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor out = at::empty(q.sizes(), opts);                                // (total_q, H, D)
+  at::Tensor out = at::empty(q.sizes(), opts);                                 // (total_q, H, D)
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, opts.dtype(at::kFloat));  // (H, total_q)
   if (out.numel() == 0) return {out, lse};
   forward(rows(q), rows(k), rows(v), scale, vis, heads_first(out), lse);

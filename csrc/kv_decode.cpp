@@ -88,7 +88,7 @@ void run_item(const Problem<scalar_t>& p, int64_t item, acc_t* ws) {
   acc_t *Q = ws, *acc = Q + kMaxRows * Dp, *S = acc + kMaxRows * Dp, *rowbuf = S + kMaxRows * kBlk;
   acc_t m[kMaxRows], l[kMaxRows];
   int64_t first[kMaxRows], lim[kMaxRows];  // query row rr sees positions [first[rr], lim[rr])
-  int64_t lo = c1, hi = c0;  // no query row of the tile sees positions outside [lo, hi) in this chunk
+  int64_t lo = c1, hi = c0;                // no query row of the tile sees positions outside [lo, hi) in this chunk
   for (int64_t rr = 0; rr < nr; ++rr) {
     const int64_t g = (r0 + rr) / T, i = (r0 + rr) % T;
     lim[rr] = std::clamp(i + n - T + 1, int64_t(0), n);
@@ -304,8 +304,8 @@ at::Tensor kv_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at
     check_cpu(*key_lo, "key_lo");
     GENKERN_CHECK_TYPE(key_lo->scalar_type() == at::kInt, "key_lo must be an int32 tensor, got ",
                        key_lo->scalar_type());
-    GENKERN_CHECK_VALUE(key_lo->dim() == 1 && key_lo->size(0) == B, "key_lo must have shape (B,) = (", B,
-                        ",), got ", key_lo->sizes());
+    GENKERN_CHECK_VALUE(key_lo->dim() == 1 && key_lo->size(0) == B, "key_lo must have shape (B,) = (", B, ",), got ",
+                        key_lo->sizes());
   }
   const at::Tensor lo_t = key_lo.has_value() ? key_lo->contiguous() : at::Tensor();
   const int32_t* lo = lo_t.defined() ? lo_t.data_ptr<int32_t>() : nullptr;

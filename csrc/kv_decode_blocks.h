@@ -55,8 +55,8 @@ GENKERN_INLINE void axpy(T p, const T* __restrict__ x, T* __restrict__ y, int64_
 // acc_rr += sum_{from[rr] <= j < to[rr]} P[rr * kBlk + j] V_j: only the positions row rr sees,
 // since a masked one may hold anything and 0 * inf or NaN is NaN.
 template <typename T>
-void block_pv(const T* P, int64_t nr, const T* const* vr, int64_t nb, const int64_t* from, const int64_t* to,
-              int64_t D, int64_t Dp, T* acc, const Ahead& ahead) {
+void block_pv(const T* P, int64_t nr, const T* const* vr, int64_t nb, const int64_t* from, const int64_t* to, int64_t D,
+              int64_t Dp, T* acc, const Ahead& ahead) {
   for (int64_t j = 0; j < nb; ++j) {
     ahead.whole(j);
     for (int64_t rr = 0; rr < nr; ++rr)

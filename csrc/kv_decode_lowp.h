@@ -36,9 +36,7 @@ GENKERN_INLINE __m512 wide16(const at::BFloat16* x, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, x);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-GENKERN_INLINE __m512 wide16(const at::Half* x, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x));
-}
+GENKERN_INLINE __m512 wide16(const at::Half* x, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x)); }
 
 // S[r * kBlk + j0 + t] = Q_r . K_{j0+t} for the R query rows at Q (stride Dp) and the cnt <= 16
 // rows r[t]: one widened K vector feeds R FMAs; the 16 dot products of a row r, kept as vectors

@@ -3,9 +3,9 @@ the 2x rule (utils.assert_close_rule), through torch.ops.genkern directly; causa
 packed sequences, grouped-query heads, odd lengths; NaN/inf in keys and values no row sees.
 
 Where the CPU has the bfloat16/float16 matrix instructions (AMX) the block products run on them
-(csrc/attention_lowp*.cpp), forward and backward; GENKERN_ATTN_LOWP=0 forces the path that widens the inputs to float32. Every case
-runs on both paths, and on an AMX CPU the two must differ (the matrix path is the one running) while both pass
-the rule.
+(csrc/attention_lowp*.cpp), forward and backward; GENKERN_ATTN_LOWP=0 forces the path that widens the
+inputs to float32. Every case runs on both paths, and on an AMX CPU the two must differ (the matrix path is
+the one running) while both pass the rule.
 """
 
 from __future__ import annotations
@@ -102,7 +102,11 @@ def run_dense(q, k, v, causal, window, spans, plant=None, seed=0):
 
 
 def dense(b, h, hkv, t, s, d, dtype, seed):
-    return rand((b, h, t, d), dtype, seed, 2.0), rand((b, hkv, s, d), dtype, seed + 1), rand((b, hkv, s, d), dtype, seed + 2)
+    return (
+        rand((b, h, t, d), dtype, seed, 2.0),
+        rand((b, hkv, s, d), dtype, seed + 1),
+        rand((b, hkv, s, d), dtype, seed + 2),
+    )
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])

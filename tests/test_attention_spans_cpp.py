@@ -305,14 +305,23 @@ def test_kv_decode_window(dtype, left, with_key_lo, tnew, with_new):
     if key_lo is not None:
         first = torch.maximum(first, key_lo)
     k_ref, v_ref = kc.to(F64), vc.to(F64)
-    want = ref_kv_decode(q.to(F64), k_ref, v_ref, lens, None if kn is None else kn.to(F64),
-                         None if vn is None else vn.to(F64), 0.3, window_size=(left, -1), key_lo=key_lo)
+    want = ref_kv_decode(
+        q.to(F64),
+        k_ref,
+        v_ref,
+        lens,
+        None if kn is None else kn.to(F64),
+        None if vn is None else vn.to(F64),
+        0.3,
+        window_size=(left, -1),
+        key_lo=key_lo,
+    )
     for r in range(b):  # positions before every query's first one, and stale ones, hold garbage
         f = max(int(first[r]), 0)
         kc[r, :, :f] = float("nan")
         vc[r, :, :f] = float("inf")
-        kc[r, :, int(n[r]):] = float("nan")
-        vc[r, :, int(n[r]):] = float("nan")
+        kc[r, :, int(n[r]) :] = float("nan")
+        vc[r, :, int(n[r]) :] = float("nan")
     out = ops.kv_decode_cpp(q, kc, vc, lens, kn, vn, 0.3, left, key_lo)
     close(out, want, dtype, "out")
 
