@@ -73,21 +73,6 @@ void fwd_block(const Problem<T>& P, const Block& k, int64_t h, T* o, int64_t ldo
   }
 }
 
-// Query rows per forward task: the largest of 256, 128, .. 32 that still gives every
-// thread several tasks, so that the causal blocks' unequal costs even out.
-template <typename T>
-int64_t fwd_rows(const Problem<T>& P) {
-  auto blocks = [&](int64_t bq) {
-    if (P.cu_q == nullptr) return P.B * ceil_div(P.T, bq);
-    int64_t n = 0;
-    for (int64_t s = 0; s < P.nseq; ++s) n += ceil_div(P.cu_q[s + 1] - P.cu_q[s], bq);
-    return n;
-  };
-  int64_t bq = kFwdBq;
-  while (bq > 32 && P.H * blocks(bq) < 4 * at::get_num_threads()) bq /= 2;
-  return bq;
-}
-
 }  // namespace
 
 template <typename T, typename L>
