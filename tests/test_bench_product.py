@@ -11,7 +11,7 @@ from genkern.bench import FAIL, PASS, case_modules, listed_cases, representative
 from genkern.bench import gan_loss as gan_bench
 from genkern.bench import masks as masks_bench
 from genkern.bench.compare_results import common_cases, run_compare
-from genkern.bench.machine import READ_PROBES, read_probes
+from genkern.bench.machine import READ_PROBES, matmul_ceiling, matmul_rate, read_probes
 from genkern.bench.plots import write_pictures
 from genkern.bench.summary import summary_lines
 
@@ -133,3 +133,22 @@ def test_compare_the_committed_results_file_with_a_new_one(tmp_path, capsys):
 def test_read_probes_name_what_they_ran_and_the_header_says_which():
     probes = read_probes(torch.device("cpu"), quick=True)
     assert set(probes) == set(READ_PROBES) and all(v > 0 for v in probes.values())
+
+
+def test_matmul_ceiling_of_a_16_bit_case_is_at_least_the_float32_rate():
+    # A CPU without bfloat16 matrix instructions multiplies bfloat16 at a tiny fraction of the
+    # float32 rate; a bfloat16 case is held against float32's rate there, and its own elsewhere.
+    avx2 = {"float32": 0.13, "bfloat16": 0.0003}
+    amx = {"float32": 0.37, "bfloat16": 1.39}
+    assert matmul_ceiling(avx2, "bfloat16") == 0.13
+    assert matmul_ceiling(amx, "bfloat16") == 1.39
+    assert matmul_ceiling(avx2, "float16") == 0.13  # no float16 rate measured
+    assert matmul_ceiling(avx2, "float32") == 0.13
+    assert matmul_ceiling({}, "bfloat16") is None
+    assert matmul_ceiling(None, "float64") is None
+
+
+def test_matmul_rate_is_a_plausible_rate_in_every_probed_dtype():
+    for dtype in (torch.float32, torch.bfloat16):
+        rate = matmul_rate(torch.device("cpu"), dtype, quick=True)
+        assert 1e-6 < rate < 1e3  # TFLOP/s

@@ -164,8 +164,23 @@ def matmul_rate(device, dtype, quick=False) -> float:
     n = 256 if quick else (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = _best(lambda: torch.mm(a, b), device, 3 if quick else 10)
+    call = lambda: torch.mm(a, b)  # noqa: E731
+    first = time_once(call, device)  # the warm-up
+    if first > 0.5:  # a dtype without a fast matmul here (bfloat16 on AVX2: seconds a call): one more
+        return 2 * n**3 / min(first, time_once(call, device)) / 1e12
+    t = min(time_once(call, device) for _ in range(3 if quick else 10))
     return 2 * n**3 / t / 1e12
+
+
+def matmul_ceiling(rates: dict, dtype: str):
+    """The matmul rate a case in `dtype` is held against: its own dtype's rate, and for a 16-bit
+    dtype at least float32's (its data can always be widened and multiplied at that rate, which
+    is what a CPU without bfloat16/float16 matrix instructions does); None if none was measured."""
+    rates = rates or {}
+    own = rates.get(dtype)
+    if dtype in ("bfloat16", "float16") and rates.get("float32"):
+        return max(own or 0.0, rates["float32"])
+    return own
 
 
 def _probe_numel(device, quick) -> int:

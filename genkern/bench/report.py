@@ -114,7 +114,7 @@ def print_header(header: dict, impls, baselines=(), mem_limit=None) -> None:
     )
     print(
         f"TFLOP/s: the op's flops (see its case module) / median time; %mm: of the measured matmul rate in the "
-        f"case's dtype; peak MiB: allocated during one call "
+        f"case's dtype (16-bit: at least float32's); peak MiB: allocated during one call "
         f"beyond the inputs (and a retained graph); memory limit {limit} (--mem-limit)"
     )
     print(

@@ -41,7 +41,15 @@ from genkern.bench.arguments import (
     size_labels,
 )
 from genkern.bench.compare_results import run_compare
-from genkern.bench.machine import copy_bandwidth, device_name, device_slug, machine_header, matmul_rate, read_bandwidth
+from genkern.bench.machine import (
+    copy_bandwidth,
+    device_name,
+    device_slug,
+    machine_header,
+    matmul_ceiling,
+    matmul_rate,
+    read_bandwidth,
+)
 from genkern.bench.memory import guard, memory_limit, peak_memory
 from genkern.bench.report import (
     all_good,
@@ -219,7 +227,7 @@ def bench_case(
     results.update({impl: {"status": "failed", "error": error} for impl, error in errors.items()})
     ref = samples.get("torch")
     ref_q1, ref_ms, ref_q3 = quartiles([t * 1e3 for t in ref]) if ref else (None,) * 3
-    rates = (matmul_tflops or {}).get(dtype)
+    rates = matmul_ceiling(matmul_tflops, dtype)
     for impl, times in samples.items():
         results[impl] = summarize(
             times, nbytes, ref_ms, copy_gbps, flops, rates, read_gbps, ref_q=(ref_q1, ref_q3) if ref else None
