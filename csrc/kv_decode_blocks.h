@@ -147,6 +147,111 @@ inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t
     }
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same float32 forms on AVX2 (8 lanes, 16 registers): scores 8 positions at a time,
+// reduced together (reduce8); P V over 64 columns in 8 accumulators.
+GENKERN_INLINE __m256i lanes8(int64_t left) {  // lane t is on when t < left
+  const int n = int(std::clamp<int64_t>(left, 0, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// NaN entries are skipped, as in the generic form: vmaxps returns its second operand then.
+GENKERN_INLINE float row_max(const float* s, int64_t n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  __m256 bm = _mm256_set1_ps(ninf);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) bm = _mm256_max_ps(_mm256_loadu_ps(s + j), bm);
+  alignas(32) float t[8];
+  _mm256_store_ps(t, bm);
+  float mx = ninf;
+  for (float x : t) mx = x > mx ? x : mx;
+  for (; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx;
+}
+
+// Lane t of the result is the sum of the lanes of a[t].
+GENKERN_INLINE __m256 reduce8(const __m256* a) {
+  const __m256 c0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // a0..a3: low | high
+  const __m256 c1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));  // a4..a7
+  return _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
+}
+
+// x[0 .. 8), or x[0 .. left) and zeros (masked lanes are not read) where kTail.
+template <bool kTail>
+GENKERN_INLINE __m256 load8(const float* x, __m256i m) {
+  if constexpr (kTail) return _mm256_maskload_ps(x, m);
+  else return _mm256_loadu_ps(x);
+}
+
+// The scores of rows of D values, D % 8 == 0 unless kTail (masks cost registers and loads).
+template <bool kTail>
+GENKERN_INLINE void scores_avx2(const float* Q, int64_t nr, const float* const* kr, int64_t nb, int64_t D, int64_t Dp,
+                                float* S, const Ahead& ahead) {
+  for (int64_t j0 = 0; j0 < nb; j0 += 8) {
+    const int64_t cnt = std::min<int64_t>(8, nb - j0);
+    const float* r[8];
+    for (int t = 0; t < 8; ++t) r[t] = kr[j0 + (t < cnt ? t : 0)];  // lanes past nb: any valid row, not stored
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      __m256 a[8];
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256i m = kTail ? lanes8(D - d) : __m256i{};
+        const __m256 q = load8<kTail>(Q + rr * Dp + d, m);
+        if (rr == 0 && d % 16 == 0)  // one line of each of 8 rows per 16 FMAs (float32 rows: all of them)
+          for (int t = 0; t < 8; ++t) ahead.line(j0 + t, 4 * d);
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t) a[t] = _mm256_fmadd_ps(q, load8<kTail>(r[t] + d, m), a[t]);
+      }
+      _mm256_maskstore_ps(S + rr * kBlk + j0, lanes8(cnt), reduce8(a));
+    }
+  }
+}
+
+template <>
+inline void block_scores(const float* Q, int64_t nr, const float* const* kr, int64_t nb, int64_t D, int64_t Dp,
+                         float* S, const Ahead& ahead) {
+  if (D % 8 == 0) scores_avx2<false>(Q, nr, kr, nb, D, Dp, S, ahead);
+  else scores_avx2<true>(Q, nr, kr, nb, D, Dp, S, ahead);
+}
+
+// acc_rr[d0 .. d0 + 64) += P V over the positions row rr sees; all 64 columns exist unless kTail.
+template <bool kTail>
+GENKERN_INLINE void pv_avx2(const float* P, int64_t nr, const float* const* vr, int64_t nb, const int64_t* from,
+                            const int64_t* to, int64_t d0, int64_t D, int64_t Dp, float* acc, const Ahead& ahead) {
+  __m256i m[8];
+  for (int u = 0; u < 8; ++u) m[u] = kTail ? lanes8(D - d0 - 8 * u) : __m256i{};
+  for (int64_t rr = 0; rr < nr; ++rr) {
+    float* y = acc + rr * Dp + d0;
+    __m256 a[8];
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) a[u] = load8<kTail>(y + 8 * u, m[u]);
+    for (int64_t j = from[rr]; j < to[rr]; ++j) {
+      if (rr == 0 && d0 == 0) ahead.whole(j);
+      const __m256 w = _mm256_set1_ps(P[rr * kBlk + j]);
+#pragma GCC unroll 8
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(w, load8<kTail>(vr[j] + d0 + 8 * u, m[u]), a[u]);
+    }
+    if (rr == 0 && d0 == 0) {
+      for (int64_t j = 0; j < std::min(from[0], to[0]); ++j) ahead.whole(j);
+      for (int64_t j = std::max(from[0], to[0]); j < nb; ++j) ahead.whole(j);
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) {
+      if constexpr (kTail) _mm256_maskstore_ps(y + 8 * u, m[u], a[u]);
+      else _mm256_storeu_ps(y + 8 * u, a[u]);
+    }
+  }
+}
+
+template <>
+inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t nb, const int64_t* from,
+                     const int64_t* to, int64_t D, int64_t Dp, float* acc, const Ahead& ahead) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 64 columns (8 registers) of every row per pass
+    if (D - d0 >= 64) pv_avx2<false>(P, nr, vr, nb, from, to, d0, D, Dp, acc, ahead);
+    else pv_avx2<true>(P, nr, vr, nb, from, to, d0, D, Dp, acc, ahead);
+  }
+}
 #endif
 
 // Online softmax of one query row over a block of nb scores, of which [from, to) are

@@ -9,8 +9,8 @@
 //
 // A row is widened once per group of up to kGroup query rows, not once per query row:
 // widening costs as many vector ops as the FMAs it feeds, and the FMA ports are the ones
-// it shares. Without AVX-512 (BW and VL for the masked 16-bit loads) kLowpRows is false and
-// the kernel widens rows into its scratch a block at a time instead.
+// it shares. With AVX2 (and F16C) but no AVX-512 the same forms run 8 lanes wide; with neither,
+// kLowpRows is false and the kernel widens rows into its scratch a block at a time instead.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "kv_decode_blocks.h"
@@ -188,6 +189,122 @@ void block_pv(const float* P, int64_t nr, const H* const* vr, int64_t nb, const 
         case 3: pv64<3>(p, vr, from + r0, to + r0, d0, D, Dp, y, a, nb); break;
         default: pv64<4>(p, vr, from + r0, to + r0, d0, D, Dp, y, a, nb); break;
       }
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// The same on AVX2 (8 lanes, 16 registers): no 16-bit masked loads, so a row's last
+// D % 8 values go through a zeroed copy; no bf16 dot product, so the query rows are scaled
+// float32 and the K rows widen like the V rows.
+constexpr bool kLowpRows = true;
+constexpr bool kRawQ = false;
+constexpr int kGroup = 4;    // query rows per pass over a block in the scores: 4 accumulators
+constexpr int kPvGroup = 2;  // and in P V: 2 x 4 accumulators of 32 columns, 4 widened V vectors
+
+GENKERN_INLINE __m256 wide8(__m128i h, const at::BFloat16*) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+GENKERN_INLINE __m256 wide8(__m128i h, const at::Half*) { return _mm256_cvtph_ps(h); }
+
+// x[0 .. min(left, 8)) as float32, the other lanes zero and not read.
+template <typename H>
+GENKERN_INLINE __m256 wide8(const H* x, int64_t left) {
+  if (left >= 8) return wide8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)), x);
+  alignas(16) uint16_t t[8] = {};
+  std::memcpy(t, x, size_t(std::max<int64_t>(left, 0)) * 2);
+  return wide8(_mm_load_si128(reinterpret_cast<const __m128i*>(t)), x);
+}
+
+// S[r * kBlk + j0 + t] = Q_r . K_{j0+t} for the R query rows at Q (stride Dp) and the cnt <= 8
+// rows r[t]: one widened K vector feeds R FMAs, the 8 dot products of a row reduced together.
+template <int R, typename H>
+GENKERN_INLINE void scores8(const float* Q, const H* const* r, int64_t cnt, int64_t D, int64_t Dp, float* S,
+                            const Ahead* ahead, int64_t j0) {
+  alignas(32) float part[R][8][8];
+  for (int64_t t = 0; t < 8; ++t) {
+    if (ahead != nullptr) ahead->whole(j0 + t);
+    const H* k = r[t < cnt ? t : 0];  // lanes past cnt: any valid row, not stored
+    __m256 a[R];
+#pragma GCC unroll 4
+    for (int u = 0; u < R; ++u) a[u] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256i m = lanes8(D - d);
+      const __m256 kv = wide8(k + d, D - d);
+#pragma GCC unroll 4
+      for (int u = 0; u < R; ++u) a[u] = _mm256_fmadd_ps(_mm256_maskload_ps(Q + u * Dp + d, m), kv, a[u]);
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < R; ++u) _mm256_store_ps(part[u][t], a[u]);
+  }
+  for (int u = 0; u < R; ++u) {
+    __m256 v[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) v[t] = _mm256_load_ps(part[u][t]);
+    _mm256_maskstore_ps(S + u * kBlk, lanes8(cnt), reduce8(v));
+  }
+}
+
+template <typename H, std::enable_if_t<kLowp<H>, int> = 0>
+void block_scores(const float* Q, int64_t nr, const H* const* kr, int64_t nb, int64_t D, int64_t Dp, float* S,
+                  const Ahead& ahead) {
+  for (int64_t r0 = 0; r0 < nr; r0 += kGroup) {
+    const float* q = Q + r0 * Dp;
+    float* s = S + r0 * kBlk;
+    const Ahead* a = r0 == 0 ? &ahead : nullptr;  // the stream to come, prefetched on the first pass
+    for (int64_t j0 = 0; j0 < nb; j0 += 8) {
+      const int64_t cnt = std::min<int64_t>(8, nb - j0);
+      switch (std::min<int64_t>(kGroup, nr - r0)) {
+        case 1: scores8<1>(q, kr + j0, cnt, D, Dp, s + j0, a, j0); break;
+        case 2: scores8<2>(q, kr + j0, cnt, D, Dp, s + j0, a, j0); break;
+        case 3: scores8<3>(q, kr + j0, cnt, D, Dp, s + j0, a, j0); break;
+        default: scores8<4>(q, kr + j0, cnt, D, Dp, s + j0, a, j0); break;
+      }
+    }
+  }
+}
+
+// acc_r[d0 .. d0 + 32) += sum_{from[r] <= j < to[r]} P[r * kBlk + j] V_j for the R query rows:
+// one widened V vector feeds R FMAs; only the positions row r sees enter.
+template <int R, typename H>
+GENKERN_INLINE void pv32(const float* P, const H* const* vr, const int64_t* from, const int64_t* to, int64_t d0,
+                         int64_t D, int64_t Dp, float* acc, const Ahead* ahead, int64_t nb) {
+  __m256i m[4];
+  __m256 a[R][4];
+  int64_t lo = nb, hi = 0;
+  for (int u = 0; u < 4; ++u) m[u] = lanes8(D - d0 - 8 * u);
+  for (int r = 0; r < R; ++r) {
+    if (from[r] < to[r]) lo = std::min(lo, from[r]), hi = std::max(hi, to[r]);
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) a[r][u] = _mm256_maskload_ps(acc + r * Dp + d0 + 8 * u, m[u]);
+  }
+  bool same = true;  // every row sees [lo, hi): no per-row test in the loop
+  for (int r = 0; r < R; ++r) same = same && from[r] == lo && to[r] == hi;
+  for (int64_t j = 0; j < nb; ++j) {
+    if (ahead != nullptr) ahead->whole(j);  // rows of the next block, whether seen or not
+    if (j < lo || j >= hi) continue;
+    __m256 v[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) v[u] = wide8(vr[j] + d0 + 8 * u, D - d0 - 8 * u);
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      if (!same && (j < from[r] || j >= to[r])) continue;
+      const __m256 w = _mm256_set1_ps(P[r * kBlk + j]);
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) a[r][u] = _mm256_fmadd_ps(w, v[u], a[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) _mm256_maskstore_ps(acc + r * Dp + d0 + 8 * u, m[u], a[r][u]);
+}
+
+template <typename H, std::enable_if_t<kLowp<H>, int> = 0>
+void block_pv(const float* P, int64_t nr, const H* const* vr, int64_t nb, const int64_t* from, const int64_t* to,
+              int64_t D, int64_t Dp, float* acc, const Ahead& ahead) {
+  for (int64_t d0 = 0; d0 < D; d0 += 32)
+    for (int64_t r0 = 0; r0 < nr; r0 += kPvGroup) {
+      const Ahead* a = r0 == 0 && d0 == 0 ? &ahead : nullptr;
+      if (nr - r0 >= 2) pv32<2>(P + r0 * kBlk, vr, from + r0, to + r0, d0, D, Dp, acc + r0 * Dp, a, nb);
+      else pv32<1>(P + r0 * kBlk, vr, from + r0, to + r0, d0, D, Dp, acc + r0 * Dp, a, nb);
     }
 }
 #else

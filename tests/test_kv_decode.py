@@ -229,7 +229,7 @@ def test_torch_impl_is_the_reference(dtype, with_new):
 @pytest.mark.parametrize("with_new", (True, False), ids=("new", "no_new"))
 @pytest.mark.parametrize("heads", ("gqa", "mqa", "mha"))
 @pytest.mark.parametrize("tnew", (1, 3, 17))
-@pytest.mark.parametrize("d", (16, 64, 128))
+@pytest.mark.parametrize("d", (16, 40, 64, 128))
 @pytest.mark.parametrize("dtype", (F16, BF16), ids=_dt)
 @pytest.mark.parametrize("impl", ("cpp",))
 def test_low_precision(impl, dtype, d, tnew, heads, with_new):

@@ -70,7 +70,7 @@ def check(case, left=-1, key_lo=None):
     return out
 
 
-@pytest.mark.parametrize("d", (16, 72, 128, 200))
+@pytest.mark.parametrize("d", (16, 24, 72, 128, 200))
 @pytest.mark.parametrize("tnew", (1, 4))
 @pytest.mark.parametrize("heads", ((8, 2), (4, 1), (4, 4)), ids=("gqa", "mqa", "mha"))
 @pytest.mark.parametrize("dtype", LOWP, ids=_dt)
@@ -138,3 +138,18 @@ def test_masked_new_key_never_reaches_an_earlier_query(dtype):
         got = run("cpp", (q, kc, vc, lens, kn2, vn2))
         torch.testing.assert_close(got[:, :, :2], clean[:, :, :2], rtol=0, atol=0)
         assert not bool(torch.isfinite(got[:, :, 2:]).any()), f"queries 2, 3 do not see the NaN in new {poisoned} 2"
+
+
+@pytest.mark.parametrize("dtype", (BF16, F16, torch.float32), ids=_dt)
+@pytest.mark.parametrize("d", (20, 5))
+def test_raw_op_takes_head_sizes_off_the_vector_width(dtype, d):
+    # The public function takes multiples of 8 only; the op itself takes any head size, and its
+    # row loads must then stop at the row's end (the last D % 8 values, without masked loads).
+    q, kc, vc, lens, kn, vn = make_case(dtype, d=d, tnew=2, seed=_seed("raw", d))
+    out = torch.ops.genkern.kv_decode_cpp(q, kc.clone(), vc.clone(), lens, kn, vn, 1 / math.sqrt(d), -1, None)
+    with torch.no_grad():
+        args64 = (q.double(), kc.double(), vc.double(), lens, kn.double(), vn.double())
+        out64 = reference.attention_with_kvcache(*args64)
+        out_same = reference.attention_with_kvcache(q, kc.clone(), vc.clone(), lens, kn, vn)
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    assert_close_rule(out, out64, out_same, name="out")
