@@ -127,7 +127,10 @@ def test_compare_the_committed_results_file_with_a_new_one(tmp_path, capsys):
     assert _run(*TINY, "--device", "cpu", "--out", str(tmp_path), "--no-plots") == 0
     new = str(tmp_path / (runner.device_slug("cpu") + ".json"))
     assert _run("--compare", committed, new, "--out", str(tmp_path)) == 0
-    assert "measured limits" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "measured limits" in out
+    matmul = next(line for line in out.splitlines() if line.startswith("measured matmul TFLOP/s"))
+    assert matmul.count("fp32 ") == 2  # each file's float32 rate, named in full within its column
 
 
 def test_read_probes_name_what_they_ran_and_the_header_says_which():

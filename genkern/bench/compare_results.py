@@ -59,12 +59,13 @@ def table_lines(names: list, files: list, cases: list) -> list:
     """The comparison table as lines: the limits of each device, then one row per common case."""
     by_file = [{_key(e): e for e in entries_of(d)} for d in files]
     lines = ["  ".join([f"{'':<58}"] + [f"{n[:_W]:<{_W}}" for n in names])]
-    limits = [
-        f"copy {d.get('copy_gbps') or 0:.0f} read {d.get('read_gbps') or 0:.0f} GB/s "
-        + " ".join(f"{k[:4]} {v:.3g}TF" for k, v in (d.get("matmul_tflops") or {}).items() if v)
-        for d in files
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    bandwidth = [f"copy {d.get('copy_gbps') or 0:.0f} read {d.get('read_gbps') or 0:.0f} GB/s" for d in files]
+    matmul = [
+        " ".join(f"{short.get(k, k)} {v:.3g}" for k, v in (d.get("matmul_tflops") or {}).items() if v) for d in files
     ]
-    lines.append("  ".join([f"{'measured limits':<58}"] + [f"{x[:_W]:<{_W}}" for x in limits]))
+    lines.append("  ".join([f"{'measured limits':<58}"] + [f"{x[:_W]:<{_W}}" for x in bandwidth]))
+    lines.append("  ".join([f"{'measured matmul TFLOP/s':<58}"] + [f"{x[:_W]:<{_W}}" for x in matmul]))
     lines.append("cell: fast impl median, speed-up over plain PyTorch on that device, achieved GB/s or TFLOP/s")
     for op, key in cases:
         cells = [_cell(f.get((op, key))) for f in by_file]
