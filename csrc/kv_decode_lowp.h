@@ -191,10 +191,10 @@ void block_pv(const float* P, int64_t nr, const H* const* vr, int64_t nb, const 
       }
     }
 }
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-// The same on AVX2 (8 lanes, 16 registers): no 16-bit masked loads, so a row's last
-// D % 8 values go through a zeroed copy; no bf16 dot product, so the query rows are scaled
-// float32 and the K rows widen like the V rows.
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+// The same on AVX2 without AVX-512 (8 lanes, 16 registers; kv_decode_blocks.h has its float32
+// forms then): no 16-bit masked loads, so a row's last D % 8 values go through a zeroed copy;
+// no bf16 dot product, so the query rows are scaled float32 and the K rows widen like the V rows.
 constexpr bool kLowpRows = true;
 constexpr bool kRawQ = false;
 constexpr int kGroup = 4;    // query rows per pass over a block in the scores: 4 accumulators
