@@ -152,59 +152,9 @@ inline Sums softplus_pass_avx512(const float* x, int64_t numel, Term<float> p, f
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // The same pass on AVX2, where GCC leaves the generic loop scalar (control flow in the
-// float32 softplus). Without vscalefps/vgetexp, exp and log are exp_f32's and log_f32's
-// reductions in 8 lanes: e = exp(-|z|) flushes to 0 below -86.6 as exp_f32 does, and
-// 1 / (1 + e) is an IEEE division.
+// float32 softplus): exp and log by exp_neg_abs_v8 and log_ge1_v8 (vec_math.h), 1 / (1 + e)
+// by an IEEE division.
 #define GENKERN_GAN_AVX2 1
-// exp(-|z|) as exp_f32(-|z|): NaN propagates (blends keep it), below kLo it is 0.
-GENKERN_INLINE __m256 exp_neg_abs_v8(__m256 z) {
-  const __m256 kLo = _mm256_set1_ps(-86.6f), magic = _mm256_set1_ps(12582912.0f);
-  const __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z));
-  const __m256 xc = _mm256_max_ps(x, kLo);  // NaN: vmaxps returns its second operand, kLo; restored below
-  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), magic);
-  const __m256 n = _mm256_sub_ps(t, magic);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kExpP[0]);
-#pragma GCC unroll 8
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP[i]));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i bits =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B400000)), 23);
-  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, kLo, _CMP_LT_OQ));
-  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN in, NaN out
-}
-
-// log(v) for v >= 1 (or NaN, inf) by log_f32's reduction and polynomial.
-GENKERN_INLINE __m256 log_ge1_v8(__m256 v) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256i b = _mm256_castps_si256(v);
-  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(127)));
-  __m256 m = _mm256_castsi256_ps(
-      _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F800000)));
-  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrt2), _CMP_GT_OQ);
-  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
-  e = _mm256_add_ps(e, _mm256_and_ps(big, one));
-  const __m256 f = _mm256_sub_ps(m, one), z = _mm256_mul_ps(f, f);
-  __m256 q = _mm256_set1_ps(kLogP[0]);
-#pragma GCC unroll 8
-  for (int i = 1; i < 9; ++i) q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kLogP[i]));
-  __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(f, z), q,
-                             _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Lo), _mm256_mul_ps(_mm256_set1_ps(-0.5f), z)));
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Hi), _mm256_add_ps(f, y));
-  // inf stays inf, NaN stays NaN (the reduction above would give finite garbage for them)
-  const __m256 special = _mm256_cmp_ps(v, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
-  return _mm256_blendv_ps(y, v, special);
-}
-
-// x[0 .. left) and zeros where left < 8.
-GENKERN_INLINE __m256 load_upto8(const float* x, int64_t left) {
-  if (left >= 8) return _mm256_loadu_ps(x);
-  const int n = int(std::max<int64_t>(left, 0));
-  return _mm256_maskload_ps(x, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-}
-
 GENKERN_INLINE float hsum8(__m256 v) {
   alignas(32) float t[8];
   _mm256_store_ps(t, v);
@@ -227,10 +177,10 @@ inline Sums softplus_pass_avx2(const float* x, int64_t numel, Term<float> p, flo
         logs = _mm256_add_ps(logs, log_ge1_v8(prod));
         prod = one;
       }
-      const int left = int(std::min<int64_t>(8, n - j));
-      const __m256 m =
-          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-      const __m256 xv = load_upto8(xs + j, left);
+      const int64_t left = std::min<int64_t>(8, n - j);
+      const __m256i mi = lanes8(left);
+      const __m256 m = _mm256_castsi256_ps(mi);
+      const __m256 xv = left == 8 ? _mm256_loadu_ps(xs + j) : _mm256_maskload_ps(xs + j, mi);
       const __m256 z = _mm256_mul_ps(sign, _mm256_sub_ps(xv, shift));
       const __m256 e = exp_neg_abs_v8(z);
       const __m256 u = _mm256_add_ps(one, e);
@@ -250,7 +200,7 @@ inline Sums softplus_pass_avx2(const float* x, int64_t numel, Term<float> p, flo
       if (g) {
         const __m256 gv = _mm256_fmadd_ps(d, gs, gt);
         if (left == 8) _mm256_storeu_ps(g + j, gv);
-        else _mm256_maskstore_ps(g + j, _mm256_castps_si256(m), gv);
+        else _mm256_maskstore_ps(g + j, mi, gv);
       }
     }
     const __m256 sp = _mm256_add_ps(_mm256_add_ps(smax, _mm256_add_ps(logs, log_ge1_v8(prod))), corr);

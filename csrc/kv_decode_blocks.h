@@ -150,11 +150,6 @@ inline void block_pv(const float* P, int64_t nr, const float* const* vr, int64_t
 #elif defined(__AVX2__) && defined(__FMA__)
 // The same float32 forms on AVX2 (8 lanes, 16 registers): scores 8 positions at a time,
 // reduced together (reduce8); P V over 64 columns in 8 accumulators.
-GENKERN_INLINE __m256i lanes8(int64_t left) {  // lane t is on when t < left
-  const int n = int(std::clamp<int64_t>(left, 0, 8));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 // NaN entries are skipped, as in the generic form: vmaxps returns its second operand then.
 GENKERN_INLINE float row_max(const float* s, int64_t n) {
   const float ninf = -std::numeric_limits<float>::infinity();

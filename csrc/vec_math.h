@@ -1,5 +1,5 @@
 // Vectorisable math of the CPU kernels: float32 exp/log/sin/cos (scalar code that GCC
-// vectorises, and explicit AVX-512 forms), the exp_ family over float and double, and
+// vectorises, and explicit AVX-512 and AVX2 forms), the exp_ family over float and double, and
 // row reductions. One copy of each: every kernel file includes this through common.h.
 #pragma once
 
@@ -160,6 +160,58 @@ GENKERN_INLINE __m512 log_ge1_v(__m512 v) {
   __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(f, f2), q, _mm512_mul_ps(_mm512_set1_ps(-0.5f), f2));
   return _mm512_fmadd_ps(k, _mm512_set1_ps(0.693147180559945309f), _mm512_add_ps(f, y));
 }
+#endif
+
+// --- explicit AVX2 forms (8 lanes) ----------------------------------------------------
+#if defined(__AVX2__) && defined(__FMA__)
+// Lane t on (all bits set) when t < left: masks for _mm256_maskload_ps / _mm256_maskstore_ps.
+GENKERN_INLINE __m256i lanes8(int64_t left) {
+  const int n = int(left < 0 ? 0 : (left > 8 ? 8 : left));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// exp(-|z|) as exp_f32(-|z|), 8 lanes without vscalefps: NaN propagates (blends keep it), below kLo it is 0.
+GENKERN_INLINE __m256 exp_neg_abs_v8(__m256 z) {
+  const __m256 kLo = _mm256_set1_ps(-86.6f), magic = _mm256_set1_ps(12582912.0f);
+  const __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z));
+  const __m256 xc = _mm256_max_ps(x, kLo);  // NaN: vmaxps returns its second operand, kLo; restored below
+  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpP[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP[i]));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B400000)), 23);
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, kLo, _CMP_LT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN in, NaN out
+}
+
+// log(v) for v >= 1 (or NaN, inf) by log_f32's reduction and polynomial.
+GENKERN_INLINE __m256 log_ge1_v8(__m256 v) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256i b = _mm256_castps_si256(v);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(127)));
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F800000)));
+  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrt2), _CMP_GT_OQ);
+  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+  e = _mm256_add_ps(e, _mm256_and_ps(big, one));
+  const __m256 f = _mm256_sub_ps(m, one), z = _mm256_mul_ps(f, f);
+  __m256 q = _mm256_set1_ps(kLogP[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 9; ++i) q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(kLogP[i]));
+  __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(f, z), q,
+                             _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Lo), _mm256_mul_ps(_mm256_set1_ps(-0.5f), z)));
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Hi), _mm256_add_ps(f, y));
+  // inf stays inf, NaN stays NaN (the reduction above would give finite garbage for them)
+  const __m256 special = _mm256_cmp_ps(v, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+  return _mm256_blendv_ps(y, v, special);
+}
+
 #endif
 
 // --- row reductions -----------------------------------------------------------------
