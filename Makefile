@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist, whole files per process so that module fixtures run once): most
+# tests are single-threaded Python (the Triton interpreter, small ops), so a second process uses
+# the second core. One per core up to 4; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
+XDIST = $$($(abspath $(PY)) -c 'import xdist' 2>/dev/null && echo "-n $(TEST_WORKERS) --dist loadfile")
 BENCH_ARGS ?=
 # SYSTEM_DEPS=1: use the torch/triton already installed on the machine (e.g. a
 # GPU machine without network) instead of installing the pinned versions.
@@ -45,7 +50,7 @@ build:
 	$(MAKE) setup
 
 test: setup
-	$(PY) -m pytest tests/ -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests/ -q $(XDIST) $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/genkern bench $(BENCH_ARGS)
@@ -122,4 +127,4 @@ sanitize-build: $(VENV)/.deps
 sanitize: sanitize-build
 	cd $(SAN_DIR)/tree && $(SAN_ENV) $(abspath $(PY)) -c \
 	  'import genkern._ext as e, os; m, why = e.load(); assert m and m.__file__.startswith(os.getcwd()), why or m.__file__'
-	cd $(SAN_DIR)/tree && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider --capture=sys $(SANITIZE_TESTS) -k "$(SANITIZE_K)" $(PYTEST_ARGS)
+	cd $(SAN_DIR)/tree && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider --capture=sys $(XDIST) $(SANITIZE_TESTS) -k "$(SANITIZE_K)" $(PYTEST_ARGS)

@@ -23,7 +23,9 @@ ERROR_FILE = os.path.join(HERE, "genkern", "_build_error.txt")
 def _cxx_flags():
     # -fno-trapping-math: no kernel reads FP exception flags, and without it GCC will not
     # if-convert float selects (x < lo ? lo : x) on AVX2, leaving exp/log loops scalar.
-    flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-parameter"]
+    # -g1: line tables only (readable backtraces and profiles), overriding the full debug info that
+    # Python's own flags may ask for, which doubles the compile time of the template-heavy kernels.
+    flags = ["-O3", "-g1", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-parameter"]
     # Vectorise for the machine that builds (and runs) the package; GENKERN_MARCH
     # overrides it, e.g. GENKERN_MARCH=x86-64-v3 for a portable AVX2 build.
     march = os.environ.get("GENKERN_MARCH", "native")
@@ -44,10 +46,10 @@ def _sanitizing() -> bool:
 def _sanitize_flags():
     # ASan + UBSan for `make sanitize`, at the release build's -O3: the same vectorised loops
     # and sums (at -O1 the float32 sums run in another order and miss the tests' tolerances).
-    # Frame pointers and line tables (-g1) make the reports readable.
+    # Frame pointers and the line tables (-g1, above) make the reports readable.
     if not _sanitizing():
         return []
-    return ["-g1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    return ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
 
 
 def _extensions_and_cmdclass():

@@ -2,8 +2,9 @@
 // the headers below) the vectorised math, Philox noise and staging in the accumulation type.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <string>
