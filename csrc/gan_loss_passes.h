@@ -155,12 +155,6 @@ inline Sums softplus_pass_avx512(const float* x, int64_t numel, Term<float> p, f
 // float32 softplus): exp and log by exp_neg_abs_v8 and log_ge1_v8 (vec_math.h), 1 / (1 + e)
 // by an IEEE division.
 #define GENKERN_GAN_AVX2 1
-GENKERN_INLINE float hsum8(__m256 v) {
-  alignas(32) float t[8];
-  _mm256_store_ps(t, v);
-  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
-}
-
 inline Sums softplus_pass_avx2(const float* x, int64_t numel, Term<float> p, float gscale, float gshift, float* grad) {
   return for_each_tile(numel, [&](int64_t first, int64_t n, Sums& s) {
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);

@@ -170,6 +170,13 @@ GENKERN_INLINE __m256i lanes8(int64_t left) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// The sum of the 8 lanes, pairwise.
+GENKERN_INLINE float hsum8(__m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
 // exp(-|z|) as exp_f32(-|z|), 8 lanes without vscalefps: NaN propagates (blends keep it), below kLo it is 0.
 GENKERN_INLINE __m256 exp_neg_abs_v8(__m256 z) {
   const __m256 kLo = _mm256_set1_ps(-86.6f), magic = _mm256_set1_ps(12582912.0f);
