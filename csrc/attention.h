@@ -200,15 +200,16 @@ bool rows_finite(const Mat<const T>& m, int64_t b, int64_t h, int64_t j0, int64_
 }
 
 // C (bq x D, ld ldc) = alpha A X + beta C, X the key rows [j0, j0 + bk) of head kvh of m, A
-// (bq x bk, ld bk) zero outside each row's span (queries i0 .. i0 + bq - 1). A key a row
+// (bq x bk, ld lda, bk when lda = 0) zero outside each row's span (queries i0 .. i0 + bq - 1). A key a row
 // does not see may hold anything (padding, garbage), and 0 * inf or NaN is NaN: BLAS
 // multiplies every column, so where the columns some row does not see hold a non-finite
 // value, the product takes only the columns every row sees and each row adds its other
 // visible ones. The scan costs ~1/bq of the product.
 template <typename T>
 void masked_ab(const Problem<T>& P, const Mat<const T>& m, int64_t b, int64_t kvh, int64_t i0, int64_t bq, int64_t j0,
-               int64_t bk, T alpha, const T* a, T beta, T* c, int64_t ldc) {
+               int64_t bk, T alpha, const T* a, T beta, T* c, int64_t ldc, int64_t lda = 0) {
   const int64_t D = P.D;
+  if (lda == 0) lda = bk;
   int64_t c0 = 0, c1 = bk;  // columns seen by every row (c0 >= c1: none)
   for (int64_t r = 0; r < bq; ++r) {
     c0 = std::max(c0, P.row_lo(b, i0 + r) - j0);
@@ -217,10 +218,10 @@ void masked_ab(const Problem<T>& P, const Mat<const T>& m, int64_t b, int64_t kv
   c0 = std::min(c0, bk), c1 = std::max(c1, c0);
   const bool finite = rows_finite(m, b, kvh, j0, c0, D) && rows_finite(m, b, kvh, j0 + c1, bk - c1, D);
   if ((c0 == 0 && c1 == bk) || finite) {
-    gemm_ab<T>(bq, D, bk, alpha, a, bk, m.row(b, kvh, j0), m.sl, beta, c, ldc);
+    gemm_ab<T>(bq, D, bk, alpha, a, lda, m.row(b, kvh, j0), m.sl, beta, c, ldc);
     return;
   }
-  if (c1 > c0) gemm_ab<T>(bq, D, c1 - c0, alpha, a + c0, bk, m.row(b, kvh, j0 + c0), m.sl, beta, c, ldc);
+  if (c1 > c0) gemm_ab<T>(bq, D, c1 - c0, alpha, a + c0, lda, m.row(b, kvh, j0 + c0), m.sl, beta, c, ldc);
   else if (beta == T(0))
     for (int64_t r = 0; r < bq; ++r) std::fill(c + r * ldc, c + r * ldc + D, T(0));
   auto add = [&](T* cr, const T* ar, int64_t from, int64_t to) {
@@ -234,8 +235,8 @@ void masked_ab(const Problem<T>& P, const Mat<const T>& m, int64_t b, int64_t kv
   for (int64_t r = 0; r < bq; ++r) {
     const int64_t lo = std::clamp<int64_t>(P.row_lo(b, i0 + r) - j0, 0, bk);
     const int64_t hi = std::clamp<int64_t>(P.row_hi(b, i0 + r) - j0, 0, bk);
-    add(c + r * ldc, a + r * bk, lo, std::min(hi, c0));  // the columns left and right of the product's
-    add(c + r * ldc, a + r * bk, std::max(lo, c1), hi);
+    add(c + r * ldc, a + r * lda, lo, std::min(hi, c0));  // the columns left and right of the product's
+    add(c + r * ldc, a + r * lda, std::max(lo, c1), hi);
   }
 }
 

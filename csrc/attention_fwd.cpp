@@ -48,18 +48,55 @@ inline float row_exp_sum(float* s, int64_t n, float m) {
 }
 #endif
 
+// Where the visible columns of a key block differ from row to row (the causal diagonal, a
+// window's edges), the query block is multiplied in parts of kFwdPart rows, each over the hull
+// of its rows' columns only: on the causal diagonal of a 256-row block that skips 3/4 of the
+// masked triangle, which the whole tile would multiply and then zero.
+constexpr int64_t kFwdPart = 64;
+
+struct Part {
+  int64_t r0, n, c0, c1;  // rows [r0, r0 + n) of the block; columns [c0, c1) of the key block (c0 >= c1: none)
+};
+
+// The parts of a bq-row block for the key block [j0, j0 + bk); false when they would save less
+// than a tenth of the tile's products (then the tile is multiplied whole).
+template <typename T>
+bool split_parts(const Problem<T>& P, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
+                 std::vector<Part>& parts) {
+  parts.clear();
+  int64_t cost = 0;
+  for (int64_t r0 = 0; r0 < bq; r0 += kFwdPart) {
+    Part p{r0, std::min(kFwdPart, bq - r0), bk, 0};
+    for (int64_t r = r0; r < r0 + p.n; ++r) {
+      const int64_t lo = std::clamp<int64_t>(P.row_lo(b, i0 + r) - j0, 0, bk);
+      const int64_t hi = std::clamp<int64_t>(P.row_hi(b, i0 + r) - j0, 0, bk);
+      if (lo < hi) p.c0 = std::min(p.c0, lo), p.c1 = std::max(p.c1, hi);
+    }
+    cost += p.n * std::max<int64_t>(p.c1 - p.c0, 0);
+    parts.push_back(p);
+  }
+  return cost * 10 < bq * bk * 9;
+}
+
 // The query block k of head h: out rows into o (ld ldo) and lse. With o == nullptr only
 // lse (the backward's float64 lse, see run_bwd). Key blocks run over the hull of the
 // rows' spans only; each row takes the part of its span in a block.
 template <typename T, typename L>
-void fwd_block(const Problem<T>& P, const Block& k, int64_t h, T* o, int64_t ldo, L* lse, T* s, T* m, T* l) {
+void fwd_block(const Problem<T>& P, const Block& k, int64_t h, T* o, int64_t ldo, L* lse, T* s, T* m, T* l,
+               std::vector<Part>& parts) {
   const int64_t D = P.D, kvh = h / P.G, b = k.b, i0 = k.i0, bq = k.n;
   const T* q = P.q.row(b, h, i0);
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < bq; ++r) m[r] = ninf, l[r] = 0;
   for (int64_t j0 = k.lo; j0 < k.hi; j0 += kFwdBk) {
     const int64_t bk = std::min(kFwdBk, k.hi - j0);
-    gemm_abt<T>(bq, bk, D, P.scale, q, P.q.sl, P.k.row(b, kvh, j0), P.k.sl, T(0), s, bk);
+    const bool split = split_parts(P, b, i0, bq, j0, bk, parts);
+    if (!split) gemm_abt<T>(bq, bk, D, P.scale, q, P.q.sl, P.k.row(b, kvh, j0), P.k.sl, T(0), s, bk);
+    else  // the columns no part writes lie outside every row's span: the pass below zeroes them
+      for (const Part& p : parts)
+        if (p.c1 > p.c0)
+          gemm_abt<T>(p.n, p.c1 - p.c0, D, P.scale, q + p.r0 * P.q.sl, P.q.sl, P.k.row(b, kvh, j0 + p.c0), P.k.sl, T(0),
+                      s + p.r0 * bk + p.c0, bk);
     for (int64_t r = 0; r < bq; ++r) {
       T* sr = s + r * bk;
       const int64_t lo = std::clamp<int64_t>(P.row_lo(b, i0 + r) - j0, 0, bk);
@@ -83,7 +120,18 @@ void fwd_block(const Problem<T>& P, const Block& k, int64_t h, T* o, int64_t ldo
       l[r] += sum;
       m[r] = mnew;
     }
-    if (o != nullptr) masked_ab<T>(P, P.v, b, kvh, i0, bq, j0, bk, T(1), s, T(j0 > k.lo ? 1 : 0), o, ldo);
+    if (o == nullptr) continue;
+    const T beta = T(j0 > k.lo ? 1 : 0);
+    if (!split) masked_ab<T>(P, P.v, b, kvh, i0, bq, j0, bk, T(1), s, beta, o, ldo);
+    else
+      for (const Part& p : parts) {
+        T* op = o + p.r0 * ldo;
+        if (p.c1 > p.c0)
+          masked_ab<T>(P, P.v, b, kvh, i0 + p.r0, p.n, j0 + p.c0, p.c1 - p.c0, T(1), s + p.r0 * bk + p.c0, beta, op,
+                       ldo, bk);
+        else if (beta == T(0))  // rows that see no key here yet: the accumulator starts at zero
+          for (int64_t r = 0; r < p.n; ++r) std::fill(op + r * ldo, op + r * ldo + D, T(0));
+      }
   }
   for (int64_t r = 0; r < bq; ++r) {
     const bool empty = l[r] == T(0);  // the row sees no key (a NaN in l propagates instead)
@@ -108,11 +156,12 @@ void fwd_kernel(const Problem<T>& P, const Mat<T>& out, L* lse) {
   const int64_t nqb = int64_t(tq.blk.size());
   at::parallel_for(0, P.H * nqb, 1, [&](int64_t u0, int64_t u1) {
     std::vector<T> s(rows * kFwdBk), m(rows), l(rows);
+    std::vector<Part> parts;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t h = u / nqb;
       const Block& k = tq.blk[zigzag(u % nqb, nqb)];
       T* o = out.p != nullptr ? out.row(k.b, h, k.i0) : nullptr;
-      fwd_block(P, k, h, o, out.sl, lse + (k.b * P.H + h) * P.T + k.i0, s.data(), m.data(), l.data());
+      fwd_block(P, k, h, o, out.sl, lse + (k.b * P.H + h) * P.T + k.i0, s.data(), m.data(), l.data(), parts);
     }
   });
 }
