@@ -26,8 +26,8 @@
 //
 // Every cache is read in place and in its own type: float16/bfloat16 rows are widened to
 // float32 in registers (kv_decode_lowp.h), half the bytes of a float32 cache, with scores,
-// softmax and accumulators in float32. Without AVX-512 they are widened a block at a time
-// into the thread's scratch instead (the cache is never copied).
+// softmax and accumulators in float32. Without AVX-512 (BW, VL) or AVX2 with F16C they are
+// widened a block at a time into the thread's scratch instead (the cache is never copied).
 
 // GCC 12 reports its own AVX-512 intrinsics (their _mm512_undefined_* sources) as
 // maybe-uninitialized once inlined, a false positive; the pragma must precede the headers.
